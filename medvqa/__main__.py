@@ -1,0 +1,3 @@
+from medvqa.cli import main
+
+raise SystemExit(main())

