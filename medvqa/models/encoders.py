@@ -160,8 +160,10 @@ def load_tokenizer(name: str):
 
 
 def _from_hub(cls, hub_id: str, **kw):
+    # Read the offline switch now, not at import time, so it also holds when set late.
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
     try:
-        return cls.from_pretrained(hub_id, **kw)
+        return cls.from_pretrained(hub_id, local_files_only=offline, **kw)
     except (OSError, ValueError) as e:
         raise BackboneUnavailable(
             f"cannot load {hub_id!r} from the model hub ({e.__class__.__name__}); the 'paper' preset "

@@ -1,0 +1,109 @@
+"""Selective-scan Mamba mixer (Gu & Dao 2023) in pure PyTorch, with two interchangeable scans.
+
+    h_t = exp(Δ_t A) ⊙ h_{t-1} + Δ_t B_t u_t        y_t = C_t · h_t + D u_t
+
+`selective_scan(..., mode="sequential")` is the plain loop (cheap for short sequences);
+`mode="parallel"` is a Hillis–Steele log-depth scan over the affine maps (a, b) ↦ h = a h' + b,
+composed pairwise in ⌈log2 L⌉ vectorised steps, differentiable by autograd and exact (no exp of
+positive numbers). On CUDA with `mamba_ssm` importable, `mode="auto"` uses its fused kernel.
+Parameter names match `transformers`' `MambaMixer`, so weights load one-to-one.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # optional CUDA kernel; never required
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as _mamba_ssm_scan
+except Exception:  # ImportError, or a broken CUDA build
+    _mamba_ssm_scan = None
+
+
+def _discretize(u, delta, A, B):
+    # u, delta: (b, L, E); A: (E, N); B: (b, L, N)
+    dA = torch.exp(delta.unsqueeze(-1) * A)                                  # (b, L, E, N)
+    dBu = delta.unsqueeze(-1) * B.unsqueeze(2) * u.unsqueeze(-1)             # (b, L, E, N)
+    return dA, dBu
+
+
+def scan_sequential(dA, dBu):
+    """h_t = dA_t h_{t-1} + dBu_t, one step at a time. (b, L, E, N) -> (b, L, E, N)."""
+    h = torch.zeros_like(dBu[:, 0])
+    hs = []
+    for t in range(dA.shape[1]):
+        h = dA[:, t] * h + dBu[:, t]
+        hs.append(h)
+    return torch.stack(hs, 1)
+
+
+def scan_parallel(dA, dBu):
+    """Same recurrence in ⌈log2 L⌉ steps: after step k each position holds the composition of
+    the 2^k maps ending at it (Hillis–Steele). (b, L, E, N) -> (b, L, E, N)."""
+    a, b = dA, dBu
+    L, k = a.shape[1], 1
+    while k < L:
+        # compose with the map k positions earlier; positions < k compose with the identity
+        a_prev = F.pad(a[:, :-k], (0, 0, 0, 0, k, 0), value=1.0)              # (b, L, E, N)
+        b_prev = F.pad(b[:, :-k], (0, 0, 0, 0, k, 0), value=0.0)
+        a, b = a * a_prev, a * b_prev + b
+        k *= 2
+    return b
+
+
+def selective_scan(u, delta, A, B, C, D, mode: str = "auto"):
+    """u, delta: (b, L, E); A: (E, N); B, C: (b, L, N); D: (E,) -> y: (b, L, E)."""
+    if mode == "auto":
+        if _mamba_ssm_scan is not None and u.is_cuda:
+            y = _mamba_ssm_scan(u.transpose(1, 2).contiguous(), delta.transpose(1, 2).contiguous(), A.float(),
+                                B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float())
+            return y.transpose(1, 2)
+        mode = "sequential" if u.shape[1] <= 16 else "parallel"
+    dA, dBu = _discretize(u, delta, A, B)
+    h = (scan_sequential if mode == "sequential" else scan_parallel)(dA, dBu)   # (b, L, E, N)
+    y = (h @ C.unsqueeze(-1)).squeeze(-1)                                       # (b, L, E)
+    return y + u * D
+
+
+class Mamba(nn.Module):
+    """The Mamba mixer. `forward(x)` is the standard block; CrossMambaBlock uses its three parts,
+    `project` (in_proj), `ssm` (conv → SiLU → selective scan) and `out_proj`, to gate one stream's
+    SSM output with both streams' gates."""
+
+    def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
+                 dt_rank: int | None = None, scan: str = "auto"):
+        super().__init__()
+        E = expand * d_model
+        self.d_inner, self.d_state, self.scan = E, d_state, scan
+        self.dt_rank = dt_rank or math.ceil(d_model / 16)
+        self.in_proj = nn.Linear(d_model, 2 * E, bias=False)
+        self.conv1d = nn.Conv1d(E, E, d_conv, groups=E, padding=d_conv - 1, bias=True)
+        self.x_proj = nn.Linear(E, self.dt_rank + 2 * d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, E, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, d_state + 1, dtype=torch.float32)).repeat(E, 1))  # S4D-real
+        self.D = nn.Parameter(torch.ones(E))
+        self.out_proj = nn.Linear(E, d_model, bias=False)
+        # Δ initialised log-uniformly in [1e-3, 1e-1] through the inverse softplus of the bias (Mamba §3.6)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank ** -0.5, self.dt_rank ** -0.5)
+        dt = torch.exp(torch.rand(E) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3)).clamp(min=1e-4)
+        with torch.no_grad():
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def project(self, x):
+        """x: (b, L, d) -> SSM branch input and gate, each (b, L, E)."""
+        return self.in_proj(x).chunk(2, dim=-1)
+
+    def ssm(self, x):
+        """(b, L, E) -> (b, L, E): causal depthwise conv, SiLU, input-dependent Δ/B/C, scan."""
+        L = x.shape[1]
+        x = F.silu(self.conv1d(x.transpose(1, 2))[..., :L].transpose(1, 2))     # (b, L, E)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt))                                     # (b, L, E)
+        A = -torch.exp(self.A_log.float())                                        # (E, N)
+        return selective_scan(x, delta, A, B, C, self.D, mode=self.scan)
+
+    def forward(self, x):
+        xs, z = self.project(x)
+        return self.out_proj(self.ssm(xs) * F.silu(z))
