@@ -1,5 +1,189 @@
-"""Model subcommands (train, predict, …) registered onto the CLI parser."""
+"""Model subcommands: train, predict. Registered onto the CLI parser by `medvqa.cli`."""
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from medvqa.models.cmi_mtl import ABLATIONS
+
+
+def cmd_train(a):
+    import torch
+
+    from medvqa.cli import UserError, _print_json
+    from medvqa.config import get_preset
+    from medvqa.eval import evaluate
+    from medvqa.models.encoders import Encoders
+    from medvqa.models.registry import build
+    from medvqa.train.checkpoint import git_revision, save_checkpoint
+    from medvqa.train.data import prepare
+    from medvqa.train.trainer import fit, predict_dataset
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    preset = get_preset(a.preset)
+    t = preset.train
+    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise"):
+        if getattr(a, k) is not None:
+            setattr(t, k, getattr(a, k))
+    preset.cmi_mtl.ablate = tuple(a.ablate or ())
+    for k in ("alpha", "beta"):
+        if getattr(a, k) is not None:
+            setattr(preset.cmi_mtl, k, getattr(a, k))
+    if a.cmm_align:
+        preset.cmi_mtl.cmm_align = a.cmm_align
+    if a.qqformer_text:
+        preset.cmi_mtl.qqformer_text = a.qqformer_text == "on"
+    torch.manual_seed(t.seed)
+    enc = Encoders(preset.encoders)
+    data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit)
+    model = build(a.model, preset, len(data.vocab), ahead_vocab=data.ahead_vocab)
+    config = {"model": a.model, "preset": preset.to_dict(), "dataset": a.dataset, "vocab_protocol": a.vocab,
+              "answers": data.vocab.answers, "ahead_vocab": data.ahead_vocab, "selection": data.selection,
+              "command": "python -m medvqa " + shlex.join(sys.argv[1:]), "git_revision": git_revision(),
+              "n_params": sum(p.numel() for p in model.parameters())}
+    work = Path(a.workdir or Path("runs") / Path(a.out).name)
+    res = fit(model, data.train, data.val, t, work, config, resume=not a.no_resume)
+    if not (work / "best").is_dir():
+        raise UserError("training stopped before the first epoch finished; nothing to save")
+    from medvqa.train.checkpoint import load_checkpoint
+
+    best, _, _ = load_checkpoint(work / "best")
+    metrics = {"selected_on": data.selection, "best_epoch": res.best.get("epoch"),
+               "val_overall": res.best.get("val_overall"), "train_seconds": round(res.seconds, 1),
+               "epochs": t.epochs, "skipped_records": len(data.problems)}
+    if data.test is not None:
+        pred, conf = predict_dataset(best, data.test)
+        ans = data.vocab.answers
+        r = evaluate(data.test.records, {x.qid: ans[i] for x, i in zip(data.test.records, pred.tolist())},
+                     {x.qid: float(c) for x, c in zip(data.test.records, conf.tolist())})
+        metrics["test"] = {k: r[k] for k in ("open", "closed", "overall", "n", "ece")} | {
+            "oov": data.vocab.oov(data.test.records)}
+    save_checkpoint(Path(a.out), best, config, metrics)
+    if a.json:
+        _print_json(metrics)
+    else:
+        print(f"saved {a.out} (best epoch {metrics['best_epoch']} on {data.selection}; {res.seconds:.0f} s)")
+        if "test" in metrics:
+            m = metrics["test"]
+            print(f"test: open {m['open']:.2f}  closed {m['closed']:.2f}  overall {m['overall']:.2f}")
+    return 0
+
+
+def _predict_one(p, a):
+    from medvqa.cli import _print_json
+
+    ans = p.answer(a.image, a.question, top_k=a.top_k)
+    if a.json:
+        _print_json({k: v for k, v in ans.to_dict().items() if k in ("answer", "score", "top_k", "free_text", "kind")})
+        return 0
+    print(f"answer: {ans.text}  ({ans.score:.1%})")
+    for t, s in ans.top_k[1:]:
+        print(f"        {t}  ({s:.1%})")
+    if ans.free_text is not None:
+        print(f"free-form (AHead, generated): {ans.free_text or '(empty)'}")
+    return 0
+
+
+def _predict_csv(p, a):
+    import csv
+
+    from tqdm.auto import tqdm
+
+    from medvqa.cli import UserError
+    from medvqa.data import ImageError
+
+    src = Path(a.csv)
+    if not src.is_file():
+        raise UserError(f"{src}: CSV file not found")
+    with open(src, newline="", encoding="utf-8-sig") as f:
+        rows = list(csv.DictReader(f))
+    if rows and not {"image", "question"} <= set(rows[0]):
+        raise UserError(f"{src}: CSV needs the columns image, question[, answer]")
+    out_rows, bad = [], 0
+    for i in tqdm(range(0, len(rows), 16), desc="answering", disable=a.json):
+        chunk = rows[i:i + 16]
+        images, good = [], []
+        for j, r in enumerate(chunk):
+            try:
+                from medvqa.data import load_image
+
+                images.append(load_image(src.parent / r["image"]))
+                good.append(r)
+            except ImageError as e:
+                print(f"warning: {src.name} row {i + j + 1}: {e}", file=sys.stderr)
+                out_rows.append({**r, "prediction": "", "score": "", "error": str(e)})
+                bad += 1
+        if good:
+            for r, ans in zip(good, p.answer_batch(images, [r["question"] for r in good], top_k=a.top_k)):
+                out_rows.append({**r, "prediction": ans.text, "score": f"{ans.score:.4f}",
+                                 "free_text": ans.free_text or "", "error": ""})
+    keys = list(dict.fromkeys(k for r in out_rows for k in r))
+    tmp = Path(a.out).with_suffix(".tmp")
+    with open(tmp, "w", newline="") as f:
+        w = csv.DictWriter(f, keys)
+        w.writeheader()
+        w.writerows(out_rows)
+    shutil.move(tmp, a.out)
+    print(f"wrote {len(out_rows)} answers to {a.out}" + (f" ({bad} rows with unreadable images)" if bad else ""),
+          file=sys.stderr)
+    return 0
+
+
+def cmd_predict(a):
+    from medvqa.cli import UserError
+    from medvqa.predict import Predictor
+
+    p = Predictor.load(a.checkpoint)
+    if a.csv:
+        if not a.out:
+            raise UserError("--csv needs --out ANSWERS.csv")
+        return _predict_csv(p, a)
+    if not (a.image and a.question is not None):
+        raise UserError("give --image and --question, or --csv CASES.csv --out ANSWERS.csv")
+    return _predict_one(p, a)
 
 
 def register(sub):
-    pass
+    from medvqa.config import PRESETS
+    from medvqa.data.datasets import DATASETS
+    from medvqa.models.registry import MODELS
+
+    tr = sub.add_parser("train", help="train a model from the feature cache and save a checkpoint folder")
+    tr.add_argument("--model", required=True, choices=sorted(MODELS))
+    tr.add_argument("--preset", default="offline", choices=sorted(PRESETS))
+    tr.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    tr.add_argument("--root", required=True, type=Path)
+    tr.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+    tr.add_argument("--workdir", type=Path, help="logs, per-epoch state for resume (default runs/<out name>)")
+    tr.add_argument("--epochs", type=int)
+    tr.add_argument("--lr", type=float)
+    tr.add_argument("--batch-size", type=int)
+    tr.add_argument("--seed", type=int)
+    tr.add_argument("--device", choices=("cpu", "cuda"))
+    tr.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
+    tr.add_argument("--ablate", nargs="*", choices=ABLATIONS, help="CMI-MTL modules to switch off (Table 2)")
+    tr.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")
+    tr.add_argument("--beta", type=float, help="weight of L_aux (CMI-MTL, default 0.3)")
+    tr.add_argument("--cmm-align", choices=("attention", "pool"))
+    tr.add_argument("--qqformer-text", choices=("on", "off"))
+    tr.add_argument("--vocab", choices=("all", "train"), default="all",
+                    help="answer vocabulary: all splits (published protocol) or train only")
+    tr.add_argument("--limit", type=int, help="use only the first N training records (smoke tests)")
+    tr.add_argument("--no-resume", action="store_true", help="ignore an earlier run's state in --workdir")
+    tr.add_argument("--json", action="store_true")
+    tr.set_defaults(func=cmd_train)
+
+    pr = sub.add_parser("predict", help="answer one question, or a CSV of cases")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("--image", type=Path)
+    pr.add_argument("--question")
+    pr.add_argument("--csv", type=Path, help="image,question[,answer] rows; images relative to the CSV")
+    pr.add_argument("--out", type=Path)
+    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=cmd_predict)

@@ -40,7 +40,6 @@ class CMIMTLConfig:
     t5_layers: int = 4
     t5_heads: int = 4
     t5_ff: int = 1024
-    t5_hub_id: str = ""               # paper preset: "t5-base"
     max_answer_len: int = 24
     alpha: float = 0.2                # weight of L_vtc (CMCL)
     beta: float = 0.3                 # weight of L_aux (AHead)
@@ -98,7 +97,9 @@ def _tiny() -> Preset:
 
 
 def _offline() -> Preset:
-    return Preset(name="offline")
+    # Sized for CPU training from cached features and a ≤ 20 MB checkpoint: width 256 over the
+    # 384-d backbones, Mamba d_state 8 (the scan is memory-bound on 2 cores), T5 AHead 2+2 layers.
+    return Preset(name="offline", cmi_mtl=CMIMTLConfig(d=256, n_heads=4, d_state=8, t5_layers=2))
 
 
 def _paper() -> Preset:
@@ -106,7 +107,7 @@ def _paper() -> Preset:
         name="paper",
         encoders=EncoderConfig(image="openai/clip-vit-base-patch16", text="FacebookAI/roberta-base",
                                image_size=384, image_dim=768, text_dim=768),
-        cmi_mtl=CMIMTLConfig(d=768, qqformer_layers=12, n_heads=12, t5_hub_id="google-t5/t5-base",
+        cmi_mtl=CMIMTLConfig(d=768, qqformer_layers=12, n_heads=12,  # t5-base sizes
                              t5_d_model=768, t5_layers=12, t5_heads=12, t5_ff=3072),
         baseline=BaselineConfig(d=768, hidden=1536),
         train=TrainConfig(epochs=50, batch_size=8, lr=2.5e-4, lr_pretrained=5e-6),

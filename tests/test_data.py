@@ -121,5 +121,6 @@ def test_vocab_and_holdout():
     assert v.answers == ["x", "y", "z"]                  # by frequency, then alphabetically
     assert v.encode("z") == 2 and v.encode("zzz") == -1
     assert v.oov([Record("x", "i", "q", "zzz", "OPEN")]) == 1
-    train, held = holdout(recs, 0.2, seed=0)
-    assert held and not {r.image for r in train} & {r.image for r in held}   # split by image
+    train, held = holdout(recs, 0.5, seed=0)
+    assert len(held) == 3 and len(train) == 3 and not {r.qid for r in train} & {r.qid for r in held}
+    assert holdout(recs, 0.5, seed=0)[1] == held                             # fixed by the seed

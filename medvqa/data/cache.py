@@ -52,7 +52,7 @@ class FeatureCache:
             else:
                 todo.append((name, digest, payload))
         self.misses += len(todo)
-        bar = tqdm(total=len(todo), desc=desc, disable=not self.progress or not todo, leave=False)
+        bar = tqdm(total=len(todo), desc=desc, disable=None if self.progress and todo else True, leave=False)
         for i in range(0, len(todo), self.batch_size):
             chunk = todo[i:i + self.batch_size]
             with torch.inference_mode():

@@ -8,9 +8,11 @@ from medvqa.data.datasets import normalize_answer
 
 
 class FeatureDataset(Dataset):
-    def __init__(self, records, vocab, image_feats: dict, question_feats: dict):
+    def __init__(self, records, vocab, image_feats: dict, question_feats: dict, answer_ids: dict | None = None):
         self.records, self.vocab = records, vocab
         self.image_feats, self.question_feats = image_feats, question_feats
+        self.answer_ids = answer_ids or {}                    # normalised answer -> token ids (AHead)
+        self.image_index = {p: i for i, p in enumerate(sorted({r.image for r in records}))}
 
     def __len__(self):
         return len(self.records)
@@ -27,6 +29,8 @@ class FeatureDataset(Dataset):
             "label": self.vocab.encode(r.answer_norm),
             "is_open": r.answer_type == "OPEN",
             "answer": normalize_answer(r.answer),
+            "answer_ids": self.answer_ids.get(r.answer_norm, [0]),
+            "image_id": self.image_index[r.image],
         }
 
 
@@ -48,4 +52,13 @@ def collate(items: list[dict]) -> dict:
         "label": torch.tensor([it["label"] for it in items]),                        # (B,), -1 = not in vocab
         "is_open": torch.tensor([it["is_open"] for it in items]),
         "answer": [it["answer"] for it in items],
+        "answer_ids": _pad([it["answer_ids"] for it in items]),                    # (B, A)
+        "image_id": torch.tensor([it["image_id"] for it in items]),
     }
+
+
+def _pad(seqs: list[list[int]]) -> torch.Tensor:
+    out = torch.zeros(len(seqs), max(len(s) for s in seqs), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s)
+    return out

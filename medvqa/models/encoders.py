@@ -178,13 +178,24 @@ class Encoders(nn.Module):
 
     def __init__(self, cfg, pretrained: bool = True):
         super().__init__()
+        with torch.random.fork_rng():  # seeding the random tiny backbones must not touch the caller's RNG
+            self._build(cfg, pretrained)
+        self.requires_grad_(False)
+        self.eval()
+
+    def _build(self, cfg, pretrained):
         from transformers import BertConfig, BertModel, Dinov2Config, Dinov2Model
 
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()  # the unused-pooler load report is noise for users
+        hf_logging.disable_progress_bar()
         self.cfg = cfg
         self.tokenizer = load_tokenizer(cfg.text)
         self.image_kind = "clip" if cfg.image.startswith("openai/") else "dinov2"
         self.mean, self.std = (CLIP_MEAN, CLIP_STD) if self.image_kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
         if cfg.image == "random-vit":
+            torch.manual_seed(0)  # random backbones are part of a tiny checkpoint's meaning: fix them
             self.image = Dinov2Model(Dinov2Config(hidden_size=cfg.image_dim, num_hidden_layers=cfg.random_layers,
                                                   num_attention_heads=4, intermediate_size=cfg.image_dim * 2,
                                                   patch_size=cfg.random_patch, image_size=cfg.image_size))
@@ -196,6 +207,7 @@ class Encoders(nn.Module):
             self.image = (_from_hub(CLIPVisionModel, cfg.image) if pretrained else
                           CLIPVisionModel(CLIPVisionConfig(image_size=cfg.image_size, patch_size=16)))
         if cfg.text == "random-bert":
+            torch.manual_seed(1)
             self.text = BertModel(BertConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=cfg.text_dim,
                                              num_hidden_layers=cfg.random_layers, num_attention_heads=4,
                                              intermediate_size=cfg.text_dim * 2), add_pooling_layer=False)
@@ -207,8 +219,6 @@ class Encoders(nn.Module):
 
             self.text = (_from_hub(AutoModel, cfg.text, add_pooling_layer=False) if pretrained
                          else AutoModel.from_config(_from_hub(AutoConfig, cfg.text)))
-        self.requires_grad_(False)
-        self.eval()
 
     # The key under which cached features are valid: backbone identity + preprocessing.
     def image_key(self) -> str:

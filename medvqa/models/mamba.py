@@ -4,8 +4,8 @@
 
 `selective_scan(..., mode="sequential")` is the plain loop (cheap for short sequences);
 `mode="parallel"` is a Hillis–Steele log-depth scan over the affine maps (a, b) ↦ h = a h' + b,
-composed pairwise in ⌈log2 L⌉ vectorised steps, differentiable by autograd and exact (no exp of
-positive numbers). On CUDA with `mamba_ssm` importable, `mode="auto"` uses its fused kernel.
+composed pairwise in ⌈log2 L⌉ vectorised steps, exact (no exp of positive numbers). Both run
+inside one autograd Function (`SelectiveScan`) whose backward is the same scan in reverse. On CUDA with `mamba_ssm` importable, `mode="auto"` uses its fused kernel.
 Parameter names match `transformers`' `MambaMixer`, so weights load one-to-one.
 """
 from __future__ import annotations
@@ -22,35 +22,65 @@ except Exception:  # ImportError, or a broken CUDA build
     _mamba_ssm_scan = None
 
 
-def _discretize(u, delta, A, B):
-    # u, delta: (b, L, E); A: (E, N); B: (b, L, N)
-    dA = torch.exp(delta.unsqueeze(-1) * A)                                  # (b, L, E, N)
-    dBu = delta.unsqueeze(-1) * B.unsqueeze(2) * u.unsqueeze(-1)             # (b, L, E, N)
-    return dA, dBu
+@torch.no_grad()
+def _scan_sequential(a, b):
+    """h_t = a_t h_{t-1} + b_t, one step at a time. (b, L, E, N) -> (b, L, E, N)."""
+    h = torch.empty_like(b)
+    h[:, 0] = b[:, 0]
+    for t in range(1, b.shape[1]):
+        torch.addcmul(b[:, t], a[:, t], h[:, t - 1], out=h[:, t])
+    return h
 
 
-def scan_sequential(dA, dBu):
-    """h_t = dA_t h_{t-1} + dBu_t, one step at a time. (b, L, E, N) -> (b, L, E, N)."""
-    h = torch.zeros_like(dBu[:, 0])
-    hs = []
-    for t in range(dA.shape[1]):
-        h = dA[:, t] * h + dBu[:, t]
-        hs.append(h)
-    return torch.stack(hs, 1)
-
-
-def scan_parallel(dA, dBu):
+@torch.no_grad()
+def _scan_parallel(a, b):
     """Same recurrence in ⌈log2 L⌉ steps: after step k each position holds the composition of
     the 2^k maps ending at it (Hillis–Steele). (b, L, E, N) -> (b, L, E, N)."""
-    a, b = dA, dBu
     L, k = a.shape[1], 1
+    a, b = a.clone(), b.clone()
     while k < L:
-        # compose with the map k positions earlier; positions < k compose with the identity
-        a_prev = F.pad(a[:, :-k], (0, 0, 0, 0, k, 0), value=1.0)              # (b, L, E, N)
-        b_prev = F.pad(b[:, :-k], (0, 0, 0, 0, k, 0), value=0.0)
-        a, b = a * a_prev, a * b_prev + b
+        # compose each map with the one k positions earlier (positions < k are already final)
+        b[:, k:] = torch.addcmul(b[:, k:], a[:, k:], b[:, :-k])
+        a[:, k:] = a[:, k:] * a[:, :-k]
         k *= 2
     return b
+
+
+def _reverse_scan(a, g_out, scan):
+    """g_t = g_out_t + a_{t+1} g_{t+1}: the adjoint of the forward recurrence."""
+    a_next = torch.cat([a[:, 1:], torch.ones_like(a[:, :1])], 1)
+    return scan(a_next.flip(1), g_out.flip(1)).flip(1)
+
+
+class SelectiveScan(torch.autograd.Function):
+    """y = C·h + D u with h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t: discretisation, scan and
+    read-out fused, with an analytic backward (the reverse scan), as the CUDA kernel does.
+    Only h is kept, exp(ΔA) is recomputed, and no autograd graph is built per step."""
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, parallel: bool):
+        # u, delta: (b, L, E); A: (E, N); B, C: (b, L, N); D: (E,)
+        scan = _scan_parallel if parallel else _scan_sequential
+        dA = torch.exp(delta.unsqueeze(-1) * A)                                  # (b, L, E, N)
+        dBu = (delta * u).unsqueeze(-1) * B.unsqueeze(2)                         # (b, L, E, N)
+        h = scan(dA, dBu)
+        ctx.save_for_backward(u, delta, A, B, C, D, h)
+        ctx.scan = scan
+        return torch.einsum("blen,bln->ble", h, C) + u * D
+
+    @staticmethod
+    def backward(ctx, gy):
+        u, delta, A, B, C, D, h = ctx.saved_tensors
+        dA = torch.exp(delta.unsqueeze(-1) * A)
+        g = _reverse_scan(dA, gy.unsqueeze(-1) * C.unsqueeze(2), ctx.scan)      # ∂L/∂(Δ B u)_t, (b, L, E, N)
+        h_prev = torch.cat([torch.zeros_like(h[:, :1]), h[:, :-1]], 1)
+        g_dtA = g * h_prev * dA                                                  # ∂L/∂(Δ A)
+        gB = torch.einsum("blen,bln->ble", g, B)                                # Σ_n g B
+        g_delta = (g_dtA * A).sum(-1) + gB * u
+        g_A = torch.einsum("blen,ble->en", g_dtA, delta)
+        g_B = torch.einsum("blen,ble->bln", g, delta * u)
+        g_C = torch.einsum("blen,ble->bln", h, gy)
+        return gB * delta + gy * D, g_delta, g_A, g_B, g_C, (gy * u).sum((0, 1)), None
 
 
 def selective_scan(u, delta, A, B, C, D, mode: str = "auto"):
@@ -61,10 +91,7 @@ def selective_scan(u, delta, A, B, C, D, mode: str = "auto"):
                                 B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float())
             return y.transpose(1, 2)
         mode = "sequential" if u.shape[1] <= 16 else "parallel"
-    dA, dBu = _discretize(u, delta, A, B)
-    h = (scan_sequential if mode == "sequential" else scan_parallel)(dA, dBu)   # (b, L, E, N)
-    y = (h @ C.unsqueeze(-1)).squeeze(-1)                                       # (b, L, E)
-    return y + u * D
+    return SelectiveScan.apply(u, delta, A, B, C, D, mode == "parallel")
 
 
 class Mamba(nn.Module):

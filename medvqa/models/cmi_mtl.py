@@ -1,0 +1,223 @@
+"""CMI-MTL (Jin et al.): FVTA (QQ-Former + CMCL) → CIFR (Cross-Mamba blocks) → FFAE heads.
+
+Reads next to `../shared/papers/cmi-mtl.md`; DESIGN §3 records each decision the paper leaves
+open. The backbones stay outside (medvqa.models.encoders): this module takes their tokens, so it
+trains from the feature cache and runs behind Grad-CAM the same way.
+
+    V (B, N, Di), T (B, L, Dt) ─proj→ QQ-Former → z (B, K, d) ──┐
+                                          CMCL(z, T[:, 0]) ─────┤  L_vtc
+    z' = LN(z), t' = LN(T) → CrossMambaBlock ×2 → z'', t''      │
+    x^f = [tanh(W_t t''_0) ; tanh(W_z z''_0)] → classifier       │  L_cls
+    [t'' ; z''] ⊙ M → T5 AHead (open questions only)             │  L_aux
+    L = L_cls + α L_vtc + β L_aux
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from medvqa.models.mamba import Mamba
+from medvqa.models.qformer import QQFormer
+
+ABLATIONS = ("qqformer", "cmcl", "cmm", "ahead")
+
+
+def align(src, q_this, k_other, other_pad=None, mode: str = "attention"):
+    """Bring `src` (B, Lo, E), living on the other stream, to this stream's length Lt.
+
+    attention: parameter-free scaled dot-product attention of this stream's tokens q_this
+    (B, Lt, d) over the other stream's k_other (B, Lo, d), padding masked; pool: adaptive average
+    pooling / linear interpolation along the sequence, as the public code does.
+    """
+    Lt = q_this.shape[1]
+    if mode == "pool":
+        s = src.transpose(1, 2)                                                  # (B, E, Lo)
+        s = F.adaptive_avg_pool1d(s, Lt) if s.shape[-1] >= Lt else F.interpolate(s, size=Lt, mode="linear")
+        return s.transpose(1, 2)
+    att = q_this @ k_other.transpose(1, 2) / q_this.shape[-1] ** 0.5            # (B, Lt, Lo)
+    if other_pad is not None:
+        att = att.masked_fill(other_pad[:, None, :], float("-inf"))
+    return att.softmax(-1) @ src                                                 # (B, Lt, E)
+
+
+def _smoothed_ce(logits, valid, eps: float = 0.1):
+    """Cross-entropy with the diagonal as target and label smoothing (0.1, as the reference code)
+    spread over the valid entries only, so masked pairs get neither probability nor target mass."""
+    logp = logits.masked_fill(~valid, float("-inf")).log_softmax(-1).masked_fill(~valid, 0.0)
+    target = valid.float() * eps / valid.sum(-1, keepdim=True) + (1 - eps) * torch.eye(len(logits), device=logits.device)
+    return -(target * logp).sum(-1).mean()
+
+
+class CrossMambaBlock(nn.Module):
+    """z'' = Fus(Mamba(z', z' ⊗ t')) + z',  t'' = Fus(Mamba(t', t' ⊗ z')) + t'  (CMI-MTL Eq. 3).
+
+    Mamba(a, a ⊗ b) runs the SSM branch on a and gates it with SiLU(g_a ⊗ g_b), the product of
+    both streams' gate projections; Fus is the output projection. One Mamba's weights serve both
+    streams, each with its own scan. A registered, trained module — unlike the public code, which
+    re-creates it with random weights on every forward pass.
+    """
+
+    def __init__(self, d, d_state=16, d_conv=4, expand=2, align_mode="attention"):
+        super().__init__()
+        self.norm_z, self.norm_t = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.mamba = Mamba(d, d_state=d_state, d_conv=d_conv, expand=expand)
+        self.align_mode = align_mode
+
+    def forward(self, z, t, t_pad):
+        z1, t1 = self.norm_z(z), self.norm_t(t)                                  # z', t'
+        xz, gz = self.mamba.project(z1)                                          # (B, K, E) ×2
+        xt, gt = self.mamba.project(t1)                                          # (B, L, E) ×2
+        gt_on_z = align(gt, z1, t1, t_pad, self.align_mode)                      # (B, K, E)
+        gz_on_t = align(gz, t1, z1, None, self.align_mode)                       # (B, L, E)
+        z2 = self.mamba.out_proj(self.mamba.ssm(xz) * F.silu(gz * gt_on_z)) + z1
+        t2 = self.mamba.out_proj(self.mamba.ssm(xt) * F.silu(gt * gz_on_t)) + t1
+        return z2, t2
+
+
+class TransformerFusionBlock(nn.Module):
+    """The `cmm` ablation: co-attention fusion of the same width (Table 2's Transformer fusion)."""
+
+    def __init__(self, d, n_heads, dropout=0.1):
+        super().__init__()
+        self.norm_z, self.norm_t, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, z, t, t_pad):
+        z1, t1 = self.norm_z(z), self.norm_t(t)
+        z2 = z1 + self.attn(z1, t1, t1, key_padding_mask=t_pad, need_weights=False)[0]
+        t2 = t1 + self.attn(t1, z1, z1, need_weights=False)[0]
+        return z2 + self.ffn(self.norm_ff(z2)), t2 + self.ffn(self.norm_ff(t2))
+
+
+class AHead(nn.Module):
+    """Auxiliary head: a T5 encoder-decoder fed x^f (as input embeddings) scaled by the paper's
+    learnable mask M (one weight per position, initialised to 1), trained on open questions.
+
+    It generates over a compact vocabulary: the text backbone's WordPiece ids that occur in the
+    training answers (`vocab_ids`; 0 = pad/decoder start, 1 = end, 2 = unknown), which keeps the
+    head small enough to ship.
+    """
+
+    def __init__(self, cfg, d, vocab_ids: list[int], max_positions: int):
+        super().__init__()
+        from transformers import T5Config, T5ForConditionalGeneration
+
+        self.t5 = T5ForConditionalGeneration(T5Config(
+            vocab_size=len(vocab_ids), d_model=cfg.t5_d_model, d_kv=cfg.t5_d_model // cfg.t5_heads,
+            d_ff=cfg.t5_ff, num_layers=cfg.t5_layers, num_decoder_layers=cfg.t5_layers, num_heads=cfg.t5_heads,
+            dropout_rate=cfg.dropout, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
+        self.proj = nn.Linear(d, cfg.t5_d_model)
+        self.M = nn.Parameter(torch.ones(max_positions))
+        self.max_answer_len = cfg.max_answer_len
+        self.register_buffer("vocab_ids", torch.tensor(vocab_ids), persistent=False)
+        lookup = torch.full((max(vocab_ids) + 1,), 2, dtype=torch.long)
+        lookup[torch.tensor(vocab_ids)] = torch.arange(len(vocab_ids))
+        self.register_buffer("lookup", lookup, persistent=False)
+
+    def _inputs(self, x_seq, pad):
+        P = min(x_seq.shape[1], self.M.shape[0])
+        emb = self.proj(x_seq[:, :P]) * self.M[:P, None]                          # (O, P, d_t5)
+        return emb, (~pad[:, :P]).long()
+
+    def to_compact(self, full_ids):
+        return self.lookup[full_ids.clamp(max=self.lookup.shape[0] - 1)]
+
+    def forward(self, x_seq, pad, answer_ids):
+        """answer_ids: (O, A) backbone ids incl. end token, 0-padded -> token cross-entropy."""
+        emb, att = self._inputs(x_seq, pad)
+        labels = self.to_compact(answer_ids).masked_fill(answer_ids == 0, -100)
+        return self.t5(inputs_embeds=emb, attention_mask=att, labels=labels).loss
+
+    @torch.no_grad()
+    def generate(self, x_seq, pad):
+        """Greedy decoding -> (B, ≤A) backbone token ids (0 after the end)."""
+        emb, att = self._inputs(x_seq, pad)
+        out = self.t5.generate(inputs_embeds=emb, attention_mask=att, max_new_tokens=self.max_answer_len,
+                               do_sample=False, num_beams=1)
+        out = out[:, 1:]                                                          # drop decoder start
+        ids = self.vocab_ids[out]
+        ended = (out == 1).cumsum(1) > 0
+        return ids.masked_fill(ended | (out == 0), 0)
+
+
+class CMIMTL(nn.Module):
+    def __init__(self, cfg, enc_cfg, n_classes: int, ahead_vocab: list[int] | None = None):
+        super().__init__()
+        self.cfg, d = cfg, cfg.d
+        ab = set(cfg.ablate)
+        self.use_qqformer, self.use_cmcl, self.use_cmm, self.use_ahead = (x not in ab for x in ABLATIONS)
+        self.proj_v = nn.Linear(enc_cfg.image_dim, d)
+        self.proj_t = nn.Linear(enc_cfg.text_dim, d)
+        if self.use_qqformer:
+            self.qqformer = QQFormer(d, cfg.n_queries, cfg.qqformer_layers, cfg.n_heads, cfg.dropout, cfg.qqformer_text)
+        if self.use_cmcl:  # FVTA contrastive: queries and question in a 256-d space, learnable τ
+            self.vision_proj = nn.Linear(d, cfg.contrast_dim)
+            self.text_proj = nn.Linear(d, cfg.contrast_dim)
+            self.log_tau = nn.Parameter(torch.tensor(0.07).log())
+        self.fusion = nn.ModuleList(
+            CrossMambaBlock(d, cfg.d_state, cfg.d_conv, cfg.expand, cfg.cmm_align) if self.use_cmm
+            else TransformerFusionBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.cmm_blocks))
+        self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # first-token poolers (public code)
+        self.classifier = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(),
+                                        nn.Dropout(cfg.dropout), nn.Linear(2 * d, n_classes))
+        if self.use_ahead:
+            n_img = cfg.n_queries if self.use_qqformer else None
+            self.ahead = AHead(cfg, d, ahead_vocab or [0, 1, 2], max_positions=(n_img or 1024) + enc_cfg.max_question_len)
+        self.loss_weights = {"cls": 1.0, "vtc": cfg.alpha, "aux": cfg.beta}
+
+    # -- features -------------------------------------------------------------------------------
+    def forward_features(self, batch) -> dict:
+        v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
+        t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
+        t_pad = batch["text_mask"] == 0                                          # (B, L)
+        z = self.qqformer(v, t, t_pad) if self.use_qqformer else v               # (B, K, d)
+        z_fvta, t_fvta = z, t[:, 0]
+        for block in self.fusion:
+            z, t = block(z, t, t_pad)
+        x_vec = torch.cat([torch.tanh(self.pool_t(t[:, 0])), torch.tanh(self.pool_z(z[:, 0]))], -1)  # (B, 2d)
+        x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
+        seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
+        return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
+
+    def forward_head(self, fused):
+        return self.classifier(fused)                                            # (B, C)
+
+    # -- losses ---------------------------------------------------------------------------------
+    def cmcl_loss(self, z, t_first, image_ids):
+        """Symmetric InfoNCE with s(i, j) = max_k cos(z_ik, t_j) / τ; other questions on the same
+        image are not negatives (they are masked out), which the public code does not do."""
+        zq = F.normalize(self.vision_proj(z), dim=-1)                            # (B, K, c)
+        tq = F.normalize(self.text_proj(t_first), dim=-1)                        # (B, c)
+        tau = self.log_tau.exp().clamp(0.01, 0.5)
+        sim = torch.einsum("ikc,jc->ijk", zq, tq).amax(-1) / tau                 # (B, B)
+        eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+        valid = ~((image_ids[:, None] == image_ids[None, :]) & ~eye)            # (B, B), symmetric
+        return 0.5 * (_smoothed_ce(sim, valid) + _smoothed_ce(sim.t(), valid))
+
+    def forward(self, batch) -> dict:
+        f = self.forward_features(batch)
+        logits = self.forward_head(f["fused"])
+        out = {"logits": logits, "fused": f["fused"], "losses": {}}
+        if "label" not in batch:
+            return out
+        y = batch["label"]
+        known = y >= 0
+        onehot = F.one_hot(y.clamp(min=0), logits.shape[-1]).float()
+        # BCE over the answer vocabulary, summed over classes (the reference's BCE × C)
+        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
+        out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
+        if self.use_cmcl and self.training and len(y) > 1:
+            out["losses"]["vtc"] = self.cmcl_loss(f["z_fvta"], f["t_fvta"], batch["image_id"])
+        if self.use_ahead and self.training:
+            o = batch["is_open"]
+            out["losses"]["aux"] = (self.ahead(f["x_seq"][o], f["seq_pad"][o], batch["answer_ids"][o]) if o.any()
+                                    else logits.sum() * 0.0)   # no open question in the batch: L_aux = 0
+        return out
+
+    @torch.no_grad()
+    def generate(self, batch):
+        """The AHead's free-form answer ids (beyond the paper; shown labelled as such)."""
+        f = self.forward_features(batch)
+        return self.ahead.generate(f["x_seq"], f["seq_pad"])

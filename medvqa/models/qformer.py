@@ -1,0 +1,51 @@
+"""QQ-Former: question-aware querying transformer (CMI-MTL §2.2, after BLIP-2's Q-Former).
+
+Each layer: self-attention over [queries ; question tokens] — BLIP-2's shared self-attention,
+which is what makes the K queries question-aware — then cross-attention from the queries to the
+image tokens, then an FFN. Pre-norm residual blocks. With `use_text=False` the queries attend
+only to themselves (the public code's image-only reading).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class QQFormerLayer(nn.Module):
+    def __init__(self, d: int, n_heads: int, dropout: float = 0.1, ffn_mult: int = 4):
+        super().__init__()
+        self.norm_sa, self.norm_ca, self.norm_ff = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(d, n_heads, dropout=dropout, batch_first=True)
+        self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, q, t, t_pad, v):
+        # q: (B, K, d) queries; t: (B, L, d) question, t_pad: (B, L) True = padding, or t=None; v: (B, N, d)
+        K = q.shape[1]
+        x = q if t is None else torch.cat([q, t], 1)                                   # (B, K+L, d)
+        pad = None if t is None else torch.cat([torch.zeros_like(t_pad[:, :1]).expand(-1, K), t_pad], 1)
+        h = self.norm_sa(x)
+        x = x + self.drop(self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
+        q, t = x[:, :K], (None if t is None else x[:, K:])
+        h = self.norm_ca(q)
+        q = q + self.drop(self.cross_attn(h, v, v, need_weights=False)[0])
+        q = q + self.drop(self.ffn(self.norm_ff(q)))
+        return q, t
+
+
+class QQFormer(nn.Module):
+    def __init__(self, d: int, n_queries: int, n_layers: int, n_heads: int, dropout: float = 0.1, use_text: bool = True):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, n_queries, d) * 0.02)
+        self.layers = nn.ModuleList(QQFormerLayer(d, n_heads, dropout) for _ in range(n_layers))
+        self.norm = nn.LayerNorm(d)
+        self.use_text = use_text
+
+    def forward(self, v, t, t_pad):
+        """v: (B, N, d) image tokens, t: (B, L, d) question tokens -> z: (B, K, d)."""
+        q = self.queries.expand(v.shape[0], -1, -1)
+        t = t if self.use_text else None
+        for layer in self.layers:
+            q, t = layer(q, t, t_pad, v)
+        return self.norm(q)

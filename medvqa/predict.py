@@ -1,0 +1,149 @@
+"""Predictor: the one API the app, CLI and notebooks call (DESIGN §6).
+
+    p = Predictor.load("assets/checkpoints/cmi-mtl-vqa-rad")
+    p.answer(image, "Is there a fracture?", top_k=5)  # -> Answer(text, score, top_k, kind, free_text)
+
+Models see backbone tokens only; the Predictor owns the backbones, preprocessing and batching.
+Loading is lazy (backbones on first use) and cached per process.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from medvqa.data import AnswerVocab, ImageError, load_image
+from medvqa.data.datasets import CLOSED_ANSWERS
+from medvqa.train.checkpoint import load_checkpoint
+
+CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+MAX_QUESTION_CHARS = 500
+
+
+def set_cpu_threads():
+    """Use the cores we have, but no more than 4: small matmuls gain nothing past that."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+
+
+@dataclass
+class Answer:
+    text: str
+    score: float
+    top_k: list = field(default_factory=list)       # [(answer, probability), …]
+    kind: str = "open"                              # "closed" (yes/no) | "open"
+    free_text: str | None = None                    # CMI-MTL's AHead, generated (beyond the paper)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["answer"] = d.pop("text")
+        d["top_k"] = [[a, s] for a, s in self.top_k]
+        return d
+
+
+def resolve_checkpoint(name_or_dir) -> Path:
+    p = Path(name_or_dir)
+    if p.is_dir():
+        return p
+    if (CHECKPOINTS / str(name_or_dir)).is_dir():
+        return CHECKPOINTS / str(name_or_dir)
+    raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (shipped ones: "
+                            f"{', '.join(sorted(x.name for x in CHECKPOINTS.glob('*'))) or 'none'})")
+
+
+@functools.lru_cache(maxsize=4)
+def _encoders(enc_key: tuple):
+    from medvqa.config import EncoderConfig
+    from medvqa.models.encoders import Encoders
+
+    return Encoders(EncoderConfig(**dict(enc_key)))
+
+
+class Predictor:
+    _cache: dict = {}
+    _lock = threading.Lock()
+
+    def __init__(self, model, config: dict, metrics: dict, path: Path):
+        from medvqa.config import preset_from_dict
+
+        self.model, self.config, self.metrics, self.path = model, config, metrics, path
+        self.name = config["model"]
+        self.preset = preset_from_dict(config["preset"])
+        self.vocab = AnswerVocab(config["answers"])
+        self._lock = threading.Lock()   # one forward at a time per model; answers never mix
+
+    @classmethod
+    def load(cls, name_or_dir) -> "Predictor":
+        path = resolve_checkpoint(name_or_dir).resolve()
+        with cls._lock:
+            if path not in cls._cache:
+                set_cpu_threads()
+                cls._cache[path] = cls(*load_checkpoint(path), path)
+            return cls._cache[path]
+
+    @property
+    def encoders(self):
+        return _encoders(tuple(sorted(asdict(self.preset.encoders).items())))
+
+    # -- batched tokens ---------------------------------------------------------------------------
+    def _tokens(self, images, questions) -> dict:
+        enc = self.encoders
+        g, loc = enc.encode_image(enc.preprocess(images))
+        t = enc.tokenize(questions)
+        pooled, h = enc.encode_text(t["input_ids"], t["attention_mask"])
+        return {"image_tokens": torch.cat([g[:, None], loc], 1), "text_tokens": h, "text_mask": t["attention_mask"],
+                "text_pooled": pooled, "input_ids": t["input_ids"]}
+
+    def _free_text(self, batch) -> list[str | None]:
+        if getattr(self.model, "use_ahead", False):
+            ids = self.model.generate(batch)
+            return [self.encoders.tokenizer.decode([i for i in row.tolist() if i], skip_special_tokens=True).strip()
+                    for row in ids]
+        return [None] * len(batch["text_mask"])
+
+    @staticmethod
+    def _check_question(q) -> str:
+        q = str(q or "").strip()
+        if not q:
+            raise ValueError("the question is empty")
+        if len(q) > MAX_QUESTION_CHARS:
+            raise ValueError(f"the question is too long ({len(q)} characters; at most {MAX_QUESTION_CHARS})")
+        return q
+
+    def answer_batch(self, images, questions, top_k: int = 5, free_text: bool = True) -> list[Answer]:
+        ims = [im if hasattr(im, "mode") and im.mode == "RGB" else load_image(im) for im in images]
+        qs = [self._check_question(q) for q in questions]
+        with self._lock, torch.inference_mode():
+            batch = self._tokens(ims, qs)
+            probs = self.model(batch)["logits"].float().softmax(-1)
+            free = self._free_text(batch) if free_text else [None] * len(qs)
+        out = []
+        for p, ft in zip(probs, free):
+            s, i = p.topk(min(top_k, len(p)))
+            top = [(self.vocab.answers[j], round(float(v), 4)) for v, j in zip(s, i.tolist())]
+            out.append(Answer(top[0][0], top[0][1], top, "closed" if top[0][0] in CLOSED_ANSWERS else "open", ft))
+        return out
+
+    def answer(self, image, question, top_k: int = 5) -> Answer:
+        return self.answer_batch([image], [question], top_k)[0]
+
+    def predict_records(self, records, progress: bool = True, batch_size: int = 64):
+        """Answer dataset records through the feature cache -> (qid -> answer, qid -> confidence)."""
+        from medvqa.data.cache import FeatureCache
+        from medvqa.data.features import FeatureDataset
+        from medvqa.train.trainer import predict_dataset
+
+        cache = FeatureCache(self.encoders, progress=progress)
+        ds = FeatureDataset(records, self.vocab, cache.images([r.image for r in records]),
+                            cache.questions([r.question for r in records]))
+        with self._lock:
+            pred, conf = predict_dataset(self.model, ds, batch_size=batch_size)
+        return ({r.qid: self.vocab.answers[i] for r, i in zip(records, pred.tolist())},
+                {r.qid: float(c) for r, c in zip(records, conf.tolist())})
+
+
+__all__ = ["Answer", "ImageError", "Predictor"]

@@ -1,0 +1,88 @@
+"""Checkpoints are folders: model.safetensors + config.json + metrics.json, written atomically.
+
+Only what the pip-installed backbones cannot rebuild is stored (the backbones are never saved).
+Tensors are stored in float16 when float32 would exceed the size budget; they load back as float32.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MAX_BYTES = 20 * 1024 * 1024
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that is missing or malformed."""
+
+
+def git_revision() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def save_checkpoint(out: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None):
+    """Write to `<out>.tmp-<pid>`, then swap it in: readers never see half a checkpoint."""
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    sd, seen = {}, set()
+    for k, v in model.state_dict().items():  # tied weights (T5 embeddings / lm_head) are stored once
+        key = (v.data_ptr(), v.shape)
+        if key not in seen:
+            seen.add(key)
+            sd[k] = v.detach().cpu().contiguous()
+    n_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+    dtype = "float16" if n_bytes > MAX_BYTES else "float32"
+    if dtype == "float16":
+        sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
+    save_file(sd, str(tmp / "model.safetensors"))
+    (tmp / "config.json").write_text(json.dumps({**config, "stored_dtype": dtype}, indent=1))
+    (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=1))
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def read_config(ckpt: Path) -> dict:
+    ckpt = Path(ckpt)
+    if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
+        raise CheckpointError(f"{ckpt}: not a checkpoint folder (needs model.safetensors and config.json)")
+    try:
+        return json.loads((ckpt / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{ckpt}/config.json: not valid JSON ({e})") from None
+
+
+def load_checkpoint(ckpt: Path):
+    """-> (model in eval mode, config dict, metrics dict). Never unpickles anything."""
+    from medvqa.config import preset_from_dict
+    from medvqa.models.registry import build
+
+    cfg = read_config(ckpt)
+    preset = preset_from_dict(cfg["preset"])
+    model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"))
+    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:
+        raise CheckpointError(f"{ckpt}: weights do not fit the model in config.json ({str(e)[:200]})") from None
+    stored = {t.data_ptr() for k, t in model.state_dict().items() if k in sd}
+    untied = [k for k in missing if model.state_dict()[k].data_ptr() not in stored]
+    if untied or unexpected:
+        raise CheckpointError(f"{ckpt}: weights do not fit the model in config.json "
+                              f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
+    metrics_path = Path(ckpt) / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return model.eval(), cfg, metrics

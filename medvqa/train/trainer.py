@@ -1,0 +1,179 @@
+"""One training loop for every model (DESIGN §10).
+
+A model's `forward(batch)` returns `{"logits", "losses": {name: tensor}}` and carries
+`loss_weights`; the trainer sums the weighted losses and owns the optimiser, warm-up + cosine
+schedule, clipping, AMP (CUDA), seeding, selection on validation, atomic checkpoints, resume,
+and callbacks (progress, cancel, live metrics) through which the app drives it.
+Under `torchrun` it shards batches with a DistributedSampler and only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from medvqa.data.features import collate
+from medvqa.train.checkpoint import save_checkpoint
+
+
+def seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def is_rank0() -> bool:
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+@dataclass
+class Callbacks:
+    on_step: callable = None        # (step, total_steps, {loss name: value})
+    on_epoch: callable = None       # (epoch, metrics dict)
+    should_stop: callable = None    # () -> bool: cancel between steps
+
+
+@dataclass
+class FitResult:
+    best: dict = field(default_factory=dict)
+    history: list = field(default_factory=list)
+    cancelled: bool = False
+    seconds: float = 0.0
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _param_groups(model, cfg):
+    """No weight decay on biases, norms and 1-d parameters (A_log, D, mask M, τ)."""
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
+    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+@torch.no_grad()
+def predict_dataset(model, ds, device="cpu", batch_size=64) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (top-1 class, top-1 probability) for every item, in order."""
+    model.eval()
+    preds, conf = [], []
+    for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
+        batch = to_device({k: v for k, v in batch.items() if k != "label"}, device)
+        logits = model(batch)["logits"].float()
+        # BCE-trained heads give independent sigmoids; softmax gives a calibrated-by-design top-1 for both
+        p = logits.softmax(-1)
+        c, i = p.max(-1)
+        preds.append(i.cpu())
+        conf.append(c.cpu())
+    return torch.cat(preds), torch.cat(conf)
+
+
+def accuracy(model, ds, device="cpu") -> dict:
+    from medvqa.eval import evaluate
+
+    pred, _ = predict_dataset(model, ds, device)
+    answers = ds.vocab.answers
+    return evaluate(ds.records, {r.qid: answers[i] for r, i in zip(ds.records, pred.tolist())})
+
+
+def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callbacks: Callbacks | None = None,
+        resume: bool = True) -> FitResult:
+    cb = callbacks or Callbacks()
+    out_dir = Path(out_dir)
+    seed_everything(cfg.seed)
+    device = torch.device(cfg.device)
+    model.to(device)
+    distributed = dist.is_available() and dist.is_initialized()
+    sampler = torch.utils.data.DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
+    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                        collate_fn=collate, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))
+    total = cfg.epochs * len(loader)
+    warm = max(1, int(cfg.warmup * total))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+    use_amp = cfg.amp and device.type == "cuda"
+
+    state_path = out_dir / "train_state.pt"
+    res, start_epoch, step = FitResult(), 0, 0
+    if resume and state_path.is_file():  # our own file; weights_only refuses arbitrary pickles
+        st = torch.load(state_path, map_location=device, weights_only=True)
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        start_epoch, step = st["epoch"], st["step"]
+        res.best = json.loads(st["best"])
+        res.history = json.loads(st["history"])
+    if is_rank0():
+        out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        sums, n = {}, 0
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if is_rank0() else True)  # None: off when not a terminal
+        for batch in bar:
+            if cb.should_stop and cb.should_stop():
+                res.cancelled = True
+                break
+            batch = to_device(batch, device)
+            if cfg.feature_noise > 0:  # the only augmentation cached features allow
+                for k in ("image_tokens", "text_tokens"):
+                    batch[k] = batch[k] + cfg.feature_noise * torch.randn_like(batch[k])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                out = net(batch)
+            losses = out["losses"]
+            loss = sum(model.loss_weights.get(k, 1.0) * v.float() for k, v in losses.items())
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            opt.step()
+            sched.step()
+            step += 1
+            vals = {k: v.item() for k, v in losses.items()} | {"loss": loss.item()}
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+            bar.set_postfix(loss=f"{vals['loss']:.3f}")
+            if cb.on_step:
+                cb.on_step(step, total, vals)
+        if res.cancelled:
+            break
+        metrics = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0],
+                   **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}, "seconds": round(time.time() - t0, 1)}
+        if val_ds is not None and len(val_ds):
+            acc = accuracy(model, val_ds, device)
+            metrics.update({"val_open": acc["open"], "val_closed": acc["closed"], "val_overall": acc["overall"]})
+        res.history.append(metrics)
+        if is_rank0():
+            with open(out_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(metrics) + "\n")
+            score = metrics.get("val_overall", -metrics.get("train_loss", 0.0))
+            if not res.best or score > res.best["score"]:
+                res.best = {"score": score, **metrics}
+                save_checkpoint(out_dir / "best", model, ckpt_config, {"selected": res.best})
+            tmp = state_path.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                        "epoch": epoch + 1, "step": step, "best": json.dumps(res.best),
+                        "history": json.dumps(res.history)}, tmp)
+            os.replace(tmp, state_path)
+        if cb.on_epoch:
+            cb.on_epoch(epoch + 1, metrics)
+    res.seconds = time.time() - t0
+    return res

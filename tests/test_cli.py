@@ -1,0 +1,84 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+
+from medvqa.cli import main
+from tests.conftest import data_root
+from tests.helpers import tiny_checkpoint
+
+
+def run(capsys, *args):
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.mark.data
+def test_data_stats_vqa_rad(capsys):
+    rc, out, err = run(capsys, "data", "stats", "--dataset", "vqa-rad", "--root", str(data_root("vqa_rad")), "--json")
+    s = json.loads(out)
+    assert rc == 0
+    assert s["splits"]["train"]["n"] == 3064 and s["splits"]["test"]["n"] == 451
+    assert (s["splits"]["test"]["n_closed"], s["splits"]["test"]["n_open"]) == (272, 179)
+    assert s["vocab"] == {"all": 498, "train": 461}                     # M3AE's 498 classes
+    assert s["oov_under_train_vocab"]["test"] == {"n": 44, "open": 38}
+
+
+@pytest.mark.data
+def test_data_stats_slake(capsys):
+    rc, out, err = run(capsys, "data", "stats", "--dataset", "slake", "--root", str(data_root("slake")), "--json")
+    s = json.loads(out)["splits"]
+    assert [s[k]["n"] for k in ("train", "validate", "test")] == [4919, 1053, 1061]
+    assert [s[k]["n_images"] for k in ("train", "validate", "test")] == [450, 96, 96]
+    assert s["train"]["skipped"] == 1 and "record 1622: empty answer" in err      # reported, not dropped silently
+
+
+@pytest.mark.data
+def test_eval_predictions_file(capsys, tmp_path):
+    root = data_root("vqa_rad")
+    test = json.loads((root / "testset.json").read_text())
+    preds = {str(r["qid"]): ("yes" if r["answer_type"].strip() == "CLOSED" else r["answer"]) for r in test}
+    (tmp_path / "p.json").write_text(json.dumps(preds))
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "vqa-rad",
+                       "--root", str(root), "--json")
+    r = json.loads(out)
+    assert rc == 0 and r["open"] == 100.0 and r["n"] == 451 and r["vocab"] == 498 and r["oov"] == 0
+    n_yes = sum(t["answer"].strip().lower() == "yes" for t in test if t["answer_type"].strip() == "CLOSED")
+    assert r["closed"] == pytest.approx(100 * n_yes / 272, abs=0.01)
+
+
+def test_bad_input_one_line_exit_2(capsys, tmp_path):
+    rc, out, err = run(capsys, "data", "stats", "--dataset", "slake", "--root", str(tmp_path / "nope"))
+    assert rc == 2 and err.strip().count("\n") == 0 and "root not found" in err and "Traceback" not in err
+    (tmp_path / "p.json").write_text("{not json")
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "folder", "--root", str(tmp_path))
+    assert rc == 2 and "error:" in err
+
+
+def test_predict_cli_and_errors(capsys, tmp_path):
+    ck = tiny_checkpoint(tmp_path)
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.png")
+    rc, out, err = run(capsys, "predict", "--checkpoint", str(ck), "--image", str(tmp_path / "a.png"),
+                       "--question", "Is this normal?", "--json")
+    d = json.loads(out)
+    assert rc == 0 and {"answer", "score", "top_k", "free_text"} <= set(d) and len(d["top_k"]) == 4  # tiny vocabulary: 4 answers
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    rc, out, err = run(capsys, "predict", "--checkpoint", str(ck), "--image", str(tmp_path / "bad.png"), "--question", "Is it?")
+    assert rc == 2 and "bad.png" in err and "not a readable image" in err
+    rc, out, err = run(capsys, "predict", "--checkpoint", str(ck), "--image", str(tmp_path / "a.png"), "--question", "")
+    assert rc == 2 and "empty" in err
+    # batch CSV: a bad row is reported and kept, the rest answered
+    (tmp_path / "cases.csv").write_text("image,question,answer\na.png,Is it normal?,yes\nbad.png,Is it?,no\n")
+    rc, out, err = run(capsys, "predict", "--checkpoint", str(ck), "--csv", str(tmp_path / "cases.csv"),
+                       "--out", str(tmp_path / "answers.csv"))
+    rows = (tmp_path / "answers.csv").read_text().splitlines()
+    assert rc == 0 and len(rows) == 3 and "row 2" in err
+
+
+def test_module_entry_point_json_only():
+    r = subprocess.run([sys.executable, "-m", "medvqa", "data", "stats", "--dataset", "vqa-rad", "--root", "/nonexistent"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error:")

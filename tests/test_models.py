@@ -1,0 +1,98 @@
+import pytest
+import torch
+
+from medvqa.models.cmi_mtl import ABLATIONS, CrossMambaBlock
+from medvqa.models.registry import build
+from medvqa.train.checkpoint import load_checkpoint, save_checkpoint
+from tests.helpers import batch_of, tiny_checkpoint, tiny_data
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("tiny"))
+
+
+def _step(model, batch):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    out = model(batch)
+    loss = sum(model.loss_weights.get(k, 1) * v for k, v in out["losses"].items())
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return out
+
+
+def test_cmi_mtl_forward_losses_and_grads(data):
+    preset, enc, recs, vocab, ds, av = data
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av)
+    batch = batch_of(ds)
+    out = _step(model, batch)
+    assert out["logits"].shape == (8, len(vocab))
+    assert set(out["losses"]) == {"cls", "vtc", "aux"}
+    assert all(torch.isfinite(v) for v in out["losses"].values())
+    assert model.ahead.M.grad is not None and model.ahead.M.grad.abs().sum() > 0   # the mask M learns
+    assert model.log_tau.grad is not None                                           # τ learns
+
+
+@pytest.mark.parametrize("off", ABLATIONS)
+def test_each_ablation_builds_and_trains(data, off):
+    preset, enc, recs, vocab, ds, av = data
+    preset.cmi_mtl.ablate = (off,)
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av)
+    out = _step(model, batch_of(ds))
+    expected = {"cls", "vtc", "aux"} - {"cmcl": {"vtc"}, "ahead": {"aux"}}.get(off, set())
+    assert set(out["losses"]) == expected
+    if off == "cmm":
+        assert not any(isinstance(m, CrossMambaBlock) for m in model.modules())
+    preset.cmi_mtl.ablate = ()
+
+
+def test_cmm_is_trained_and_saved(data, tmp_path):
+    """The public code re-creates its Mamba with random weights each forward; ours learns and persists."""
+    preset, enc, recs, vocab, ds, av = data
+    torch.manual_seed(0)
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av)
+    before = {k: v.clone() for k, v in model.fusion.state_dict().items()}
+    _step(model, batch_of(ds))
+    after = model.fusion.state_dict()
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert any("mamba.in_proj" in k for k in changed) and any("mamba.A_log" in k for k in changed)
+    save_checkpoint(tmp_path / "ck", model, {"model": "cmi-mtl", "preset": preset.to_dict(),
+                                             "answers": vocab.answers, "ahead_vocab": av})
+    loaded, _, _ = load_checkpoint(tmp_path / "ck")
+    for k, v in loaded.fusion.state_dict().items():
+        assert torch.equal(v, after[k])
+
+
+@pytest.mark.parametrize("name", ["cmi-mtl", "baseline"])
+def test_save_load_identical_logits(tmp_path, name):
+    ck = tiny_checkpoint(tmp_path, name)
+    preset, enc, recs, vocab, ds, av = tiny_data(tmp_path)
+    m1, cfg, _ = load_checkpoint(ck)
+    m2, _, _ = load_checkpoint(ck)
+    b = batch_of(ds)
+    with torch.no_grad():
+        assert torch.equal(m1(b)["logits"], m2(b)["logits"])
+    assert cfg["stored_dtype"] == "float32"
+
+
+def test_cmi_mtl_eval_mode_has_no_aux_losses_and_generates(data):
+    preset, enc, recs, vocab, ds, av = data
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()
+    b = batch_of(ds)
+    with torch.no_grad():
+        out = model(b)
+    assert set(out["losses"]) == {"cls"}
+    ids = model.generate(b)
+    assert ids.shape[0] == 8 and ids.dtype == torch.long
+
+
+def test_cmcl_masks_same_image_pairs(data):
+    preset, enc, recs, vocab, ds, av = data
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av)
+    z, t = torch.randn(4, 8, 64), torch.randn(4, 64)
+    # two questions on image 0: each other's pair must not count as a negative
+    l_masked = model.cmcl_loss(z, t, torch.tensor([0, 0, 1, 2]))
+    l_plain = model.cmcl_loss(z, t, torch.tensor([0, 1, 2, 3]))
+    assert torch.isfinite(l_masked) and not torch.isclose(l_masked, l_plain)
