@@ -1,6 +1,7 @@
 """Model subcommands: train, predict. Registered onto the CLI parser by `medvqa.cli`."""
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import shutil
@@ -148,6 +149,82 @@ def cmd_predict(a):
     return _predict_one(p, a)
 
 
+def cmd_explain(a):
+    import numpy as np
+
+    from medvqa.cli import UserError
+    from medvqa.data import load_image
+    from medvqa.explain import overlay
+    from medvqa.predict import Predictor
+
+    if a.out.suffix.lower() != ".png":
+        raise UserError(f"--out {a.out}: give a .png path (the raw map is written beside it as .npy)")
+    p = Predictor.load(a.checkpoint)
+    im = load_image(a.image)
+    cam = p.explain(im, a.question, method=a.method, target=a.target)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    overlay(im, cam, a.opacity, a.colormap).save(a.out)
+    np.save(a.out.with_suffix(".npy"), cam)
+    ans = p.answer(im, a.question)
+    print(f"{a.method} for answer {a.target or ans.text!r}: wrote {a.out} and {a.out.with_suffix('.npy')}", file=sys.stderr)
+    return 0
+
+
+def cmd_sweep(a):
+    """Run a config's variants with `train` (resumable: a finished variant is reused) and write
+    the results as a Markdown and a CSV table."""
+    import csv
+
+    from medvqa.cli import UserError, build_parser
+
+    try:
+        cfg = json.loads(Path(a.config).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{a.config}: cannot read the sweep config ({e})") from None
+    out = Path(a.out)
+    rows = []
+    for name, args in cfg["variants"].items():
+        slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
+        ck = out / "checkpoints" / slug
+        if not (ck / "metrics.json").is_file():
+            argv = (["train", "--dataset", cfg["dataset"], "--root", str(a.root or cfg["root"]), "--out", str(ck),
+                     "--workdir", str(out / "runs" / slug)] + cfg.get("common", []) + args + (a.extra or []))
+            print(f"[sweep] {name}: python -m medvqa {shlex.join(argv)}", file=sys.stderr)
+            ns = build_parser().parse_args(argv)
+            ns.func(ns)
+        m = json.loads((ck / "metrics.json").read_text())
+        t = m.get("test", {})
+        rows.append({"variant": name, "open": t.get("open"), "closed": t.get("closed"), "overall": t.get("overall"),
+                     "val_overall": m.get("val_overall"), "best_epoch": m.get("best_epoch"),
+                     "train_s": m.get("train_seconds")})
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    md = ["| variant | open | closed | overall | val overall | best epoch | train s |", "|---|---|---|---|---|---|---|"]
+    md += [f"| {r['variant']} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {r['val_overall']:.2f} | "
+           f"{r['best_epoch']} | {r['train_s']:.0f} |" for r in rows]
+    (out / "results.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+    return 0
+
+
+def cmd_bench(a):
+    from medvqa.bench import run
+    from medvqa.cli import _print_json
+
+    res = run()
+    if a.out:
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1))
+    if a.json:
+        _print_json(res)
+    else:
+        print(json.dumps(res, indent=1))
+    return 0
+
+
 def register(sub):
     from medvqa.config import PRESETS
     from medvqa.data.datasets import DATASETS
@@ -187,3 +264,28 @@ def register(sub):
     pr.add_argument("--top-k", type=int, default=5)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
+
+    from medvqa.explain.gradcam import METHODS
+
+    ex = sub.add_parser("explain", help="Grad-CAM-family saliency map of an answer, as an overlay PNG + raw .npy")
+    ex.add_argument("--checkpoint", required=True)
+    ex.add_argument("--image", required=True, type=Path)
+    ex.add_argument("--question", required=True)
+    ex.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
+    ex.add_argument("--opacity", type=float, default=0.5)
+    ex.add_argument("--colormap", default="jet")
+    ex.add_argument("--out", required=True, type=Path)
+    ex.set_defaults(func=cmd_explain)
+
+    sw = sub.add_parser("sweep", help="run a config of train variants (ablations) and tabulate test results")
+    sw.add_argument("--config", required=True, type=Path)
+    sw.add_argument("--out", required=True, type=Path)
+    sw.add_argument("--root", type=Path, help="override the dataset root in the config")
+    sw.add_argument("--extra", nargs=argparse.REMAINDER, help="extra train arguments for every variant")
+    sw.set_defaults(func=cmd_sweep)
+
+    be = sub.add_parser("bench", help="sizes, FLOPs, scan speed-up and answer latency (JSON)")
+    be.add_argument("--out", type=Path, help="also write the JSON here")
+    be.add_argument("--json", action="store_true")
+    be.set_defaults(func=cmd_bench)

@@ -60,7 +60,8 @@ def _encoders(enc_key: tuple):
     from medvqa.config import EncoderConfig
     from medvqa.models.encoders import Encoders
 
-    return Encoders(EncoderConfig(**dict(enc_key)))
+    with torch.inference_mode(False):  # weights made under inference mode could never serve Grad-CAM
+        return Encoders(EncoderConfig(**dict(enc_key)))
 
 
 class Predictor:
@@ -130,6 +131,23 @@ class Predictor:
 
     def answer(self, image, question, top_k: int = 5) -> Answer:
         return self.answer_batch([image], [question], top_k)[0]
+
+    def explain(self, image, question, method: str = "gradcam", target: str | int | None = None):
+        """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
+        of the vocabulary, or its index)."""
+        from medvqa.explain.gradcam import explain
+
+        im = load_image(image)
+        q = self._check_question(question)
+        if isinstance(target, str):
+            from medvqa.data import normalize_answer
+
+            idx = self.vocab.encode(normalize_answer(target))
+            if idx < 0:
+                raise ValueError(f"{target!r} is not an answer this model can give")
+            target = idx
+        with self._lock, torch.enable_grad():
+            return explain(self.encoders, self.model, im, q, method=method, target=target)
 
     def predict_records(self, records, progress: bool = True, batch_size: int = 64):
         """Answer dataset records through the feature cache -> (qid -> answer, qid -> confidence)."""

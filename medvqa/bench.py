@@ -1,0 +1,153 @@
+"""Speed, size and efficiency measurements (DESIGN §11). `python -m medvqa bench --json`.
+
+Sizes and FLOPs are counted on the meta device (no weights, no hub) with
+`torch.utils.flop_counter`; FLOPs count a multiply-add as 2, so MACs = FLOPs / 2 (fvcore and
+most papers report MACs as "FLOPs"). Timings are medians of repeated runs on this machine.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+
+def _median_ms(fn, repeat: int = 7, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return round(1000 * statistics.median(ts), 2)
+
+
+def _params(m) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def _flops(fn) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def _backbones_meta(preset):
+    """The preset's image and text backbones, built from configs only (no weights, no hub)."""
+    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, RobertaConfig, RobertaModel
+
+    from medvqa.models.encoders import DINOV2_S14
+
+    e = preset.encoders
+    if e.image.startswith("openai/"):
+        img = CLIPVisionModel(CLIPVisionConfig(image_size=e.image_size, patch_size=16))
+    else:
+        img = Dinov2Model(Dinov2Config(**DINOV2_S14))
+    txt = (RobertaModel(RobertaConfig(), add_pooling_layer=False) if "roberta" in e.text
+           else BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+                          add_pooling_layer=False))
+    return img, txt
+
+
+def model_size(preset_name: str, n_classes: int = 498, L: int = 20) -> dict:
+    """Parameters and per-question FLOPs of CMI-MTL with its backbones (classification path)."""
+    from medvqa.config import get_preset
+    from medvqa.models.registry import build
+
+    p = get_preset(preset_name)
+    e = p.encoders
+    vocab = 32128 if preset_name == "paper" else 1000   # t5-base's vocabulary; ours is compact
+    with torch.device("meta"):
+        img, txt = _backbones_meta(p)
+        model = build("cmi-mtl", p, n_classes, ahead_vocab=list(range(vocab)))
+        px = torch.randn(1, 3, e.image_size, e.image_size)
+        ids = torch.zeros(1, L, dtype=torch.long)
+        n_img = (e.image_size // (16 if e.image.startswith("openai/") else 14)) ** 2 + 1
+        batch = {"image_tokens": torch.randn(1, n_img, e.image_dim), "text_tokens": torch.randn(1, L, e.text_dim),
+                 "text_mask": torch.ones(1, L, dtype=torch.long), "text_pooled": torch.randn(1, e.text_dim)}
+        f_img = _flops(lambda: img(pixel_values=px))
+        f_txt = _flops(lambda: txt(input_ids=ids))
+        model.eval()
+        f_head = _flops(lambda: model(batch))
+    n = {"image_encoder": _params(img), "text_encoder": _params(txt), "cmi_mtl_modules": _params(model)}
+    n["total"] = sum(n.values())
+    flops = f_img + f_txt + f_head
+    return {"params": n, "gflops": round(flops / 1e9, 2), "gmacs": round(flops / 2e9, 2),
+            "gflops_cmi_mtl_modules": round(f_head / 1e9, 3), "image_size": e.image_size, "question_len": L}
+
+
+def fusion_cost(d: int = 256, K: int = 32, L: int = 20, blocks: int = 2) -> dict:
+    """CMM fusion vs a Transformer fusion of the same width (Table 2's `cmm` ablation)."""
+    from medvqa.models.cmi_mtl import CrossMambaBlock, TransformerFusionBlock
+
+    out = {}
+    for name, make in (("cmm", lambda: CrossMambaBlock(d, d_state=8)), ("transformer", lambda: TransformerFusionBlock(d, 4))):
+        with torch.device("meta"):
+            bl = torch.nn.ModuleList(make() for _ in range(blocks)).eval()
+            z, t, pad = torch.randn(1, K, d), torch.randn(1, L, d), torch.zeros(1, L, dtype=torch.bool)
+
+            def run():
+                zz, tt = z, t
+                for b in bl:
+                    zz, tt = b(zz, tt, pad)
+            out[name] = {"params": _params(bl), "flops": _flops(run)}
+    out["ratio_params"] = round(out["cmm"]["params"] / out["transformer"]["params"], 3)
+    out["ratio_flops"] = round(out["cmm"]["flops"] / out["transformer"]["flops"], 3)
+    return out
+
+
+def scan_speedup(lengths=(64, 256, 512), b: int = 8, E: int = 512, N: int = 8) -> dict:
+    """Training step (forward + backward) of the selective scan: sequential time / parallel time."""
+    from medvqa.models.mamba import selective_scan
+
+    out = {}
+    for L in lengths:
+        g = torch.Generator().manual_seed(L)
+        u = torch.randn(b, L, E, generator=g, requires_grad=True)
+        delta = torch.rand(b, L, E, generator=g).mul(0.1).requires_grad_()
+        A = -torch.rand(E, N, generator=g).requires_grad_()
+        B, C = torch.randn(b, L, N, generator=g), torch.randn(b, L, N, generator=g)
+        D = torch.ones(E, requires_grad=True)
+        ms = {m: _median_ms(lambda m=m: selective_scan(u, delta, A, B, C, D, mode=m).sum().backward(), repeat=3, warmup=1)
+              for m in ("sequential", "parallel")}
+        out[str(L)] = {"sequential_ms": ms["sequential"], "parallel_ms": ms["parallel"],
+                       "speedup": round(ms["sequential"] / ms["parallel"], 2)}
+    return out
+
+
+def answer_latency(checkpoints: list[str]) -> dict:
+    """Warm `Predictor.answer` on a 224-px image, and the backbone forward alone, per checkpoint."""
+    from PIL import Image
+
+    from medvqa.predict import Predictor
+
+    im = Image.new("RGB", (224, 224), (90, 90, 90))
+    out = {}
+    for ck in checkpoints:
+        try:
+            p = Predictor.load(ck)
+        except FileNotFoundError:
+            continue
+        enc = p.encoders
+        answer = _median_ms(lambda: p.answer(im, "Is there a fracture?"), repeat=11)
+        with torch.inference_mode():
+            backbone = _median_ms(lambda: enc.encode_image(enc.preprocess([im])), repeat=11)
+        out[ck] = {"answer_ms": answer, "image_backbone_ms": backbone, "ratio": round(answer / backbone, 2)}
+    return out
+
+
+def run(checkpoints=("cmi-mtl-vqa-rad", "baseline-vqa-rad")) -> dict:
+    torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    return {
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "threads": torch.get_num_threads(), "torch": torch.__version__},
+        "model_size": {p: model_size(p) for p in ("paper", "offline")},
+        "paper_reported": {"params": 245e6, "gflops": 74.2, "train_memory_gb": 19},
+        "fusion": fusion_cost(),
+        "scan_parallel_speedup": scan_speedup(),
+        "answer": answer_latency(list(checkpoints)),
+    }
