@@ -12,6 +12,23 @@ from pathlib import Path
 from medvqa.models.cmi_mtl import ABLATIONS
 
 
+def _init_distributed(a):
+    """Under `torchrun` (RANK/WORLD_SIZE set) join the process group: NCCL on CUDA, gloo on CPU.
+    Each rank takes its own GPU; nothing here runs for a plain single-process launch."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or dist.is_initialized():
+        return
+    cuda = (a.device or "cpu") == "cuda"
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
 def cmd_train(a):
     import torch
 
@@ -26,6 +43,7 @@ def cmd_train(a):
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
     for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise"):
@@ -49,6 +67,12 @@ def cmd_train(a):
               "n_params": sum(p.numel() for p in model.parameters())}
     work = Path(a.workdir or Path("runs") / Path(a.out).name)
     res = fit(model, data.train, data.val, t, work, config, resume=not a.no_resume)
+    import torch.distributed as dist
+
+    if dist.is_initialized():  # rank 0 evaluates and writes; the others are done
+        dist.barrier()
+        if dist.get_rank() != 0:
+            return 0
     if not (work / "best").is_dir():
         raise UserError("training stopped before the first epoch finished; nothing to save")
     from medvqa.train.checkpoint import load_checkpoint
@@ -241,7 +265,7 @@ def register(sub):
     tr.add_argument("--lr", type=float)
     tr.add_argument("--batch-size", type=int)
     tr.add_argument("--seed", type=int)
-    tr.add_argument("--device", choices=("cpu", "cuda"))
+    tr.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
     tr.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
     tr.add_argument("--ablate", nargs="*", choices=ABLATIONS, help="CMI-MTL modules to switch off (Table 2)")
     tr.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")

@@ -124,3 +124,14 @@ def test_vocab_and_holdout():
     train, held = holdout(recs, 0.5, seed=0)
     assert len(held) == 3 and len(train) == 3 and not {r.qid for r in train} & {r.qid for r in held}
     assert holdout(recs, 0.5, seed=0)[1] == held                             # fixed by the seed
+
+
+def test_folder_split_column(tmp_path):
+    from medvqa.data import dataset_splits
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = ["image,question,answer,split"] + [f"a.png,Question {i}?,{'yes' if i % 2 else 'liver'},{s}"
+                                              for i, s in enumerate(["train"] * 6 + ["test"] * 2)]
+    (tmp_path / "cases.csv").write_text("\n".join(rows) + "\n")
+    assert dataset_splits("folder", tmp_path) == ("train", "test")
+    assert len(load_split("folder", tmp_path, "train")) == 6 and len(load_split("folder", tmp_path, "test")) == 2

@@ -40,3 +40,26 @@ def test_sweep_writes_table(isolated_cache, capsys):
     md = (isolated_cache / "sw" / "results.md").read_text()
     assert "| baseline |" in md and "| w/o CMM |" in md
     assert len((isolated_cache / "sw" / "results.csv").read_text().splitlines()) == 3
+
+
+def test_torchrun_two_cpu_processes(tmp_path):
+    """The same `train` command under torchrun (gloo on CPU): ranks shard batches, rank 0 writes."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import make_cases
+
+    recs = make_cases(tmp_path / "data", 24)
+    lines = ["image,question,answer,split"] + [f"{os.path.basename(r.image)},{r.question},{r.answer},{'test' if i >= 20 else 'train'}"
+                                              for i, r in enumerate(recs)]
+    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    env = {**os.environ, "MEDVQA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "medvqa",
+           "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder", "--root", str(tmp_path / "data"),
+           "--out", str(tmp_path / "ck"), "--workdir", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "4", "--json"]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(r.stdout.strip().splitlines()[-1])
+    assert m["test"]["n"] == 4
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2   # written once, by rank 0

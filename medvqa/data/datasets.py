@@ -164,12 +164,7 @@ def read_slake(root, split: str) -> Split:
     return _records(items, path, make)
 
 
-def read_folder(root, split: str = "test") -> Split:
-    """A CSV of image,question,answer[,answer_type][,organ][,question_type] rows.
-
-    `root` is the CSV file itself or a folder holding `cases.csv` (or a single *.csv);
-    image paths are relative to the CSV's folder. The whole file is one split.
-    """
+def _folder_csv(root) -> Path:
     root = Path(root)
     if root.is_dir():
         csvs = [root / "cases.csv"] if (root / "cases.csv").is_file() else sorted(root.glob("*.csv"))
@@ -180,11 +175,28 @@ def read_folder(root, split: str = "test") -> Split:
         path = root
     else:
         raise DataError(f"{root}: dataset root not found")
+    return path
+
+
+def _folder_rows(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.DictReader(f))
+            return list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as e:
         raise DataError(f"{path}: not a readable CSV ({e})") from None
+
+
+def read_folder(root, split: str = "test") -> Split:
+    """A CSV of image,question,answer[,answer_type][,organ][,question_type][,split] rows.
+
+    `root` is the CSV file itself or a folder holding `cases.csv` (or a single *.csv); image
+    paths are relative to the CSV's folder. With a `split` column its rows are filtered by it;
+    without one the whole file is the split asked for (a reviewer's case list, or a training set).
+    """
+    path = _folder_csv(root)
+    rows = _folder_rows(path)
+    if rows and "split" in rows[0]:
+        rows = [r for r in rows if (r.get("split") or "").strip().lower() == split]
     need = {"image", "question", "answer"}
     if rows and not need <= set(rows[0]):
         raise DataError(f"{path}: CSV needs the columns image, question, answer")
@@ -201,13 +213,19 @@ DATASETS = {
     "vqa-rad": (lambda root, split: read_rad_layout(root, split, "vqa-rad"), ("train", "test")),
     "ovqa": (lambda root, split: read_rad_layout(root, split, "ovqa"), ("train", "validate", "test")),
     "slake": (read_slake, ("train", "validate", "test")),
-    "folder": (read_folder, ("test",)),
+    "folder": (read_folder, ("train", "validate", "test")),
 }
 
 
 def dataset_splits(name: str, root) -> tuple:
-    """The splits a dataset has on disk (OVQA's validation file is optional)."""
+    """The splits a dataset has on disk (OVQA's validation file is optional; a folder CSV has
+    the values of its `split` column, or is one training split)."""
     _, splits = DATASETS[name]
+    if name == "folder":
+        rows = _folder_rows(_folder_csv(root))
+        if rows and "split" in rows[0]:
+            return tuple(s for s in ("train", "validate", "test") if any((r.get("split") or "").strip().lower() == s for r in rows))
+        return ("train",)
     if name == "ovqa":
         return tuple(s for s in splits if (Path(root) / RAD_FILES[s]).is_file())
     return splits

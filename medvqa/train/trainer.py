@@ -100,7 +100,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
     loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
                         collate_fn=collate, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size,
                         generator=torch.Generator().manual_seed(cfg.seed))
-    net = torch.nn.parallel.DistributedDataParallel(model) if distributed else model
+    # find_unused_parameters: a batch with no open question leaves the AHead out of the graph
+    net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))
     total = cfg.epochs * len(loader)
     warm = max(1, int(cfg.warmup * total))
