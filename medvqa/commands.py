@@ -194,6 +194,26 @@ def cmd_explain(a):
     return 0
 
 
+def cmd_pointing_game(a):
+    from medvqa.cli import _print_json
+    from medvqa.data import load_split
+    from medvqa.explain.pointing import pointing_cases, pointing_game
+    from medvqa.predict import Predictor
+
+    records = load_split("slake", a.root, a.split).records
+    cases = pointing_cases(records)[: a.limit or None]
+    preds = {Path(str(c)).name: Predictor.load(c) for c in a.checkpoint}
+    res = pointing_game(preds, cases, a.methods, progress=not a.json)
+    if a.json:
+        _print_json(res)
+        return 0
+    print(f"pointing game on SLAKE {a.split}: {res['n']} questions naming a boxed organ or lesion")
+    for r in res["results"]:
+        print(f"  {r['model']:24s} {r['method']:12s} hit rate {r['hit_rate']:.2f}")
+    print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")
+    return 0
+
+
 def cmd_sweep(a):
     """Run a config's variants with `train` (resumable: a finished variant is reused) and write
     the results as a Markdown and a CSV table."""
@@ -301,6 +321,15 @@ def register(sub):
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--out", required=True, type=Path)
     ex.set_defaults(func=cmd_explain)
+
+    pg = sub.add_parser("pointing-game", help="does the saliency maximum fall in the named organ's box? (SLAKE)")
+    pg.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
+    pg.add_argument("--root", required=True, type=Path, help="the SLAKE folder")
+    pg.add_argument("--split", default="test")
+    pg.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
+    pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
+    pg.add_argument("--json", action="store_true")
+    pg.set_defaults(func=cmd_pointing_game)
 
     sw = sub.add_parser("sweep", help="run a config of train variants (ablations) and tabulate test results")
     sw.add_argument("--config", required=True, type=Path)

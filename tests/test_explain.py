@@ -39,3 +39,25 @@ def test_explain_cli(ckpt, tmp_path, capsys):
                "--out", str(tmp_path / "cam.png")])
     assert rc == 0 and Image.open(tmp_path / "cam.png").size == (90, 70)
     assert np.load(tmp_path / "cam.npy").shape == (70, 90)
+
+
+def test_pointing_game_synthetic(tmp_path):
+    import json
+
+    from medvqa.data import Record
+    from medvqa.explain.pointing import center_hit, hit, pointing_cases, random_hit_probability
+
+    d = tmp_path / "xmlab1"
+    d.mkdir()
+    Image.new("RGB", (100, 50)).save(d / "source.jpg")
+    (d / "detection.json").write_text(json.dumps([{"Liver": [10, 5, 20, 10]}, {"Left Kidney": [60, 20, 10, 10]}]))
+    recs = [Record("1", str(d / "source.jpg"), "Where is the liver?", "Left", "OPEN"),
+            Record("2", str(d / "source.jpg"), "Is there a kidney?", "Yes", "CLOSED"),   # side-less alias
+            Record("3", str(d / "source.jpg"), "What modality is this?", "CT", "OPEN")]  # names nothing
+    cases = pointing_cases(recs)
+    assert [c.record.qid for c in cases] == ["1", "2"]
+    cam = np.zeros((50, 100), np.float32)
+    cam[8, 15] = 1.0                                               # inside the liver box
+    assert hit(cam, cases[0].boxes) and not hit(cam, cases[1].boxes)
+    assert not center_hit(cases[0])                                # centre (50, 25) is in neither box
+    assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
