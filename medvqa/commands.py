@@ -214,6 +214,36 @@ def cmd_pointing_game(a):
     return 0
 
 
+def cmd_umap(a):
+    from medvqa.cli import UserError, _print_json
+    from medvqa.data import load_split
+    from medvqa.explain.umap import COLORINGS, embed, labels_for, plot, silhouette
+    from medvqa.predict import Predictor
+
+    if len(a.checkpoint) > 2:
+        raise UserError("give one or two --checkpoint")
+    records = load_split(a.dataset, a.root, a.split).records
+    panels, out = [], {"n": len(records), "checkpoints": {}}
+    for ck in a.checkpoint:
+        p = Predictor.load(ck)
+        feats, correct = p.features_records(records, progress=not a.json)
+        xy = embed(feats, seed=a.seed)
+        sil = {c: silhouette(xy, labels_for(records, correct, c)) for c in COLORINGS}
+        name = Path(str(ck)).name
+        out["checkpoints"][name] = {"silhouette": sil, "accuracy": round(100 * float(correct.mean()), 2)}
+        panels.append({"title": name, "xy": xy, "labels": labels_for(records, correct, a.color), "silhouette": sil[a.color]})
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(panels, a.color, a.out)
+    out["out"] = str(a.out)
+    if a.json:
+        _print_json(out)
+    else:
+        for name, v in out["checkpoints"].items():
+            print(f"{name}: silhouette " + ", ".join(f"{k} {s}" for k, s in v["silhouette"].items()))
+        print(f"wrote {a.out}")
+    return 0
+
+
 def cmd_sweep(a):
     """Run a config's variants with `train` (resumable: a finished variant is reused) and write
     the results as a Markdown and a CSV table."""
@@ -330,6 +360,17 @@ def register(sub):
     pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
     pg.add_argument("--json", action="store_true")
     pg.set_defaults(func=cmd_pointing_game)
+
+    um = sub.add_parser("umap", help="UMAP of fused features of one or two checkpoints, with silhouette scores")
+    um.add_argument("--checkpoint", required=True, action="append")
+    um.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    um.add_argument("--root", required=True, type=Path)
+    um.add_argument("--split", default="test")
+    um.add_argument("--color", default="question_type", choices=("question_type", "organ", "answer_type", "correct"))
+    um.add_argument("--seed", type=int, default=0)
+    um.add_argument("--out", required=True, type=Path, help=".png, .svg or .pdf")
+    um.add_argument("--json", action="store_true")
+    um.set_defaults(func=cmd_umap)
 
     sw = sub.add_parser("sweep", help="run a config of train variants (ablations) and tabulate test results")
     sw.add_argument("--config", required=True, type=Path)

@@ -20,7 +20,12 @@ from medvqa.data import AnswerVocab, ImageError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
 from medvqa.train.checkpoint import load_checkpoint
 
-CHECKPOINTS = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
+
+
+def checkpoints_dir() -> Path:
+    """Where checkpoints are looked up by name ($MEDVQA_CHECKPOINTS overrides the shipped folder)."""
+    return Path(os.environ.get("MEDVQA_CHECKPOINTS") or SHIPPED)
 MAX_QUESTION_CHARS = 500
 
 
@@ -49,10 +54,10 @@ def resolve_checkpoint(name_or_dir) -> Path:
     p = Path(name_or_dir)
     if p.is_dir():
         return p
-    if (CHECKPOINTS / str(name_or_dir)).is_dir():
-        return CHECKPOINTS / str(name_or_dir)
-    raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (shipped ones: "
-                            f"{', '.join(sorted(x.name for x in CHECKPOINTS.glob('*'))) or 'none'})")
+    if (checkpoints_dir() / str(name_or_dir)).is_dir():
+        return checkpoints_dir() / str(name_or_dir)
+    raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (installed ones: "
+                            f"{', '.join(sorted(x.name for x in checkpoints_dir().glob('*'))) or 'none'})")
 
 
 @functools.lru_cache(maxsize=4)
@@ -132,6 +137,16 @@ class Predictor:
     def answer(self, image, question, top_k: int = 5) -> Answer:
         return self.answer_batch([image], [question], top_k)[0]
 
+    def features(self, image, question) -> dict:
+        """Named vectors for one case: the fused feature the classifier reads, and the backbones'
+        global image and question vectors."""
+        im, q = load_image(image), self._check_question(question)
+        with self._lock, torch.inference_mode():
+            batch = self._tokens([im], [q])
+            fused = self.model(batch)["fused"][0]
+        return {"fused": fused.numpy(), "image_global": batch["image_tokens"][0, 0].numpy(),
+                "question_global": batch["text_pooled"][0].numpy()}
+
     def explain(self, image, question, method: str = "gradcam", target: str | int | None = None):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
         of the vocabulary, or its index)."""
@@ -149,15 +164,36 @@ class Predictor:
         with self._lock, torch.enable_grad():
             return explain(self.encoders, self.model, im, q, method=method, target=target)
 
-    def predict_records(self, records, progress: bool = True, batch_size: int = 64):
-        """Answer dataset records through the feature cache -> (qid -> answer, qid -> confidence)."""
+    def _records_dataset(self, records, progress: bool):
         from medvqa.data.cache import FeatureCache
         from medvqa.data.features import FeatureDataset
-        from medvqa.train.trainer import predict_dataset
 
         cache = FeatureCache(self.encoders, progress=progress)
-        ds = FeatureDataset(records, self.vocab, cache.images([r.image for r in records]),
-                            cache.questions([r.question for r in records]))
+        return FeatureDataset(records, self.vocab, cache.images([r.image for r in records]),
+                              cache.questions([r.question for r in records]))
+
+    def features_records(self, records, progress: bool = True, batch_size: int = 64):
+        """Fused features of dataset records (through the feature cache) -> (N, D) array, and
+        whether each record's top-1 answer is right."""
+        import numpy as np
+        from torch.utils.data import DataLoader
+
+        from medvqa.data.features import collate
+
+        ds = self._records_dataset(records, progress)
+        feats, correct = [], []
+        with self._lock, torch.inference_mode():
+            for b in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
+                out = self.model({k: v for k, v in b.items() if k != "label"})
+                feats.append(out["fused"].float().numpy())
+                correct.append((out["logits"].argmax(-1) == b["label"]).numpy())
+        return np.concatenate(feats), np.concatenate(correct)
+
+    def predict_records(self, records, progress: bool = True, batch_size: int = 64):
+        """Answer dataset records through the feature cache -> (qid -> answer, qid -> confidence)."""
+        from medvqa.train.trainer import predict_dataset
+
+        ds = self._records_dataset(records, progress)
         with self._lock:
             pred, conf = predict_dataset(self.model, ds, batch_size=batch_size)
         return ({r.qid: self.vocab.answers[i] for r, i in zip(records, pred.tolist())},

@@ -61,3 +61,24 @@ def test_pointing_game_synthetic(tmp_path):
     assert hit(cam, cases[0].boxes) and not hit(cam, cases[1].boxes)
     assert not center_hit(cases[0])                                # centre (50, 25) is in neither box
     assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
+
+
+def test_umap_cli_two_checkpoints(ckpt, tmp_path, capsys):
+    import json
+    import os
+
+    from tests.helpers import make_cases, tiny_checkpoint
+
+    recs = make_cases(tmp_path / "data", 24)
+    lines = ["image,question,answer,organ,question_type"] + [
+        f"{os.path.basename(r.image)},{r.question},{r.answer},{r.organ},{r.question_type}" for r in recs]
+    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    other = tiny_checkpoint(tmp_path / "other", "baseline")
+    rc = main(["umap", "--checkpoint", str(ckpt), "--checkpoint", str(other), "--dataset", "folder",
+               "--root", str(tmp_path / "data"), "--split", "train", "--color", "organ", "--out", str(tmp_path / "u.png"), "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["n"] == 24 and len(res["checkpoints"]) == 2
+    for v in res["checkpoints"].values():
+        assert set(v["silhouette"]) == {"question_type", "organ", "answer_type", "correct"}
+        assert -1 <= v["silhouette"]["organ"] <= 1
+    assert (tmp_path / "u.png").stat().st_size > 10_000

