@@ -29,44 +29,99 @@ def _init_distributed(a):
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
-def cmd_train(a):
+def _setup(a, stage: str | None = None):
+    """Preset from the flags, backbones, cached-feature data: what train and pretrain share."""
     import torch
 
-    from medvqa.cli import UserError, _print_json
+    from medvqa.cli import UserError
     from medvqa.config import get_preset
-    from medvqa.eval import evaluate
+    from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
-    from medvqa.models.registry import build
-    from medvqa.train.checkpoint import git_revision, save_checkpoint
     from medvqa.train.data import prepare
-    from medvqa.train.trainer import fit, predict_dataset
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
+    known = cmdpi.ABLATIONS if a.model == "cmdpi" else ABLATIONS
+    bad = [x for x in a.ablate or () if x not in known]
+    if bad:
+        raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} (choose from {', '.join(known)})")
     _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
     for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
-    preset.cmi_mtl.ablate = tuple(a.ablate or ())
-    for k in ("alpha", "beta"):
-        if getattr(a, k) is not None:
-            setattr(preset.cmi_mtl, k, getattr(a, k))
-    if a.cmm_align:
-        preset.cmi_mtl.cmm_align = a.cmm_align
+    sub = preset.cmdpi if a.model == "cmdpi" else preset.cmi_mtl
+    sub.ablate = tuple(a.ablate or ())
+    for k in ("alpha", "beta", "cmm_align", "sim_threshold", "lam", "diff_weight", "mix_weight"):
+        if getattr(a, k, None) is not None and hasattr(sub, k):
+            setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
         preset.cmi_mtl.qqformer_text = a.qqformer_text == "on"
+    if stage:
+        preset.cmdpi.stage = stage
+    if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):
+        raise UserError(f"--lam {preset.cmdpi.lam}: use uniform, beta:A,B or fixed:X")
     torch.manual_seed(t.seed)
     enc = Encoders(preset.encoders)
     data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit)
-    model = build(a.model, preset, len(data.vocab), ahead_vocab=data.ahead_vocab)
-    config = {"model": a.model, "preset": preset.to_dict(), "dataset": a.dataset, "vocab_protocol": a.vocab,
-              "answers": data.vocab.answers, "ahead_vocab": data.ahead_vocab, "selection": data.selection,
-              "command": "python -m medvqa " + shlex.join(sys.argv[1:]), "git_revision": git_revision(),
-              "n_params": sum(p.numel() for p in model.parameters())}
+    return preset, enc, data
+
+
+def _base_config(a, preset, data, model, **extra) -> dict:
+    from medvqa.train.checkpoint import git_revision
+
+    return {"model": a.model, "preset": preset.to_dict(), "dataset": a.dataset, "vocab_protocol": a.vocab,
+            "answers": data.vocab.answers, "ahead_vocab": data.ahead_vocab, "selection": data.selection,
+            "command": "python -m medvqa " + shlex.join(sys.argv[1:]), "git_revision": git_revision(),
+            "n_params": sum(p.numel() for p in model.parameters()), **extra}
+
+
+def _load_init(model, init: Path, quiet: bool):
+    """Start from a pretrained checkpoint: every tensor whose name and shape fit; the momentum
+    encoders (pretraining only) and a different answer vocabulary's last layer are left out."""
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    sd = load_file(str(Path(init) / "model.safetensors"))
+    fit = {k: v.float() if v.is_floating_point() else v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    model.load_state_dict(fit, strict=False)
+    left = sorted(k for k in own if k not in fit)
+    if left and not quiet:
+        print(f"--init: {len(fit)} tensors loaded, {len(left)} kept fresh (e.g. {left[0]})", file=sys.stderr)
+
+
+def cmd_train(a):
+    from medvqa.cli import UserError, _print_json
+    from medvqa.eval import evaluate
+    from medvqa.models.registry import build
+    from medvqa.train.checkpoint import load_checkpoint, read_config, save_checkpoint
+    from medvqa.train.data import cmdpi_finetune_set, similar_images, text_vocab
+    from medvqa.train.samplers import GroupBatchSampler
+    from medvqa.train.trainer import fit, predict_dataset
+
+    init_cfg = read_config(a.init) if a.init else None
+    if init_cfg and (a.model != "cmdpi" or init_cfg.get("model") != "cmdpi"):
+        raise UserError("--init takes a CMDPI pretraining checkpoint, for --model cmdpi")
+    preset, enc, data = _setup(a, stage="finetune" if a.model == "cmdpi" else None)
+    t, extra, sampler, train_ds = preset.train, {}, None, data.train
+    if a.model == "cmdpi":
+        extra["text_vocab"] = init_cfg["text_vocab"] if init_cfg else text_vocab([data.train])
+    model = build(a.model, preset, len(data.vocab), ahead_vocab=data.ahead_vocab, text_vocab=extra.get("text_vocab"))
+    if a.model == "cmdpi":
+        if a.init:
+            _load_init(model, a.init, a.json)
+            extra["init"] = str(a.init)
+        c = preset.cmdpi
+        similar = None
+        if "diff" not in c.ablate:
+            similar, extra["similar_images"] = similar_images(model, data.train, c.sim_threshold, pretrained=bool(a.init))
+        train_ds, groups = cmdpi_finetune_set(data, preset, enc, similar, progress=not a.json)
+        if "mixup" not in c.ablate:
+            sampler = GroupBatchSampler(groups, t.batch_size, pairs=True, seed=t.seed)
+    config = _base_config(a, preset, data, model, **extra)
     work = Path(a.workdir or Path("runs") / Path(a.out).name)
-    res = fit(model, data.train, data.val, t, work, config, resume=not a.no_resume)
+    res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler)
     import torch.distributed as dist
 
     if dist.is_initialized():  # rank 0 evaluates and writes; the others are done
@@ -75,8 +130,6 @@ def cmd_train(a):
             return 0
     if not (work / "best").is_dir():
         raise UserError("training stopped before the first epoch finished; nothing to save")
-    from medvqa.train.checkpoint import load_checkpoint
-
     best, _, _ = load_checkpoint(work / "best")
     metrics = {"selected_on": data.selection, "best_epoch": res.best.get("epoch"),
                "val_overall": res.best.get("val_overall"), "train_seconds": round(res.seconds, 1),
@@ -96,6 +149,54 @@ def cmd_train(a):
         if "test" in metrics:
             m = metrics["test"]
             print(f"test: open {m['open']:.2f}  closed {m['closed']:.2f}  overall {m['overall']:.2f}")
+    return 0
+
+
+def cmd_pretrain(a):
+    """CMDPI co-regularised pretraining on the training split's questions (reconstruction) and
+    captions (reconstruction + contrast): built-in pseudo-captions and/or --captions JSONL files."""
+    from medvqa.cli import UserError, _print_json
+    from medvqa.data.captions import pseudo_captions, read_captions_jsonl
+    from medvqa.models.registry import build
+    from medvqa.train.checkpoint import save_checkpoint
+    from medvqa.train.data import cmdpi_pretrain_set, text_vocab
+    from medvqa.train.samplers import GroupBatchSampler
+    from medvqa.train.trainer import fit
+
+    if a.model != "cmdpi":
+        raise UserError("pretrain is CMDPI's co-regularised pretraining: use --model cmdpi")
+    preset, enc, data = _setup(a, stage="pretrain")
+    captions = [] if a.no_pseudo_captions else pseudo_captions(data.train.records)
+    for f in a.captions or ():
+        recs, problems = read_captions_jsonl(f)
+        if problems and not a.json:
+            print(f"warning: {f}: {len(problems)} caption lines skipped, e.g. {problems[0]}", file=sys.stderr)
+        captions += recs
+    ds, groups = cmdpi_pretrain_set(data, preset, enc, captions, progress=not a.json)
+    vocab_ids = text_vocab([ds])
+    model = build("cmdpi", preset, len(data.vocab), text_vocab=vocab_ids)
+    config = _base_config(a, preset, data, model, text_vocab=vocab_ids, n_captions=len(captions),
+                          pretrain_rows=len(ds))
+    work = Path(a.workdir or Path("runs") / Path(a.out).name)
+    t = preset.train
+    res = fit(model, ds, None, t, work, config, resume=not a.no_resume,
+              batch_sampler=GroupBatchSampler(groups, t.batch_size, pairs=False, seed=t.seed))
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        if dist.get_rank() != 0:
+            return 0
+    if not res.history:
+        raise UserError("pretraining stopped before the first epoch finished; nothing to save")
+    last = res.history[-1]
+    metrics = {"stage": "pretrain", "epochs": t.epochs, "train_seconds": round(res.seconds, 1),
+               "n_captions": len(captions), "n_questions": len(data.train), **{k: v for k, v in last.items() if k.startswith("train_")}}
+    save_checkpoint(Path(a.out), model, config, metrics)   # the last epoch: pretraining has no selection split
+    if a.json:
+        _print_json(metrics)
+    else:
+        print(f"saved {a.out} ({len(captions)} captions + {len(data.train)} questions, {t.epochs} epochs, {res.seconds:.0f} s)")
     return 0
 
 
@@ -248,6 +349,7 @@ def cmd_sweep(a):
     """Run a config's variants with `train` (resumable: a finished variant is reused) and write
     the results as a Markdown and a CSV table."""
     import csv
+    import hashlib
 
     from medvqa.cli import UserError, build_parser
 
@@ -257,15 +359,30 @@ def cmd_sweep(a):
         raise UserError(f"{a.config}: cannot read the sweep config ({e})") from None
     out = Path(a.out)
     rows = []
-    for name, args in cfg["variants"].items():
+
+    def run(argv):
+        print(f"[sweep] python -m medvqa {shlex.join(argv)}", file=sys.stderr)
+        ns = build_parser().parse_args(argv)
+        ns.func(ns)
+
+    data_args = ["--dataset", cfg["dataset"], "--root", str(a.root or cfg["root"])]
+    for name, spec in cfg["variants"].items():
+        # a variant is train arguments, or {"pretrain": [...], "train": [...]} (CMDPI): variants with the
+        # same pretraining arguments share one pretrained checkpoint
+        spec = spec if isinstance(spec, dict) else {"train": spec}
+        args = list(spec["train"])
+        if "pretrain" in spec:
+            pre_args = cfg.get("common", []) + spec["pretrain"]
+            key = hashlib.sha1(json.dumps(pre_args).encode()).hexdigest()[:10]
+            pre = out / "pretrained" / key
+            if not (pre / "metrics.json").is_file():
+                run(["pretrain", *data_args, "--out", str(pre), "--workdir", str(out / "runs" / f"pretrain-{key}")] + pre_args)
+            args += ["--init", str(pre)]
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         ck = out / "checkpoints" / slug
         if not (ck / "metrics.json").is_file():
-            argv = (["train", "--dataset", cfg["dataset"], "--root", str(a.root or cfg["root"]), "--out", str(ck),
-                     "--workdir", str(out / "runs" / slug)] + cfg.get("common", []) + args + (a.extra or []))
-            print(f"[sweep] {name}: python -m medvqa {shlex.join(argv)}", file=sys.stderr)
-            ns = build_parser().parse_args(argv)
-            ns.func(ns)
+            run(["train", *data_args, "--out", str(ck), "--workdir", str(out / "runs" / slug)]
+                + cfg.get("common", []) + args + (a.extra or []))
         m = json.loads((ck / "metrics.json").read_text())
         t = m.get("test", {})
         rows.append({"variant": name, "open": t.get("open"), "closed": t.get("closed"), "overall": t.get("overall"),
@@ -302,31 +419,44 @@ def cmd_bench(a):
 def register(sub):
     from medvqa.config import PRESETS
     from medvqa.data.datasets import DATASETS
+    from medvqa.models.cmdpi import ABLATIONS as CMDPI_ABLATIONS
     from medvqa.models.registry import MODELS
 
     tr = sub.add_parser("train", help="train a model from the feature cache and save a checkpoint folder")
+    pt = sub.add_parser("pretrain", help="CMDPI co-regularised pretraining (then: train --model cmdpi --init)")
     tr.add_argument("--model", required=True, choices=sorted(MODELS))
-    tr.add_argument("--preset", default="offline", choices=sorted(PRESETS))
-    tr.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    tr.add_argument("--root", required=True, type=Path)
-    tr.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
-    tr.add_argument("--workdir", type=Path, help="logs, per-epoch state for resume (default runs/<out name>)")
-    tr.add_argument("--epochs", type=int)
-    tr.add_argument("--lr", type=float)
-    tr.add_argument("--batch-size", type=int)
-    tr.add_argument("--seed", type=int)
-    tr.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
-    tr.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
-    tr.add_argument("--ablate", nargs="*", choices=ABLATIONS, help="CMI-MTL modules to switch off (Table 2)")
-    tr.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")
-    tr.add_argument("--beta", type=float, help="weight of L_aux (CMI-MTL, default 0.3)")
-    tr.add_argument("--cmm-align", choices=("attention", "pool"))
-    tr.add_argument("--qqformer-text", choices=("on", "off"))
-    tr.add_argument("--vocab", choices=("all", "train"), default="all",
-                    help="answer vocabulary: all splits (published protocol) or train only")
-    tr.add_argument("--limit", type=int, help="use only the first N training records (smoke tests)")
-    tr.add_argument("--no-resume", action="store_true", help="ignore an earlier run's state in --workdir")
-    tr.add_argument("--json", action="store_true")
+    pt.add_argument("--model", required=True, choices=["cmdpi"])
+    for sp in (tr, pt):
+        sp.add_argument("--preset", default="offline", choices=sorted(PRESETS))
+        sp.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+        sp.add_argument("--root", required=True, type=Path)
+        sp.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
+        sp.add_argument("--workdir", type=Path, help="logs, per-epoch state for resume (default runs/<out name>)")
+        sp.add_argument("--epochs", type=int)
+        sp.add_argument("--lr", type=float)
+        sp.add_argument("--batch-size", type=int)
+        sp.add_argument("--seed", type=int)
+        sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
+        sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
+        sp.add_argument("--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,
+                        help="parts to switch off: CMI-MTL modules (Table 2) or CMDPI terms (Figs. 7–8)")
+        sp.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")
+        sp.add_argument("--beta", type=float, help="weight of L_aux (CMI-MTL, default 0.3)")
+        sp.add_argument("--cmm-align", choices=("attention", "pool"))
+        sp.add_argument("--qqformer-text", choices=("on", "off"))
+        sp.add_argument("--vocab", choices=("all", "train"), default="all",
+                        help="answer vocabulary: all splits (published protocol) or train only")
+        sp.add_argument("--limit", type=int, help="use only the first N training records (smoke tests)")
+        sp.add_argument("--no-resume", action="store_true", help="ignore an earlier run's state in --workdir")
+        sp.add_argument("--json", action="store_true")
+        sp.add_argument("--lam", help="CMDPI head-mixup λ: uniform (default), beta:A,B or fixed:X (Table 5)")
+        sp.add_argument("--sim-threshold", type=float, help="CMDPI similar-image cosine threshold (default 0.75)")
+        sp.add_argument("--diff-weight", type=float, help="CMDPI weight of L_diff (default 1)")
+        sp.add_argument("--mix-weight", type=float, help="CMDPI weight of L_mix (default 1)")
+    tr.add_argument("--init", type=Path, help="CMDPI: the pretraining checkpoint to fine-tune from")
+    pt.add_argument("--captions", type=Path, action="append", help="JSONL of {image, caption} (ROCO-style); repeatable")
+    pt.add_argument("--no-pseudo-captions", action="store_true", help="leave out the built-in pseudo-caption corpus")
+    pt.set_defaults(func=cmd_pretrain)
     tr.set_defaults(func=cmd_train)
 
     pr = sub.add_parser("predict", help="answer one question, or a CSV of cases")
@@ -339,7 +469,7 @@ def register(sub):
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    from medvqa.explain.gradcam import METHODS
+    from medvqa.explain import METHOD_NAMES as METHODS
 
     ex = sub.add_parser("explain", help="Grad-CAM-family saliency map of an answer, as an overlay PNG + raw .npy")
     ex.add_argument("--checkpoint", required=True)

@@ -48,6 +48,31 @@ class CMIMTLConfig:
 
 
 @dataclass
+class CMDPIConfig:
+    d: int = 512                      # width of the encoder adapters and of RecNet (paper: 512)
+    adapter_layers: int = 1           # trainable Transformer layers on top of each frozen backbone
+    rec_layers: int = 4               # RecNet: post-norm Transformer encoder (paper Eq. 3)
+    rec_heads: int = 8
+    rec_ff: int = 2048
+    image_pool: int = 1               # average-pool the patch grid by this factor before RecNet
+    pixel_patch: int = 16             # pixels per side of one reconstructed patch (FFN_I target)
+    image_mask: float = 0.75          # ρ for image patches (pretraining)
+    text_mask: float = 0.15           # ρ for question / caption tokens (pretraining)
+    alpha: float = 0.5                # weight of C_inter
+    alpha_intra: float = 1.0          # weight of C_intra (α')
+    momentum: float = 0.995           # momentum encoders (intra-modal contrast)
+    tau: float = 0.07                 # initial learnable temperature
+    diff_weight: float = 1.0          # weight of L_diff in L_ft (Table 4)
+    mix_weight: float = 1.0           # weight of L_mix in L_ft
+    lam: str = "uniform"              # head-mixup λ: "uniform" | "beta:A,B" | "fixed:X" (Table 5)
+    sim_threshold: float = 0.75       # difference reconstruction: similar-image cosine threshold (Fig. 14)
+    dropout: float = 0.1              # encoders and RecNet
+    head_dropout: float = 0.1         # FFN_A
+    stage: str = "finetune"           # "pretrain" | "finetune"
+    ablate: tuple = ()                # subset of {"global", "local", "inter", "intra", "diff", "mixup"}
+
+
+@dataclass
 class BaselineConfig:
     d: int = 384
     hidden: int = 768
@@ -76,6 +101,7 @@ class Preset:
     name: str
     encoders: EncoderConfig = field(default_factory=EncoderConfig)
     cmi_mtl: CMIMTLConfig = field(default_factory=CMIMTLConfig)
+    cmdpi: CMDPIConfig = field(default_factory=CMDPIConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
@@ -91,6 +117,7 @@ def _tiny() -> Preset:
         cmi_mtl=CMIMTLConfig(d=64, n_queries=8, qqformer_layers=1, n_heads=4, contrast_dim=32,
                              d_state=8, t5_d_model=64, t5_layers=1, t5_heads=2, t5_ff=128,
                              max_answer_len=12),
+        cmdpi=CMDPIConfig(d=64, rec_layers=2, rec_heads=4, rec_ff=128, pixel_patch=4),
         baseline=BaselineConfig(d=64, hidden=128),
         train=TrainConfig(epochs=2, batch_size=8, lr=1e-3),
     )
@@ -99,7 +126,13 @@ def _tiny() -> Preset:
 def _offline() -> Preset:
     # Sized for CPU training from cached features and a ≤ 20 MB checkpoint: width 256 over the
     # 384-d backbones, Mamba d_state 8 (the scan is memory-bound on 2 cores), T5 AHead 2+2 layers.
-    return Preset(name="offline", cmi_mtl=CMIMTLConfig(d=256, n_heads=4, d_state=8, t5_layers=2))
+    # CMDPI: RecNet 4 layers as the paper, width 256 over the 16×16 DINOv2 grid pooled to 4×4, so a
+    # RecNet pass is ~40 tokens (2 CPU cores); FFN_I reconstructs 16-px patches of the image at 64 px.
+    # No dropout inside RecNet: on CPU its Bernoulli draws cost a fifth of a step, and difference
+    # reconstruction and head mixup are the regularisers the paper relies on.
+    return Preset(name="offline", cmi_mtl=CMIMTLConfig(d=256, n_heads=4, d_state=8, t5_layers=2),
+                  cmdpi=CMDPIConfig(d=256, rec_heads=4, rec_ff=1024, image_pool=4, pixel_patch=16,
+                                    dropout=0.0))
 
 
 def _paper() -> Preset:
@@ -126,10 +159,21 @@ def get_preset(name: str) -> Preset:
 def preset_from_dict(d: dict) -> Preset:
     """Rebuild a Preset from `Preset.to_dict()` output (checkpoint config.json)."""
     p = Preset(name=d["name"])
-    for f in ("encoders", "cmi_mtl", "baseline", "train"):
+    for f in ("encoders", "cmi_mtl", "cmdpi", "baseline", "train"):
         cls = type(getattr(p, f))
         known = {k: v for k, v in d.get(f, {}).items() if k in {x.name for x in dataclasses.fields(cls)}}
         if "ablate" in known:
             known["ablate"] = tuple(known["ablate"])
         setattr(p, f, cls(**known))
     return p
+
+
+def image_grid(enc: EncoderConfig) -> int:
+    """Patches per side of the image backbone's token grid."""
+    if enc.image == "random-vit":
+        patch = enc.random_patch
+    elif enc.image.startswith("dinov2"):
+        patch = 14
+    else:  # hub CLIP ids end in their patch size: openai/clip-vit-base-patch16
+        patch = int(enc.image.rsplit("patch", 1)[-1])
+    return enc.image_size // patch

@@ -27,6 +27,7 @@ def app_url(tmp_path_factory):
         shutil.copytree(tiny_checkpoint(tmp / model, model), cks / f"{model}-vqa-rad")
     old = os.environ.get("MEDVQA_CHECKPOINTS")
     os.environ["MEDVQA_CHECKPOINTS"] = str(cks)
+    os.environ["MEDVQA_DATA"] = str(tmp / "user-data")
     from medvqa.app import build
 
     demo = build()
@@ -34,6 +35,7 @@ def app_url(tmp_path_factory):
     demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     yield f"http://127.0.0.1:{port}/"
     demo.close()
+    os.environ.pop("MEDVQA_DATA", None)
     if old is None:
         os.environ.pop("MEDVQA_CHECKPOINTS", None)
     else:
@@ -111,3 +113,29 @@ def test_browser_click_example(app_url, tmp_path):
         page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
         browser.close()
     assert (tmp_path / "ask.png").stat().st_size > 20_000
+
+
+def test_review_survives_restart_and_exports(app_url):
+    from gradio_client import Client
+
+    from medvqa.app import build
+
+    c = Client(app_url, verbose=False)
+    summ = c.predict("Dr A", "examples", "ex0", "cmi-mtl-vqa-rad", "corrected", "left lung", "subtle",
+                     api_name="/review")
+    assert summ["models"]["cmi-mtl-vqa-rad"]["n"] == 1
+    try:
+        c.predict("Dr A", "examples", "ex1", "cmi-mtl-vqa-rad", "maybe", "", "", api_name="/review")
+        raise AssertionError("a bad verdict must be refused")
+    except Exception as e:
+        assert "verdict" in str(e)
+    second = build()   # a restarted app on the same user data dir
+    port = _free_port()
+    second.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        text = Client(f"http://127.0.0.1:{port}/", verbose=False).predict(api_name="/review_export")
+    finally:
+        second.close()
+    lines = text.strip().splitlines()
+    assert lines[0].startswith("reviewer,source,qid") and len(lines) == 2
+    assert "Dr A,examples,ex0" in lines[1] and "left lung" in lines[1]

@@ -63,3 +63,23 @@ def test_torchrun_two_cpu_processes(tmp_path):
     m = json.loads(r.stdout.strip().splitlines()[-1])
     assert m["test"]["n"] == 4
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 2   # written once, by rank 0
+
+
+@pytest.mark.data
+def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
+    root = data_root("vqa_rad")
+    common = ["--model", "cmdpi", "--preset", "tiny", "--dataset", "vqa-rad", "--root", str(root), "--epochs", "1",
+              "--limit", "48", "--json"]
+    pre = isolated_cache / "pre"
+    assert main(["pretrain", *common, "--out", str(pre), "--workdir", str(isolated_cache / "pw")]) == 0
+    m = json.loads(capsys.readouterr().out)
+    assert m["stage"] == "pretrain" and m["n_captions"] > 0 and m["train_inter"] > 0
+    rc = main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft"),
+               "--workdir", str(isolated_cache / "fw")])
+    m = json.loads(capsys.readouterr().out)
+    assert rc == 0 and m["best_epoch"] == 1 and 0 <= m["test"]["overall"] <= 100
+    cfg = json.loads((isolated_cache / "ft" / "config.json").read_text())
+    assert cfg["init"] == str(pre) and cfg["similar_images"]["features"] == "pretrained h_I"
+    rc = main(["predict", "--checkpoint", str(isolated_cache / "ft"), "--image",
+               str(next((root / "images").iterdir())), "--question", "Is this normal?", "--json"])
+    assert rc == 0 and "answer" in json.loads(capsys.readouterr().out)

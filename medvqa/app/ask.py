@@ -8,11 +8,11 @@ from gradio import FileData
 
 from medvqa.app.common import DATASETS, checkpoints_for, examples, model_title
 from medvqa.data import ImageError, load_image, normalize_answer
-from medvqa.explain import METHODS, overlay
+from medvqa.explain import METHOD_NAMES, SLOW_METHODS, overlay
 from medvqa.predict import Predictor
 
 N_SLOTS = 3           # model columns (CMI-MTL, CMDPI, baseline)
-FAST_METHODS = [m for m in METHODS if m not in ("scorecam", "ablationcam")]
+FAST_METHODS = [m for m in METHOD_NAMES if m not in SLOW_METHODS]
 
 
 def ask_json(image: FileData, question: str, dataset: str) -> dict:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from medvqa.app import about, ask
+from medvqa.app import about, ask, features, review
 from medvqa.predict import set_cpu_threads
 
 
@@ -12,6 +12,8 @@ def build() -> gr.Blocks:
     with gr.Blocks(title="medvqa — medical VQA workbench") as demo:
         gr.Markdown("# medvqa · ask, compare, explain\n*Research demo — not for clinical use.*")
         ask.build_tab()
+        features.build_tab()
+        review.build_tab()
         about.build_tab()
     # Two model forwards at a time on a 2-core Space; the rest wait in the queue.
     return demo.queue(default_concurrency_limit=2, max_size=64)

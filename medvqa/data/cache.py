@@ -78,6 +78,23 @@ class FeatureCache:
             return {"tokens": torch.cat([g[:, None], loc], 1).half()}
         return self._fill(items, self.enc.image_key(), encode, "caching image features")
 
+    def pixels(self, paths, size: int) -> dict:
+        """path -> (3, size, size) uint8: the image as the encoder sees it (squash, bicubic), for
+        pixel-reconstruction targets."""
+        import numpy as np
+        from PIL import Image
+
+        items = []
+        for p in dict.fromkeys(paths):
+            data = Path(p).read_bytes()
+            items.append((p, _sha1(data), data))
+
+        def encode(datas):
+            ims = [np.asarray(load_image(d).resize((size, size), Image.BICUBIC)) for d in datas]
+            return {"pixels": torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()}
+        out = self._fill(items, f"pixels-{size}-squash-bicubic", encode, "caching pixel targets")
+        return {k: v["pixels"] for k, v in out.items()}
+
     def questions(self, questions) -> dict:
         """question -> {"tokens": (L, Dt) float16, "pooled": (Dt,), "input_ids": (L,)} (unpadded)."""
         items = [(q, _sha1(q.encode()), q) for q in dict.fromkeys(questions)]

@@ -1,6 +1,8 @@
 """A torch Dataset over cached backbone features, and the collate that pads questions."""
 from __future__ import annotations
 
+import random
+
 import torch
 from torch.utils.data import Dataset
 
@@ -8,10 +10,13 @@ from medvqa.data.datasets import normalize_answer
 
 
 class FeatureDataset(Dataset):
-    def __init__(self, records, vocab, image_feats: dict, question_feats: dict, answer_ids: dict | None = None):
+    def __init__(self, records, vocab, image_feats: dict, question_feats: dict, answer_ids: dict | None = None,
+                 pixels: dict | None = None, similar: dict | None = None):
         self.records, self.vocab = records, vocab
         self.image_feats, self.question_feats = image_feats, question_feats
         self.answer_ids = answer_ids or {}                    # normalised answer -> token ids (AHead)
+        self.pixels = pixels                                  # image -> (3, S, S) uint8 (CMDPI reconstruction targets)
+        self.similar = similar                                # image -> similar images (CMDPI difference reconstruction)
         self.image_index = {p: i for i, p in enumerate(sorted({r.image for r in records}))}
 
     def __len__(self):
@@ -20,7 +25,7 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         q = self.question_feats[r.question]
-        return {
+        item = {
             "index": i,
             "image_tokens": self.image_feats[r.image]["tokens"],          # (1+N, Di)
             "text_tokens": q["tokens"],                                   # (L, Dt)
@@ -31,7 +36,13 @@ class FeatureDataset(Dataset):
             "answer": normalize_answer(r.answer),
             "answer_ids": self.answer_ids.get(r.answer_norm, [0]),
             "image_id": self.image_index[r.image],
+            "is_caption": bool(r.extra.get("caption")),
         }
+        if self.pixels is not None:
+            item["pixels"] = self.pixels[r.image]
+        if self.similar is not None:
+            item["similar_image_tokens"] = self.image_feats[random.choice(self.similar[r.image])]["tokens"]
+        return item
 
 
 def collate(items: list[dict]) -> dict:
@@ -44,7 +55,12 @@ def collate(items: list[dict]) -> dict:
     for i, it in enumerate(items):
         n = it["text_tokens"].shape[0]
         tokens[i, :n], mask[i, :n], ids[i, :n] = it["text_tokens"].float(), 1, it["input_ids"]
-    return {
+    optional = {}
+    if "pixels" in items[0]:
+        optional["pixels"] = torch.stack([it["pixels"] for it in items])                         # (B, 3, S, S) uint8
+    if "similar_image_tokens" in items[0]:
+        optional["similar_image_tokens"] = torch.stack([it["similar_image_tokens"].float() for it in items])
+    return optional | {
         "index": torch.tensor([it["index"] for it in items]),
         "image_tokens": torch.stack([it["image_tokens"].float() for it in items]),   # (B, 1+N, Di)
         "text_tokens": tokens, "text_mask": mask, "input_ids": ids,                  # (B, L, Dt), (B, L)
@@ -54,6 +70,7 @@ def collate(items: list[dict]) -> dict:
         "answer": [it["answer"] for it in items],
         "answer_ids": _pad([it["answer_ids"] for it in items]),                    # (B, A)
         "image_id": torch.tensor([it["image_id"] for it in items]),
+        "is_caption": torch.tensor([it["is_caption"] for it in items]),
     }
 
 

@@ -17,9 +17,9 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, L
 from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
-           "eigencam": EigenCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
-SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
+from medvqa.explain import METHOD_NAMES, SLOW_METHODS
+
+METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, EigenCAM, ScoreCAM, AblationCAM)))
 
 
 class ImageToLogits(nn.Module):

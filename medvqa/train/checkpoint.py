@@ -72,7 +72,8 @@ def load_checkpoint(ckpt: Path):
 
     cfg = read_config(ckpt)
     preset = preset_from_dict(cfg["preset"])
-    model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"))
+    model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"),
+                  text_vocab=cfg.get("text_vocab"))
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)

@@ -4,6 +4,9 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
+import torch
+import torch.nn.functional as F
+
 from medvqa.data import AnswerVocab, dataset_splits, holdout, load_split
 from medvqa.data.cache import FeatureCache
 from medvqa.data.features import FeatureDataset
@@ -55,3 +58,64 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
     if problems and progress:
         print(f"warning: {len(problems)} records skipped, e.g. {problems[0]}", file=sys.stderr)
     return Prepared(make(train), make(val), make(test), vocab, specials + pieces, selection, problems)
+
+
+# -- CMDPI: reconstruction targets, similar images, caption corpus, group batches ------------------
+
+def text_vocab(datasets) -> list[int]:
+    """FFN_T's compact vocabulary: 0 (= any other id), then every backbone id in the training text."""
+    ids = {int(i) for ds in datasets for r in ds.records for i in ds.question_feats[r.question]["input_ids"]}
+    return [0] + sorted(ids - {0})
+
+
+def pixel_size(preset) -> int:
+    from medvqa.config import image_grid
+
+    c = preset.cmdpi
+    return image_grid(preset.encoders) // c.image_pool * c.pixel_patch
+
+
+@torch.no_grad()
+def similar_images(model, ds, threshold: float, pretrained: bool) -> tuple[dict, dict]:
+    """Difference reconstruction's partners: for each training image, the other training images
+    whose global feature has cosine > threshold, or the nearest one when none passes. Features are
+    the pretrained image encoder's h_I; without pretraining, the backbone's CLS token.
+    -> (image -> list of images, summary)."""
+    paths = sorted(ds.image_index)
+    tokens = torch.stack([ds.image_feats[p]["tokens"].float() for p in paths])        # (I, 1+N, Di)
+    model.eval()
+    h = torch.cat([model.global_features(tokens[i:i + 64]) for i in range(0, len(paths), 64)]) if pretrained \
+        else tokens[:, 0]
+    h = F.normalize(h, dim=-1)
+    sim = (h @ h.t()).fill_diagonal_(-2.0)                                             # (I, I)
+    table, fallback = {}, 0
+    for i, p in enumerate(paths):
+        hits = (sim[i] > threshold).nonzero().flatten().tolist()
+        if not hits or len(paths) == 1:
+            hits, fallback = [int(sim[i].argmax())] if len(paths) > 1 else [i], fallback + 1
+        table[p] = [paths[j] for j in hits]
+    n = [len(v) for v in table.values()]
+    return table, {"images": len(paths), "threshold": threshold, "nearest_fallback": fallback,
+                   "mean_partners": round(sum(n) / max(1, len(n)), 1), "features": "pretrained h_I" if pretrained else "backbone CLS"}
+
+
+def cmdpi_pretrain_set(data: Prepared, preset, encoders, captions: list, cache_root=None, progress=True):
+    """Pretraining rows: the training questions (reconstruction only) and the captions
+    (reconstruction + contrast), with pixel targets; and one group label per row for batching."""
+    cache = FeatureCache(encoders, root=cache_root, progress=progress)
+    tr = data.train
+    imgs = tr.image_feats | cache.images([c.image for c in captions])
+    qs = tr.question_feats | cache.questions([c.question for c in captions])
+    records = tr.records + captions
+    pixels = cache.pixels([r.image for r in records], pixel_size(preset))
+    ds = FeatureDataset(records, data.vocab, imgs, qs, tr.answer_ids, pixels=pixels)
+    return ds, ["caption" if r.extra.get("caption") else "vqa" for r in records]
+
+
+def cmdpi_finetune_set(data: Prepared, preset, encoders, similar: dict | None, cache_root=None, progress=True):
+    """Attach pixel targets and the similar-image table to the training set; group labels for head mixup."""
+    cache = FeatureCache(encoders, root=cache_root, progress=progress)
+    tr = data.train
+    tr.pixels = cache.pixels([r.image for r in tr.records], pixel_size(preset))
+    tr.similar = similar
+    return tr, [(r.organ.lower(), r.question_type.upper()) for r in tr.records]

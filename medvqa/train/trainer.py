@@ -89,17 +89,23 @@ def accuracy(model, ds, device="cpu") -> dict:
 
 
 def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callbacks: Callbacks | None = None,
-        resume: bool = True) -> FitResult:
+        resume: bool = True, batch_sampler=None) -> FitResult:
+    """batch_sampler: a model's own batching (CMDPI's group sampler), with `set_epoch` and
+    torchrun sharding of its own; otherwise shuffled batches (DistributedSampler under torchrun)."""
     cb = callbacks or Callbacks()
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
     device = torch.device(cfg.device)
     model.to(device)
     distributed = dist.is_available() and dist.is_initialized()
-    sampler = torch.utils.data.DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
-    loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
-                        collate_fn=collate, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    if batch_sampler is not None:
+        sampler = batch_sampler
+        loader = DataLoader(train_ds, batch_sampler=batch_sampler, collate_fn=collate, num_workers=cfg.num_workers)
+    else:
+        sampler = torch.utils.data.DistributedSampler(train_ds, seed=cfg.seed) if distributed else None
+        loader = DataLoader(train_ds, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler,
+                            collate_fn=collate, num_workers=cfg.num_workers, drop_last=len(train_ds) > cfg.batch_size,
+                            generator=torch.Generator().manual_seed(cfg.seed))
     # find_unused_parameters: a batch with no open question leaves the AHead out of the graph
     net = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if distributed else model
     opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.98))
@@ -126,7 +132,7 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()
-        sums, n = {}, 0
+        sums, counts = {}, {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if is_rank0() else True)  # None: off when not a terminal
         for batch in bar:
             if cb.should_stop and cb.should_stop():
@@ -146,18 +152,19 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
             opt.step()
             sched.step()
+            if hasattr(model, "momentum_update"):  # CMDPI's momentum encoders follow the online ones
+                model.momentum_update()
             step += 1
             vals = {k: v.item() for k, v in losses.items()} | {"loss": loss.item()}
-            for k, v in vals.items():
-                sums[k] = sums.get(k, 0.0) + v
-            n += 1
+            for k, v in vals.items():  # a term absent from some batches (CMDPI contrast) averages over its own
+                sums[k], counts[k] = sums.get(k, 0.0) + v, counts.get(k, 0) + 1
             bar.set_postfix(loss=f"{vals['loss']:.3f}")
             if cb.on_step:
                 cb.on_step(step, total, vals)
         if res.cancelled:
             break
         metrics = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0],
-                   **{f"train_{k}": v / max(n, 1) for k, v in sums.items()}, "seconds": round(time.time() - t0, 1)}
+                   **{f"train_{k}": v / counts[k] for k, v in sums.items()}, "seconds": round(time.time() - t0, 1)}
         if val_ds is not None and len(val_ds):
             acc = accuracy(model, val_ds, device)
             metrics.update({"val_open": acc["open"], "val_closed": acc["closed"], "val_overall": acc["overall"]})

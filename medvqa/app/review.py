@@ -1,0 +1,211 @@
+"""Review: a radiologist steps through cases (the example gallery, a built-in test split when
+its folder is present, or an uploaded zip of cases.csv + images), records for each model
+agree / disagree / corrected answer and a comment, resumes where they left off, exports CSV and
+sees agreement per model and Cohen's κ between reviewers."""
+from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import gradio as gr
+
+from medvqa.app.common import DATASETS, checkpoints_for, examples, model_title
+from medvqa.data import DataError, ImageError, load_image, load_split
+from medvqa.predict import Predictor
+from medvqa.review import VERDICTS, ReviewStore
+
+N_SLOTS = 3
+BUILTIN = {"vqa-rad": "vqa_rad", "slake": "slake"}
+MAX_CASES = 500
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("MEDVQA_DATA_ROOT", "../shared/data"))
+
+
+def sources() -> list[str]:
+    out = ["examples"] + [f"{d}:test" for d, sub in BUILTIN.items() if (data_root() / sub).is_dir()]
+    return out + ["uploaded zip"]
+
+
+def _unzip(path: str) -> Path:
+    """Extract an uploaded zip safely (no absolute or parent paths) into a fresh temp folder."""
+    dest = Path(tempfile.mkdtemp(prefix="medvqa-cases-"))
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                target = (dest / name).resolve()
+                if not str(target).startswith(str(dest.resolve())):
+                    raise DataError(f"unsafe path in zip: {name}")
+            z.extractall(dest)
+    except zipfile.BadZipFile:
+        raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
+    csvs = sorted(dest.rglob("*.csv"))
+    if not csvs:
+        raise DataError("the zip holds no CSV of image,question,answer rows")
+    return csvs[0]
+
+
+def load_cases(source: str, upload) -> list[dict]:
+    if source == "examples":
+        return [{"qid": f"ex{i}", "image": e["path"], "question": e["question"], "ground_truth": e.get("answer", "")}
+                for i, e in enumerate(examples())]
+    if source == "uploaded zip":
+        if not upload:
+            raise DataError("upload a zip of cases.csv (image,question,answer) and its images first")
+        split = load_split("folder", _unzip(upload), "test")
+    else:
+        name = source.split(":")[0]
+        split = load_split(name, data_root() / BUILTIN[name], "test")
+    return [{"qid": r.qid, "image": r.image, "question": r.question, "ground_truth": r.answer}
+            for r in split.records[:MAX_CASES]]
+
+
+def _source_id(source: str, upload) -> str:
+    return f"upload:{Path(upload).name}" if source == "uploaded zip" and upload else source
+
+
+def show(cases, idx, dataset, reviewer, source_id):
+    """Outputs: position, image, question, ground truth, then (answer markdown, verdict, correction) per slot."""
+    if not cases:
+        return ["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (3 * N_SLOTS)
+    c = cases[idx]
+    done = ReviewStore().reviewed(reviewer, source_id) if reviewer.strip() else set()
+    pos = f"**Case {idx + 1} / {len(cases)}** · {len(done)} reviewed by {reviewer.strip() or '(no name yet)'}"
+    if c["qid"] in done:
+        pos += " · ✔ this case is recorded (saving again replaces it)"
+    try:
+        im = load_image(c["image"])
+    except ImageError as e:
+        gr.Warning(str(e))
+        im = None
+    outs = []
+    cks = checkpoints_for(dataset)
+    for i in range(N_SLOTS):
+        if i >= len(cks) or im is None:
+            outs += [gr.update(visible=False)] * 3
+            continue
+        a = Predictor.load(cks[i]).answer(im, c["question"])
+        outs += [gr.update(visible=True, value=f"**{model_title(cks[i])}**: {a.text} ({a.score:.0%})"),
+                 gr.update(visible=True, value=None), gr.update(visible=True, value="")]
+    return [pos, im, c["question"], f"Ground truth: **{c['ground_truth'] or '—'}**"] + outs
+
+
+def build_tab():
+    with gr.Tab("Review"):
+        gr.Markdown("Step through cases and record, for each model, whether you agree. Reviews are saved "
+                    "on this machine (SQLite) under your name; loading the same cases resumes where you left off.")
+        cases, idx = gr.State([]), gr.State(0)
+        with gr.Row():
+            reviewer = gr.Textbox(label="Reviewer name", max_lines=1)
+            dataset = gr.Radio(list(DATASETS), value="vqa-rad", label="Models trained on")
+            source = gr.Dropdown(sources(), value="examples", label="Cases")
+            upload = gr.File(label="Cases zip (cases.csv + images)", file_types=[".zip"], type="filepath")
+            load = gr.Button("Load cases")
+        with gr.Row():
+            with gr.Column(scale=1):
+                pos = gr.Markdown()
+                image = gr.Image(interactive=False, height=320, label="Image")
+            with gr.Column(scale=1):
+                question = gr.Textbox(label="Question", interactive=False)
+                truth = gr.Markdown()
+                slots = []
+                for i in range(N_SLOTS):
+                    ans = gr.Markdown(visible=False)
+                    verdict = gr.Radio(list(VERDICTS), label="Your verdict", visible=False)
+                    corrected = gr.Textbox(label="Corrected answer (for 'corrected')", visible=False, max_lines=1)
+                    slots.append((ans, verdict, corrected))
+                comment = gr.Textbox(label="Comment", lines=2)
+                with gr.Row():
+                    prev = gr.Button("◀ Previous")
+                    save = gr.Button("Save & next ▶", variant="primary")
+                    skip = gr.Button("Skip ▶")
+        with gr.Row():
+            export = gr.Button("Export CSV")
+            csv_file = gr.File(label="Reviews (CSV)", interactive=False)
+        summary = gr.Markdown()
+        view = [pos, image, question, truth] + [c for s in slots for c in s]
+
+        def on_load(source, upload, dataset, reviewer):
+            try:
+                cs = load_cases(source, upload)
+            except (DataError, OSError) as e:
+                raise gr.Error(str(e)) from None
+            if not cs:
+                raise gr.Error("no usable cases in that source")
+            sid = _source_id(source, upload)
+            done = ReviewStore().reviewed(reviewer, sid) if reviewer.strip() else set()
+            start = next((i for i, c in enumerate(cs) if c["qid"] not in done), 0)   # resume
+            return [cs, start] + show(cs, start, dataset, reviewer, sid)
+
+        load.click(on_load, [source, upload, dataset, reviewer], [cases, idx] + view, api_visibility="private")
+
+        def step(cs, i, delta, dataset, reviewer, source, upload):
+            j = min(max(i + delta, 0), max(len(cs) - 1, 0))
+            return [j] + show(cs, j, dataset, reviewer, _source_id(source, upload))
+
+        prev.click(lambda *a: step(a[0], a[1], -1, *a[2:]), [cases, idx, dataset, reviewer, source, upload],
+                   [idx] + view, api_visibility="private")
+        skip.click(lambda *a: step(a[0], a[1], 1, *a[2:]), [cases, idx, dataset, reviewer, source, upload],
+                   [idx] + view, api_visibility="private")
+
+        def on_save(cs, i, dataset, reviewer, source, upload, comment, *slot_values):
+            if not cs:
+                raise gr.Error("load a set of cases first")
+            c, cks, sid = cs[i], checkpoints_for(dataset), _source_id(source, upload)
+            store = ReviewStore()
+            try:
+                im = load_image(c["image"])
+                for k, ck in enumerate(cks[:N_SLOTS]):
+                    verdict, corr = slot_values[2 * k], slot_values[2 * k + 1]
+                    if not verdict:
+                        raise ValueError(f"choose a verdict for {model_title(ck)}")
+                    a = Predictor.load(ck).answer(im, c["question"])
+                    store.record(reviewer, sid, c["qid"], ck.name, verdict, image=c["image"], question=c["question"],
+                                 ground_truth=c["ground_truth"], model_answer=a.text, corrected_answer=corr or "",
+                                 comment=comment or "")
+            except (ValueError, ImageError) as e:
+                raise gr.Error(str(e)) from None
+            return step(cs, i, 1, dataset, reviewer, source, upload) + [""]
+
+        save.click(on_save, [cases, idx, dataset, reviewer, source, upload, comment] + [c for s in slots for c in s[1:]],
+                   [idx] + view + [comment], api_visibility="private")
+
+        def on_export():
+            store = ReviewStore()
+            out = store.export_csv(Path(tempfile.mkdtemp(prefix="medvqa-reviews-")) / "reviews.csv")
+            return str(out), summary_markdown(store.summary())
+
+        export.click(on_export, None, [csv_file, summary], api_visibility="private")
+        gr.api(review_api, api_name="review")
+        gr.api(review_export_api, api_name="review_export")
+
+
+def review_api(reviewer: str, source: str, qid: str, model: str, verdict: str, corrected_answer: str = "",
+               comment: str = "") -> dict:
+    """Record one verdict (scripts and tests); returns the summary."""
+    store = ReviewStore()
+    try:
+        store.record(reviewer, source, qid, model, verdict, corrected_answer=corrected_answer, comment=comment)
+    except ValueError as e:
+        raise gr.Error(str(e)) from None
+    return store.summary(source)
+
+
+def review_export_api() -> str:
+    """All reviews as CSV text."""
+    out = ReviewStore().export_csv(Path(tempfile.mkdtemp(prefix="medvqa-reviews-")) / "reviews.csv")
+    return out.read_text(encoding="utf-8")
+
+
+def summary_markdown(s: dict) -> str:
+    if not s["models"]:
+        return "*No reviews recorded yet.*"
+    lines = ["| model | reviews | agree |", "|---|---|---|"]
+    lines += [f"| {m} | {v['n']} | {v['agree_pct']}% |" for m, v in sorted(s["models"].items())]
+    for pair, k in s["kappa"].items():
+        lines.append(f"\nCohen's κ ({pair}, {k['n']} shared items, agree vs not): "
+                     f"**{'undefined' if k['kappa'] is None else k['kappa']}**")
+    return "\n".join(lines)

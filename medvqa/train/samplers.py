@@ -1,0 +1,57 @@
+"""Batch samplers that put rows together by a key, for CMDPI.
+
+`pairs=True` (head mixup): each batch is [a1, b1, a2, b2, …] where a_i and b_i share a group —
+(organ, question type) — so h_mix mixes heads of comparable questions. `pairs=False`
+(pretraining): each batch holds one group only (captions apart from VQA rows), so the
+contrastive terms see full caption batches.
+Under torchrun every rank takes its own share of the same shuffled batches.
+"""
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+
+import torch.distributed as dist
+
+
+class GroupBatchSampler:
+    def __init__(self, groups: list, batch_size: int, pairs: bool, seed: int = 0):
+        self.batch_size, self.pairs, self.seed, self.epoch = batch_size, pairs, seed, 0
+        self.members = defaultdict(list)
+        for i, g in enumerate(groups):
+            self.members[g].append(i)
+        on = dist.is_available() and dist.is_initialized()
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if on else (0, 1)
+
+    def set_epoch(self, epoch: int):
+        self.epoch = epoch
+
+    def _pairs(self, idx, rng) -> list[list[int]]:
+        """Consecutive shuffled group-mates; an odd one out pairs with a random group-mate (or itself)."""
+        if len(idx) % 2:
+            idx = idx + [rng.choice(idx[:-1]) if len(idx) > 1 else idx[0]]
+        return [idx[k:k + 2] for k in range(0, len(idx), 2)]
+
+    def _batches(self) -> list[list[int]]:
+        rng = random.Random(self.seed * 1000 + self.epoch)
+        groups = []
+        for g in sorted(self.members, key=str):
+            idx = self.members[g][:]
+            rng.shuffle(idx)
+            groups.append(idx)
+        if self.pairs:
+            units = [p for idx in groups for p in self._pairs(idx, rng)]
+            rng.shuffle(units)
+            per = max(1, self.batch_size // 2)
+            batches = [sum(units[k:k + per], []) for k in range(0, len(units), per)]
+        else:
+            batches = [idx[k:k + self.batch_size] for idx in groups for k in range(0, len(idx), self.batch_size)]
+        rng.shuffle(batches)
+        n = len(batches) // self.world * self.world or len(batches)    # equal count on every rank
+        return batches[self.rank:n:self.world]
+
+    def __iter__(self):
+        return iter(self._batches())
+
+    def __len__(self):
+        return len(self._batches())
