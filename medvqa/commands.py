@@ -121,7 +121,10 @@ def cmd_train(a):
             sampler = GroupBatchSampler(groups, t.batch_size, pairs=True, seed=t.seed)
     config = _base_config(a, preset, data, model, **extra)
     work = Path(a.workdir or Path("runs") / Path(a.out).name)
-    res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler)
+    res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler,
+              callbacks=getattr(a, "callbacks", None))   # the app's Fine-tune tab drives these
+    if res.cancelled:  # the checkpoint folder is only ever written whole: a cancelled run leaves it as it was
+        return 130
     import torch.distributed as dist
 
     if dist.is_initialized():  # rank 0 evaluates and writes; the others are done

@@ -4,6 +4,7 @@ import concurrent.futures as cf
 import os
 import shutil
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,58 @@ def test_review_survives_restart_and_exports(app_url):
     lines = text.strip().splitlines()
     assert lines[0].startswith("reviewer,source,qid") and len(lines) == 2
     assert "Dr A,examples,ex0" in lines[1] and "left lung" in lines[1]
+
+
+def _cases_zip(tmp_path):
+    import csv
+    import zipfile
+
+    from tests.helpers import make_cases
+
+    recs = make_cases(tmp_path / "cases", 24)
+    with open(tmp_path / "cases" / "cases.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image", "question", "answer"])
+        w.writerows([[os.path.basename(r.image), r.question, r.answer] for r in recs])
+    z = tmp_path / "cases.zip"
+    with zipfile.ZipFile(z, "w") as zf:
+        for p in (tmp_path / "cases").iterdir():
+            zf.write(p, p.name)
+    return z
+
+
+def _wait(c, until, timeout=300):
+    import time
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        s = c.predict(api_name="/finetune_status")
+        if s["status"] in until:
+            return s
+        time.sleep(1)
+    raise AssertionError(f"fine-tune still {s['status']} after {timeout} s")
+
+
+def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    c = Client(app_url, verbose=False)
+    z = handle_file(str(_cases_zip(tmp_path)))
+    name = c.predict("baseline", "uploaded zip", z, "tiny", 2, 1e-3, [], api_name="/finetune")
+    try:
+        c.predict("baseline", "uploaded zip", z, "tiny", 1, 1e-3, [], api_name="/finetune")
+        raise AssertionError("a second run must be refused while one is going")
+    except Exception as e:
+        assert "already going" in str(e)
+    s = _wait(c, ("done", "failed", "cancelled"))
+    assert s["status"] == "done", s
+    ck = Path(s["out"])
+    assert ck.name == name and (ck / "model.safetensors").is_file()
+    before = (ck / "model.safetensors").read_bytes()
+    r = c.predict(handle_file(str(_img(tmp_path / "q.png", 60))), "Is there a fracture?", "folder", api_name="/ask")
+    assert name in r["models"]                                   # selectable in Ask
+    name2 = c.predict("baseline", "uploaded zip", z, "tiny", 10, 1e-3, [], api_name="/finetune")
+    c.predict(api_name="/finetune_cancel")
+    s = _wait(c, ("done", "failed", "cancelled"))
+    assert s["status"] == "cancelled" and not Path(s["out"]).exists() and s["name"] == name2
+    assert (ck / "model.safetensors").read_bytes() == before

@@ -6,12 +6,11 @@ from __future__ import annotations
 import gradio as gr
 from gradio import FileData
 
-from medvqa.app.common import DATASETS, checkpoints_for, examples, model_title
+from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
 from medvqa.data import ImageError, load_image, normalize_answer
 from medvqa.explain import METHOD_NAMES, SLOW_METHODS, overlay
 from medvqa.predict import Predictor
 
-N_SLOTS = 3           # model columns (CMI-MTL, CMDPI, baseline)
 FAST_METHODS = [m for m in METHOD_NAMES if m not in SLOW_METHODS]
 
 
@@ -92,7 +91,7 @@ def build_tab():
                                file_types=["image", ".dcm", ".dicom"])
                 preview = gr.Image(label="Image", interactive=False, height=260)
                 question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
-                dataset = gr.Radio(list(DATASETS), value="vqa-rad", label="Models trained on")
+                dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
                 with gr.Row():
                     method = gr.Dropdown(FAST_METHODS, value="gradcam", label="Saliency method")
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")

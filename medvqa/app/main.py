@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from medvqa.app import about, ask, features, review
+from medvqa.app import about, ask, features, finetune, review
 from medvqa.predict import set_cpu_threads
 
 
@@ -13,6 +13,7 @@ def build() -> gr.Blocks:
         gr.Markdown("# medvqa · ask, compare, explain\n*Research demo — not for clinical use.*")
         ask.build_tab()
         features.build_tab()
+        finetune.build_tab()
         review.build_tab()
         about.build_tab()
     # Two model forwards at a time on a 2-core Space; the rest wait in the queue.

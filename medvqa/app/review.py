@@ -11,12 +11,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from medvqa.app.common import DATASETS, checkpoints_for, examples, model_title
+from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
 from medvqa.data import DataError, ImageError, load_image, load_split
 from medvqa.predict import Predictor
 from medvqa.review import VERDICTS, ReviewStore
 
-N_SLOTS = 3
 BUILTIN = {"vqa-rad": "vqa_rad", "slake": "slake"}
 MAX_CASES = 500
 
@@ -100,7 +99,7 @@ def build_tab():
         cases, idx = gr.State([]), gr.State(0)
         with gr.Row():
             reviewer = gr.Textbox(label="Reviewer name", max_lines=1)
-            dataset = gr.Radio(list(DATASETS), value="vqa-rad", label="Models trained on")
+            dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
             source = gr.Dropdown(sources(), value="examples", label="Cases")
             upload = gr.File(label="Cases zip (cases.csv + images)", file_types=[".zip"], type="filepath")
             load = gr.Button("Load cases")

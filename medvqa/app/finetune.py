@@ -1,0 +1,212 @@
+"""Fine-tune: train a model on a built-in dataset or uploaded cases in a background thread with
+the project's one trainer (`medvqa train`), with a time estimate first, a live loss / accuracy
+plot, and cancel. One run at a time per app. The checkpoint is written whole at the end (a
+cancelled run writes nothing) under the user data dir and then shows up in Ask."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+from gradio import FileData
+
+from medvqa.app.common import checkpoints_dir, user_checkpoints_dir
+from medvqa.app.review import BUILTIN, _unzip, data_root
+from medvqa.models.cmdpi import ABLATIONS as CMDPI_ABLATIONS
+from medvqa.models.cmi_mtl import ABLATIONS as CMI_ABLATIONS
+from medvqa.train.trainer import Callbacks
+
+MAX_CPU_EPOCHS = 10
+
+
+class Job:
+    """The one background run: its thread, a cancel flag, and what the UI polls."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.thread, self.cancel = None, threading.Event()
+        self.state = {"status": "idle"}
+
+    def busy(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
+JOB = Job()
+
+
+def sources() -> list[str]:
+    return [d for d, sub in BUILTIN.items() if (data_root() / sub).is_dir()] + ["uploaded zip"]
+
+
+def estimate_seconds(model: str, dataset: str, preset: str, epochs: int) -> float | None:
+    """From the shipped checkpoint of the same model and dataset: its seconds per epoch (CPU,
+    offline preset). Tiny runs take seconds; other combinations have no reference."""
+    if preset == "tiny":
+        return 5.0 * epochs
+    ref = checkpoints_dir() / f"{model}-{dataset}" / "metrics.json"
+    if not ref.is_file():
+        return None
+    m = json.loads(ref.read_text())
+    return m["train_seconds"] / max(1, m["epochs"]) * epochs if m.get("train_seconds") else None
+
+
+def _argv(model, source, upload, preset, epochs, lr, ablate, name):
+    if source == "uploaded zip":
+        if not upload:
+            raise ValueError("upload a zip of cases.csv (image,question,answer[,split]) and its images first")
+        dataset, root = "folder", _unzip(upload)
+    elif source in BUILTIN:
+        dataset, root = source, data_root() / BUILTIN[source]
+    else:
+        raise ValueError(f"unknown data source {source!r}")
+    out = user_checkpoints_dir() / name
+    argv = ["train", "--model", model, "--preset", preset, "--dataset", dataset, "--root", str(root),
+            "--out", str(out), "--workdir", str(user_checkpoints_dir().parent / "runs" / name),
+            "--epochs", str(int(epochs)), "--lr", str(float(lr)), "--no-resume", "--json"]
+    return argv + (["--ablate", *ablate] if ablate else []), out
+
+
+def start(model, source, upload, preset, epochs, lr, ablate) -> str:
+    """Start a run (raises ValueError when one is going or the settings are bad) -> checkpoint name."""
+    import torch
+
+    from medvqa.cli import build_parser
+
+    if not torch.cuda.is_available() and int(epochs) > MAX_CPU_EPOCHS:
+        raise ValueError(f"on CPU keep runs short: at most {MAX_CPU_EPOCHS} epochs")
+    known = CMDPI_ABLATIONS if model == "cmdpi" else CMI_ABLATIONS if model == "cmi-mtl" else ()
+    if any(x not in known for x in ablate or ()):
+        raise ValueError(f"{model} has the ablations {', '.join(known) or '(none)'}")
+    with JOB.lock:
+        if JOB.busy():
+            raise ValueError("a fine-tuning run is already going: wait for it or cancel it")
+        name = f"{model}-{source.split()[0]}-ft-{time.strftime('%Y%m%d-%H%M%S')}"
+        argv, out = _argv(model, source, upload, preset, epochs, lr, ablate, name)
+        ns = build_parser().parse_args(argv)
+        JOB.cancel.clear()
+        state = {"status": "running", "name": name, "out": str(out), "step": 0, "total": 0, "history": [],
+                 "started": time.time()}
+
+        def on_step(step, total, losses):
+            state.update(step=step, total=total, loss=losses.get("loss"))
+
+        def on_epoch(epoch, metrics):
+            state["history"].append(metrics)
+
+        ns.callbacks = Callbacks(on_step=on_step, on_epoch=on_epoch, should_stop=JOB.cancel.is_set)
+
+        def run():
+            import contextlib
+            import io
+
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):  # --json output is for terminals
+                    rc = ns.func(ns)
+                state["status"] = "cancelled" if rc == 130 else "done"
+            except Exception as e:  # shown in the tab; the app keeps serving
+                state.update(status="failed", error=f"{e.__class__.__name__}: {e}")
+            state["seconds"] = round(time.time() - state["started"], 1)
+
+        JOB.state = state
+        JOB.thread = threading.Thread(target=run, name="medvqa-finetune", daemon=True)
+        JOB.thread.start()
+        return name
+
+
+def status() -> dict:
+    s = dict(JOB.state)
+    s["history"] = list(s.get("history", []))
+    return s
+
+
+def _status_markdown(s: dict) -> str:
+    if s["status"] == "idle":
+        return "*No run yet.*"
+    line = f"**{s['name']}** — {s['status']}"
+    if s.get("total"):
+        line += f" · step {s['step']} / {s['total']} ({100 * s['step'] / s['total']:.0f}%)"
+    if s.get("loss") is not None:
+        line += f" · loss {s['loss']:.3f}"
+    if s["status"] == "done":
+        line += f"\n\nSaved to `{s['out']}`; it is now selectable in **Ask & compare**."
+    if s["status"] == "cancelled":
+        line += "\n\nCancelled: nothing was written."
+    if s.get("error"):
+        line += f"\n\n⚠️ {s['error']}"
+    return line
+
+
+def _plot(s: dict):
+    import pandas as pd
+
+    rows = [{"epoch": h["epoch"], "value": h[k], "series": k} for h in s.get("history", [])
+            for k in ("train_loss", "val_overall") if h.get(k) is not None]
+    return pd.DataFrame(rows or [{"epoch": 0, "value": 0.0, "series": "train_loss"}])
+
+
+def build_tab():
+    with gr.Tab("Fine-tune"):
+        gr.Markdown("Train a model on a built-in dataset (when its folder is here) or on your own cases: a zip "
+                    "of `cases.csv` (image,question,answer[,split]) with its images. Runs in the background; "
+                    f"on CPU at most {MAX_CPU_EPOCHS} epochs. The result appears in Ask & compare.")
+        with gr.Row():
+            model = gr.Dropdown(["baseline", "cmi-mtl", "cmdpi"], value="baseline", label="Model")
+            source = gr.Dropdown(sources(), value=sources()[0], label="Data")
+            upload = gr.File(label="Cases zip", file_types=[".zip"], type="filepath")
+            preset = gr.Dropdown(["offline", "tiny"], value="offline", label="Preset")
+        with gr.Row():
+            epochs = gr.Slider(1, MAX_CPU_EPOCHS, value=3, step=1, label="Epochs")
+            lr = gr.Number(value=2e-4, label="Learning rate")
+            ablate = gr.CheckboxGroup(sorted(set(CMI_ABLATIONS) | set(CMDPI_ABLATIONS)), label="Ablations (switch off)")
+        estimate = gr.Markdown()
+        with gr.Row():
+            go = gr.Button("Start", variant="primary")
+            stop = gr.Button("Cancel", variant="stop")
+        info = gr.Markdown()
+        plot = gr.LinePlot(x="epoch", y="value", color="series", title="loss and validation accuracy", height=300)
+        timer = gr.Timer(1.0)
+
+        def on_estimate(model, source, preset, epochs):
+            sec = estimate_seconds(model, source, preset, epochs)
+            return ("Estimated time: unknown for this combination." if sec is None
+                    else f"Estimated time on this machine: about **{sec / 60:.0f} min** ({sec:.0f} s).")
+
+        for c in (model, source, preset, epochs):
+            c.change(on_estimate, [model, source, preset, epochs], estimate, api_visibility="private")
+
+        def on_start(*args):
+            try:
+                start(*args)
+            except (ValueError, OSError) as e:
+                raise gr.Error(str(e)) from None
+            return _status_markdown(status())
+
+        go.click(on_start, [model, source, upload, preset, epochs, lr, ablate], info, api_visibility="private")
+        stop.click(lambda: JOB.cancel.set() or "Cancelling after the current step…", None, info, api_visibility="private")
+        timer.tick(lambda: (_status_markdown(status()), _plot(status())), None, [info, plot], api_visibility="private")
+        gr.api(finetune_api, api_name="finetune")
+        gr.api(finetune_status_api, api_name="finetune_status")
+        gr.api(finetune_cancel_api, api_name="finetune_cancel")
+
+
+def finetune_api(model: str, source: str, upload: FileData, preset: str, epochs: int, lr: float,
+                 ablate: list[str]) -> str:
+    """Start a background run; returns its checkpoint name."""
+    path = upload.get("path") if isinstance(upload, dict) else upload
+    try:
+        return start(model, source, path, preset, epochs, lr, ablate or [])
+    except (ValueError, OSError) as e:
+        raise gr.Error(str(e)) from None
+
+
+def finetune_status_api() -> dict:
+    s = status()
+    return {k: s.get(k) for k in ("status", "name", "out", "step", "total", "error", "seconds")} | {
+        "epochs_done": len(s.get("history", []))}
+
+
+def finetune_cancel_api() -> str:
+    JOB.cancel.set()
+    return "cancelling"
