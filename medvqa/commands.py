@@ -318,6 +318,29 @@ def cmd_pointing_game(a):
     return 0
 
 
+def cmd_faithfulness(a):
+    import random
+
+    from medvqa.cli import _print_json
+    from medvqa.data import load_split
+    from medvqa.explain.faithfulness import deletion_insertion
+    from medvqa.predict import Predictor
+
+    records = load_split(a.dataset, a.root, a.split).records
+    records = random.Random(a.seed).sample(records, min(a.limit, len(records)))   # a fixed, spread-out sample
+    preds = {Path(str(c)).name: Predictor.load(c) for c in a.checkpoint}
+    res = deletion_insertion(preds, records, a.methods, a.steps, progress=not a.json)
+    if a.json:
+        _print_json(res)
+        return 0
+    print(f"deletion / insertion AUC on {a.dataset} {a.split}: {res['n']} questions, {a.steps} steps "
+          "(deletion: lower is better; insertion: higher is better)")
+    for r in res["results"]:
+        print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} (random {r['deletion_random_auc']:.4f})"
+              f"  insertion {r['insertion_auc']:.4f} (random {r['insertion_random_auc']:.4f})")
+    return 0
+
+
 def cmd_umap(a):
     from medvqa.cli import UserError, _print_json
     from medvqa.data import load_split
@@ -493,6 +516,18 @@ def register(sub):
     pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
     pg.add_argument("--json", action="store_true")
     pg.set_defaults(func=cmd_pointing_game)
+
+    fa = sub.add_parser("faithfulness", help="deletion / insertion AUC of saliency maps vs a random order")
+    fa.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
+    fa.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    fa.add_argument("--root", required=True, type=Path)
+    fa.add_argument("--split", default="test")
+    fa.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
+    fa.add_argument("--limit", type=int, default=50, help="questions sampled from the split (seeded)")
+    fa.add_argument("--steps", type=int, default=10)
+    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--json", action="store_true")
+    fa.set_defaults(func=cmd_faithfulness)
 
     um = sub.add_parser("umap", help="UMAP of fused features of one or two checkpoints, with silhouette scores")
     um.add_argument("--checkpoint", required=True, action="append")

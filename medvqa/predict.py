@@ -120,13 +120,21 @@ class Predictor:
             raise ValueError(f"the question is too long ({len(q)} characters; at most {MAX_QUESTION_CHARS})")
         return q
 
-    def answer_batch(self, images, questions, top_k: int = 5, free_text: bool = True) -> list[Answer]:
+    def _forward(self, images, questions, free_text: bool):
         ims = [im if hasattr(im, "mode") and im.mode == "RGB" else load_image(im) for im in images]
         qs = [self._check_question(q) for q in questions]
         with self._lock, torch.inference_mode():
             batch = self._tokens(ims, qs)
             probs = self.model(batch)["logits"].float().softmax(-1)
             free = self._free_text(batch) if free_text else [None] * len(qs)
+        return probs, free
+
+    def probs(self, images, questions) -> torch.Tensor:
+        """(B, C) answer probabilities (softmax over the vocabulary)."""
+        return self._forward(images, questions, free_text=False)[0]
+
+    def answer_batch(self, images, questions, top_k: int = 5, free_text: bool = True) -> list[Answer]:
+        probs, free = self._forward(images, questions, free_text)
         out = []
         for p, ft in zip(probs, free):
             s, i = p.topk(min(top_k, len(p)))

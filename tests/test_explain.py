@@ -82,3 +82,46 @@ def test_umap_cli_two_checkpoints(ckpt, tmp_path, capsys):
         assert set(v["silhouette"]) == {"question_type", "organ", "answer_type", "correct"}
         assert -1 <= v["silhouette"]["organ"] <= 1
     assert (tmp_path / "u.png").stat().st_size > 10_000
+
+
+class _RegionModel:
+    """A stand-in predictor whose answer confidence is the brightness of the top-left quarter."""
+
+    class preset:
+        class encoders:
+            image_size = 32
+
+    def probs(self, images, questions):
+        import torch
+
+        p = torch.tensor([np.asarray(im.convert("L"), np.float32)[:16, :16].mean() / 255 for im in images])
+        return torch.stack([p, 1 - p], 1)
+
+
+def test_deletion_insertion_rewards_the_right_map():
+    from medvqa.explain.faithfulness import curves
+
+    a = np.zeros((32, 32), np.uint8)
+    a[:16, :16] = 255
+    cam = np.zeros((32, 32), np.float32)
+    cam[:16, :16] = 1.0
+    r = curves(_RegionModel(), Image.fromarray(a), "q", cam, steps=8)
+    assert r["deletion"] < r["deletion_random"] and r["insertion"] > r["insertion_random"]
+
+
+def test_faithfulness_cli(ckpt, tmp_path, capsys):
+    import json
+    import os
+
+    from tests.helpers import make_cases
+
+    recs = make_cases(tmp_path / "data", 8)
+    lines = ["image,question,answer"] + [f"{os.path.basename(r.image)},{r.question},{r.answer}" for r in recs]
+    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    rc = main(["faithfulness", "--checkpoint", str(ckpt), "--dataset", "folder", "--root", str(tmp_path / "data"),
+               "--split", "train", "--limit", "2", "--steps", "4", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and res["n"] == 2
+    r = res["results"][0]
+    assert {"deletion_auc", "insertion_auc", "deletion_random_auc", "insertion_random_auc"} <= set(r)
+    assert all(0 <= r[k] <= 1 for k in r if k.endswith("_auc"))
