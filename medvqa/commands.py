@@ -341,6 +341,19 @@ def cmd_faithfulness(a):
     return 0
 
 
+def cmd_figures(a):
+    from medvqa.cli import _print_json
+    from medvqa.figures import make_all
+
+    res = make_all(a.checkpoint, a.dataset, a.root, a.split, a.out, a.cam_cases, not a.no_umap, progress=not a.json)
+    if a.json:
+        _print_json(res)
+    else:
+        print((Path(a.out) / "accuracy.md").read_text(), end="")
+        print(f"wrote {sum(len(v) for v in res['files'].values())} files to {a.out}")
+    return 0
+
+
 def cmd_umap(a):
     from medvqa.cli import UserError, _print_json
     from medvqa.data import load_split
@@ -528,6 +541,18 @@ def register(sub):
     fa.add_argument("--seed", type=int, default=0)
     fa.add_argument("--json", action="store_true")
     fa.set_defaults(func=cmd_faithfulness)
+
+    fg = sub.add_parser("figures", help="paper tables and figures: accuracy (md/tex), per-organ / question-type "
+                                        "bars, reliability, CAM grid, UMAP pair")
+    fg.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
+    fg.add_argument("--dataset", required=True, choices=sorted(DATASETS))
+    fg.add_argument("--root", required=True, type=Path)
+    fg.add_argument("--split", default="test")
+    fg.add_argument("--out", required=True, type=Path, help="folder for the PNG (300 dpi) / SVG / PDF files")
+    fg.add_argument("--cam-cases", type=int, default=4, help="cases in the CAM grid (0: none)")
+    fg.add_argument("--no-umap", action="store_true")
+    fg.add_argument("--json", action="store_true")
+    fg.set_defaults(func=cmd_figures)
 
     um = sub.add_parser("umap", help="UMAP of fused features of one or two checkpoints, with silhouette scores")
     um.add_argument("--checkpoint", required=True, action="append")

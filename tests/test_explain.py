@@ -125,3 +125,26 @@ def test_faithfulness_cli(ckpt, tmp_path, capsys):
     r = res["results"][0]
     assert {"deletion_auc", "insertion_auc", "deletion_random_auc", "insertion_random_auc"} <= set(r)
     assert all(0 <= r[k] <= 1 for k in r if k.endswith("_auc"))
+
+
+def test_figures_cli_writes_every_file(ckpt, tmp_path, capsys):
+    import json
+    import os
+
+    from tests.helpers import make_cases, tiny_checkpoint
+
+    recs = make_cases(tmp_path / "data", 24)
+    lines = ["image,question,answer,organ,question_type"] + [
+        f"{os.path.basename(r.image)},{r.question},{r.answer},{r.organ},{r.question_type}" for r in recs]
+    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    other = tiny_checkpoint(tmp_path / "other", "baseline")
+    rc = main(["figures", "--checkpoint", str(ckpt), "--checkpoint", str(other), "--dataset", "folder",
+               "--root", str(tmp_path / "data"), "--split", "train", "--out", str(tmp_path / "fig"),
+               "--cam-cases", "2", "--json"])
+    res = json.loads(capsys.readouterr().out)
+    assert rc == 0 and set(res["files"]) == {"accuracy", "by_organ", "by_question_type", "reliability", "cam_grid", "umap"}
+    for paths in res["files"].values():
+        for p in paths:
+            assert os.path.getsize(p) > 100, p
+    assert "\\begin{tabular}" in (tmp_path / "fig" / "accuracy.tex").read_text()
+    assert len(res["accuracy"]) == 2
