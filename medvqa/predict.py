@@ -155,6 +155,13 @@ class Predictor:
         return {"fused": fused.numpy(), "image_global": batch["image_tokens"][0, 0].numpy(),
                 "question_global": batch["text_pooled"][0].numpy()}
 
+    def nearest(self, image, question, index: dict, k: int = 5) -> list[dict]:
+        """The k training cases of `index` (medvqa.explain.neighbours) nearest in this model's
+        fused-feature space."""
+        from medvqa.explain.neighbours import nearest
+
+        return nearest(index, self.features(image, question)["fused"], k)
+
     def explain(self, image, question, method: str = "gradcam", target: str | int | None = None):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
         of the vocabulary, or its index)."""

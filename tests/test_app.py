@@ -29,6 +29,7 @@ def app_url(tmp_path_factory):
     old = os.environ.get("MEDVQA_CHECKPOINTS")
     os.environ["MEDVQA_CHECKPOINTS"] = str(cks)
     os.environ["MEDVQA_DATA"] = str(tmp / "user-data")
+    os.environ["MEDVQA_DATA_ROOT"] = str(tmp / "no-datasets")   # unit-speed app: no nearest-case index over real data
     from medvqa.app import build
 
     demo = build()
@@ -37,6 +38,7 @@ def app_url(tmp_path_factory):
     yield f"http://127.0.0.1:{port}/"
     demo.close()
     os.environ.pop("MEDVQA_DATA", None)
+    os.environ.pop("MEDVQA_DATA_ROOT", None)
     if old is None:
         os.environ.pop("MEDVQA_CHECKPOINTS", None)
     else:

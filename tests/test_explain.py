@@ -148,3 +148,23 @@ def test_figures_cli_writes_every_file(ckpt, tmp_path, capsys):
             assert os.path.getsize(p) > 100, p
     assert "\\begin{tabular}" in (tmp_path / "fig" / "accuracy.tex").read_text()
     assert len(res["accuracy"]) == 2
+
+
+def test_nearest_training_cases(ckpt, tmp_path, monkeypatch):
+    from medvqa.explain.neighbours import build_index, load_or_build_index
+    from tests.helpers import make_cases
+
+    monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))
+    p = Predictor.load(ckpt)
+    recs = make_cases(tmp_path / "data", 12)
+    index = build_index(p, recs, progress=False)
+    assert index["features"].shape[0] == 12
+    r = recs[3]
+    near = p.nearest(r.image, r.question, index, k=3)
+    assert len(near) == 3 and near[0]["qid"] == r.qid and near[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
+    assert near[0]["similarity"] >= near[1]["similarity"] >= near[2]["similarity"]
+    lines = ["image,question,answer"] + [f"{r.image},{r.question},{r.answer}" for r in recs]
+    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    a = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)
+    b = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)   # from the cache
+    assert np.allclose(a["features"], b["features"]) and a["records"] == b["records"]

@@ -39,6 +39,24 @@ def _cam(ck, im, question, method, target, opacity):
     return overlay(im, p.explain(im, question, method=method, target=tgt), opacity)
 
 
+def _nearest(ck, im, question, dataset, k: int = 4):
+    """The model's nearest training cases as (image, caption) pairs, when the dataset folder is here."""
+    from medvqa.app.review import BUILTIN, data_root
+    from medvqa.explain.neighbours import load_or_build_index
+
+    root = data_root() / BUILTIN.get(dataset, "")
+    if dataset not in BUILTIN or not root.is_dir():
+        return None
+    p = Predictor.load(ck)
+    near = p.nearest(im, question, load_or_build_index(p, dataset, root, progress=False), k)
+    out = []
+    for n in near:  # PIL thumbnails: Gradio serves only files under the app's own folders
+        thumb = load_image(n["image"])
+        thumb.thumbnail((256, 256))
+        out.append((thumb, f"{n['question']} → {n['answer']} (cos {n['similarity']:.2f})"))
+    return out
+
+
 def run_ask(file, question, dataset, method, opacity, ground_truth):
     try:
         im = load_image(file, name="the uploaded file") if file else None
@@ -53,7 +71,7 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
     outs = []
     for i in range(N_SLOTS):
         if i >= len(cks):
-            outs += [gr.update(visible=False)] * 4
+            outs += [gr.update(visible=False)] * 5
             continue
         ck, a = cks[i], res["models"][cks[i].name]
         lines = [f"### {model_title(ck)}", f"**{a['answer']}** ({a['score']:.0%})"]
@@ -67,6 +85,8 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
                  gr.update(visible=True, value=_cam(ck, im, question, method, None, opacity)),
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
+        near = _nearest(ck, im, question, dataset)
+        outs.append(gr.update(visible=near is not None, value=near))
     banner = ("**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.") if len(cks) > 1 else ""
     return [banner, im] + outs
 
@@ -107,7 +127,9 @@ def build_tab():
                             lab = gr.Label(num_top_classes=5, label="Top answers", visible=False)
                             cam = gr.Image(label="Saliency", interactive=False, visible=False, height=300)
                             tgt = gr.Dropdown(label="Saliency for answer", visible=False, allow_custom_value=False)
-                            slots.append((md, lab, cam, tgt))
+                            near = gr.Gallery(label="Nearest training cases (this model's features)", visible=False,
+                                              columns=2, height=260)
+                            slots.append((md, lab, cam, tgt, near))
         if ex:
             gallery = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
                                  label="Examples (click one)", type="index",
@@ -123,7 +145,7 @@ def build_tab():
         outputs = [banner, preview] + [c for s in slots for c in s]
         go.click(run_ask, [file, question, dataset, method, opacity, ground_truth], outputs, api_visibility="private")
         question.submit(run_ask, [file, question, dataset, method, opacity, ground_truth], outputs, api_visibility="private")
-        for i, (_, _, cam, tgt) in enumerate(slots):
+        for i, (_, _, cam, tgt, _) in enumerate(slots):
             tgt.input(lambda *a, i=i: recam(i, *a), [file, question, dataset, method, tgt, opacity], [cam],
                       api_visibility="private")
         gr.api(ask_json, api_name="ask")
