@@ -63,17 +63,23 @@ def test_pointing_game_synthetic(tmp_path):
     assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
 
 
-def test_umap_cli_two_checkpoints(ckpt, tmp_path, capsys):
-    import json
+def _folder_cases_and_second_checkpoint(tmp_path):
+    """24 synthetic cases as a folder dataset under tmp_path/data, and a tiny baseline checkpoint."""
     import os
 
-    from tests.helpers import make_cases, tiny_checkpoint
+    from tests.helpers import make_cases
 
     recs = make_cases(tmp_path / "data", 24)
     lines = ["image,question,answer,organ,question_type"] + [
         f"{os.path.basename(r.image)},{r.question},{r.answer},{r.organ},{r.question_type}" for r in recs]
     (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
-    other = tiny_checkpoint(tmp_path / "other", "baseline")
+    return tiny_checkpoint(tmp_path / "other", "baseline")
+
+
+def test_umap_cli_two_checkpoints(ckpt, tmp_path, capsys):
+    import json
+
+    other = _folder_cases_and_second_checkpoint(tmp_path)
     rc = main(["umap", "--checkpoint", str(ckpt), "--checkpoint", str(other), "--dataset", "folder",
                "--root", str(tmp_path / "data"), "--split", "train", "--color", "organ", "--out", str(tmp_path / "u.png"), "--json"])
     res = json.loads(capsys.readouterr().out)
@@ -129,15 +135,8 @@ def test_faithfulness_cli(ckpt, tmp_path, capsys):
 
 def test_figures_cli_writes_every_file(ckpt, tmp_path, capsys):
     import json
-    import os
 
-    from tests.helpers import make_cases, tiny_checkpoint
-
-    recs = make_cases(tmp_path / "data", 24)
-    lines = ["image,question,answer,organ,question_type"] + [
-        f"{os.path.basename(r.image)},{r.question},{r.answer},{r.organ},{r.question_type}" for r in recs]
-    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
-    other = tiny_checkpoint(tmp_path / "other", "baseline")
+    other = _folder_cases_and_second_checkpoint(tmp_path)
     rc = main(["figures", "--checkpoint", str(ckpt), "--checkpoint", str(other), "--dataset", "folder",
                "--root", str(tmp_path / "data"), "--split", "train", "--out", str(tmp_path / "fig"),
                "--cam-cases", "2", "--json"])
