@@ -55,9 +55,16 @@ def tiny_checkpoint(tmp: Path, model_name: str = "cmi-mtl", steps: int = 3) -> P
     from medvqa.models.registry import build
     from medvqa.train.checkpoint import save_checkpoint
 
+    from medvqa.train.data import pixel_size, text_vocab
+
     preset, enc, recs, vocab, ds, ahead_vocab = tiny_data(tmp)
+    extra = {}
+    if model_name == "cmdpi":  # reconstruction targets and difference-reconstruction partners
+        ds.pixels = FeatureCache(enc, root=tmp / "cache", progress=False).pixels([r.image for r in recs], pixel_size(preset))
+        ds.similar = {p: [p] for p in ds.image_index}
+        extra["text_vocab"] = text_vocab([ds])
     torch.manual_seed(0)
-    model = build(model_name, preset, len(vocab), ahead_vocab=ahead_vocab)
+    model = build(model_name, preset, len(vocab), ahead_vocab=ahead_vocab, **extra)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     for _ in range(steps):
@@ -67,6 +74,6 @@ def tiny_checkpoint(tmp: Path, model_name: str = "cmi-mtl", steps: int = 3) -> P
         loss.backward()
         opt.step()
     cfg = {"model": model_name, "preset": preset.to_dict(), "dataset": "folder", "vocab_protocol": "all",
-           "answers": vocab.answers, "ahead_vocab": ahead_vocab}
+           "answers": vocab.answers, "ahead_vocab": ahead_vocab, **extra}
     save_checkpoint(tmp / f"ckpt-{model_name}", model.eval(), cfg, {"note": "unit test"})
     return tmp / f"ckpt-{model_name}"

@@ -24,7 +24,7 @@ def app_url(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("app")
     cks = tmp / "checkpoints"
     cks.mkdir()
-    for model in ("cmi-mtl", "baseline"):
+    for model in ("cmi-mtl", "cmdpi", "baseline"):
         shutil.copytree(tiny_checkpoint(tmp / model, model), cks / f"{model}-vqa-rad")
     old = os.environ.get("MEDVQA_CHECKPOINTS")
     os.environ["MEDVQA_CHECKPOINTS"] = str(cks)
@@ -57,7 +57,7 @@ def test_ask_both_models(app_url, tmp_path):
 
     c = Client(app_url, verbose=False)
     r = c.predict(handle_file(str(_img(tmp_path / "a.png", 30))), "Is there a fracture?", "vqa-rad", api_name="/ask")
-    assert set(r["models"]) == {"cmi-mtl-vqa-rad", "baseline-vqa-rad"}
+    assert set(r["models"]) == {"cmi-mtl-vqa-rad", "cmdpi-vqa-rad", "baseline-vqa-rad"}
     for m in r["models"].values():
         assert {"answer", "score", "top_k", "free_text"} <= set(m) and m["answer"] == m["top_k"][0][0]
     assert isinstance(r["models"]["cmi-mtl-vqa-rad"]["free_text"], str)
@@ -111,7 +111,7 @@ def test_browser_click_example(app_url, tmp_path):
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
         page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
         page.locator("text=Saliency").first.wait_for(timeout=60_000)
-        assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("Baseline").count() >= 1
+        assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("CMDPI").count() >= 1 and page.get_by_text("Baseline").count() >= 1
         page.wait_for_timeout(1500)
         page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
         browser.close()

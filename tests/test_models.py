@@ -65,7 +65,7 @@ def test_cmm_is_trained_and_saved(data, tmp_path):
         assert torch.equal(v, after[k])
 
 
-@pytest.mark.parametrize("name", ["cmi-mtl", "baseline"])
+@pytest.mark.parametrize("name", ["cmi-mtl", "cmdpi", "baseline"])
 def test_save_load_identical_logits(tmp_path, name):
     ck = tiny_checkpoint(tmp_path, name)
     preset, enc, recs, vocab, ds, av = tiny_data(tmp_path)

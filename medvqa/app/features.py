@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 import numpy as np
 
-from medvqa.app.common import ASSETS, DATASETS, checkpoints_for
+from medvqa.app.common import ASSETS
 from medvqa.explain.umap import COLORINGS
 
 SHIPPED_POINTS = ASSETS / "embeddings"
@@ -80,7 +80,11 @@ def figure(panels: list[dict], coloring: str):
 
 
 def all_checkpoints() -> list[str]:
-    return [str(ck) for ds in DATASETS for ck in checkpoints_for(ds)]
+    """Every installed checkpoint (also variants such as cmdpi-vqa-rad-no-mixup) and the fine-tuned ones."""
+    from medvqa.app.common import checkpoints_dir, user_checkpoints_dir
+
+    found = sorted(checkpoints_dir().glob("*/config.json")) + sorted(user_checkpoints_dir().glob("*/config.json"))
+    return [str(p.parent) for p in found]
 
 
 def build_tab():
