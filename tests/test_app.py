@@ -144,18 +144,18 @@ def test_review_survives_restart_and_exports(app_url):
     assert "Dr A,examples,ex0" in lines[1] and "left lung" in lines[1]
 
 
-def _cases_zip(tmp_path):
+def _cases_zip(tmp_path, n=24):
     import csv
     import zipfile
 
     from tests.helpers import make_cases
 
-    recs = make_cases(tmp_path / "cases", 24)
+    recs = make_cases(tmp_path / "cases", n)
     with open(tmp_path / "cases" / "cases.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image", "question", "answer"])
         w.writerows([[os.path.basename(r.image), r.question, r.answer] for r in recs])
-    z = tmp_path / "cases.zip"
+    z = tmp_path / f"cases{n}.zip"
     with zipfile.ZipFile(z, "w") as zf:
         for p in (tmp_path / "cases").iterdir():
             zf.write(p, p.name)
@@ -180,11 +180,6 @@ def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
     c = Client(app_url, verbose=False)
     z = handle_file(str(_cases_zip(tmp_path)))
     name = c.predict("baseline", "uploaded zip", z, "tiny", 2, 1e-3, [], api_name="/finetune")
-    try:
-        c.predict("baseline", "uploaded zip", z, "tiny", 1, 1e-3, [], api_name="/finetune")
-        raise AssertionError("a second run must be refused while one is going")
-    except Exception as e:
-        assert "already going" in str(e)
     s = _wait(c, ("done", "failed", "cancelled"))
     assert s["status"] == "done", s
     ck = Path(s["out"])
@@ -192,8 +187,15 @@ def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
     before = (ck / "model.safetensors").read_bytes()
     r = c.predict(handle_file(str(_img(tmp_path / "q.png", 60))), "Is there a fracture?", "folder", api_name="/ask")
     assert name in r["models"]                                   # selectable in Ask
-    name2 = c.predict("baseline", "uploaded zip", z, "tiny", 10, 1e-3, [], api_name="/finetune")
+    big = handle_file(str(_cases_zip(tmp_path, 400)))          # long enough to still be running below
+    name2 = c.predict("baseline", "uploaded zip", big, "tiny", 10, 1e-3, [], api_name="/finetune")
+    refused = False
+    try:
+        c.predict("baseline", "uploaded zip", z, "tiny", 1, 1e-3, [], api_name="/finetune")
+    except Exception as e:
+        refused = "already going" in str(e)
     c.predict(api_name="/finetune_cancel")
+    assert refused, "a second run must be refused while one is going"
     s = _wait(c, ("done", "failed", "cancelled"))
     assert s["status"] == "cancelled" and not Path(s["out"]).exists() and s["name"] == name2
     assert (ck / "model.safetensors").read_bytes() == before
