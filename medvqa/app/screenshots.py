@@ -38,8 +38,9 @@ def main(out: str = "assets/screenshots") -> dict:
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         page.goto("http://127.0.0.1:7861/")
         page.get_by_text(ex["question"]).first.click()
-        page.locator("text=Saliency").first.wait_for(timeout=120_000)
-        page.wait_for_timeout(2000)
+        page.get_by_text("Top answers").nth(1).wait_for(timeout=120_000)
+        page.locator("text=processing").first.wait_for(state="hidden", timeout=120_000)
+        page.wait_for_timeout(3000)
         page.screenshot(path=str(out_dir / "ask.png"), full_page=True)
         for tab in TABS[1:]:
             page.get_by_role("tab", name=tab).click()
