@@ -29,6 +29,9 @@ def build_tab():
 - **CMI-MTL** (Jin et al.): QQ-Former queries aligned with the question by contrastive learning,
   Cross-Mamba fusion, a classifier plus a T5 auxiliary head trained on open answers (its
   free-form answer is shown, labelled as generated).
+- **CMDPI**: image / text encoders with a reconstruction network, co-regularised pretraining
+  (global and local reconstruction, inter- and intra-modal contrast), fine-tuned with difference
+  reconstruction against similar images and head mixup.
 - **Baseline**: the same frozen backbones, question-conditioned attention pooling, an MLP — the
   floor the papers' models must beat.
 
