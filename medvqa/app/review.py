@@ -35,8 +35,7 @@ def _unzip(path: str) -> Path:
     try:
         with zipfile.ZipFile(path) as z:
             for name in z.namelist():
-                target = (dest / name).resolve()
-                if not str(target).startswith(str(dest.resolve())):
+                if not (dest / name).resolve().is_relative_to(dest.resolve()):   # a prefix test would let "../dest-x" through
                     raise DataError(f"unsafe path in zip: {name}")
             z.extractall(dest)
     except zipfile.BadZipFile:
