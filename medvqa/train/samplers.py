@@ -33,6 +33,9 @@ class GroupBatchSampler:
         return [idx[k:k + 2] for k in range(0, len(idx), 2)]
 
     def _batches(self) -> list[list[int]]:
+        """This epoch's batches; built once per epoch (len() and iter() both ask for them)."""
+        if getattr(self, "_built", (None,))[0] == self.epoch:
+            return self._built[1]
         rng = random.Random(self.seed * 1000 + self.epoch)
         groups = []
         for g in sorted(self.members, key=str):
@@ -48,7 +51,8 @@ class GroupBatchSampler:
             batches = [idx[k:k + self.batch_size] for idx in groups for k in range(0, len(idx), self.batch_size)]
         rng.shuffle(batches)
         n = len(batches) // self.world * self.world or len(batches)    # equal count on every rank
-        return batches[self.rank:n:self.world]
+        self._built = (self.epoch, batches[self.rank:n:self.world])
+        return self._built[1]
 
     def __iter__(self):
         return iter(self._batches())
