@@ -53,7 +53,7 @@ def _setup(a, stage: str | None = None):
             setattr(t, k, getattr(a, k))
     sub = preset.cmdpi if a.model == "cmdpi" else preset.cmi_mtl
     sub.ablate = tuple(a.ablate or ())
-    for k in ("alpha", "beta", "cmm_align", "sim_threshold", "lam", "diff_weight", "mix_weight"):
+    for k in ("alpha", "beta", "cmm_align", "readout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
         if getattr(a, k, None) is not None and hasattr(sub, k):
             setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
@@ -482,6 +482,7 @@ def register(sub):
         sp.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")
         sp.add_argument("--beta", type=float, help="weight of L_aux (CMI-MTL, default 0.3)")
         sp.add_argument("--cmm-align", choices=("attention", "pool"))
+        sp.add_argument("--readout", choices=("mean", "first"), help="CMI-MTL x^f vector: mean over each stream (default) or first token (public code)")
         sp.add_argument("--qqformer-text", choices=("on", "off"))
         sp.add_argument("--vocab", choices=("all", "train"), default="all",
                         help="answer vocabulary: all splits (published protocol) or train only")

@@ -33,6 +33,7 @@ class CMIMTLConfig:
     contrast_dim: int = 256
     cmm_blocks: int = 2
     cmm_align: str = "attention"      # "attention" | "pool" (public code)
+    readout: str = "mean"             # x^f vector: "mean" over each stream | "first" token (public code)
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
@@ -164,6 +165,8 @@ def preset_from_dict(d: dict) -> Preset:
         known = {k: v for k, v in d.get(f, {}).items() if k in {x.name for x in dataclasses.fields(cls)}}
         if "ablate" in known:
             known["ablate"] = tuple(known["ablate"])
+        if f == "cmi_mtl" and f in d and "readout" not in known:  # written before the option existed
+            known["readout"] = "first"
         setattr(p, f, cls(**known))
     return p
 

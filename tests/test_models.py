@@ -96,3 +96,21 @@ def test_cmcl_masks_same_image_pairs(data):
     l_masked = model.cmcl_loss(z, t, torch.tensor([0, 0, 1, 2]))
     l_plain = model.cmcl_loss(z, t, torch.tensor([0, 1, 2, 3]))
     assert torch.isfinite(l_masked) and not torch.isclose(l_masked, l_plain)
+
+
+@pytest.mark.parametrize("readout", ["mean", "first"])
+def test_cmi_mtl_readout_ignores_question_padding(data, readout):
+    """x^f must not change when the question is padded further with arbitrary token states."""
+    preset, enc, recs, vocab, ds, av = data
+    preset.cmi_mtl.readout = readout
+    torch.manual_seed(0)
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()
+    preset.cmi_mtl.readout = "mean"
+    batch = batch_of(ds)
+    longer = dict(batch)
+    B, _, D = batch["text_tokens"].shape
+    longer["text_tokens"] = torch.cat([batch["text_tokens"], torch.randn(B, 3, D)], 1)
+    longer["text_mask"] = torch.cat([batch["text_mask"], torch.zeros(B, 3, dtype=batch["text_mask"].dtype)], 1)
+    with torch.no_grad():
+        a, b = model.forward_features(batch)["fused"], model.forward_features(longer)["fused"]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -7,7 +7,7 @@ trains from the feature cache and runs behind Grad-CAM the same way.
     V (B, N, Di), T (B, L, Dt) ─proj→ QQ-Former → z (B, K, d) ──┐
                                           CMCL(z, T[:, 0]) ─────┤  L_vtc
     z' = LN(z), t' = LN(T) → CrossMambaBlock ×2 → z'', t''      │
-    x^f = [tanh(W_t t''_0) ; tanh(W_z z''_0)] → classifier       │  L_cls
+    x^f = [tanh(W_t mean t'') ; tanh(W_z mean z'')] → classifier │  L_cls
     [t'' ; z''] ⊙ M → T5 AHead (open questions only)             │  L_aux
     L = L_cls + α L_vtc + β L_aux
 """
@@ -159,7 +159,7 @@ class CMIMTL(nn.Module):
         self.fusion = nn.ModuleList(
             CrossMambaBlock(d, cfg.d_state, cfg.d_conv, cfg.expand, cfg.cmm_align) if self.use_cmm
             else TransformerFusionBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.cmm_blocks))
-        self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # first-token poolers (public code)
+        self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # poolers of x^f (public code)
         self.classifier = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(),
                                         nn.Dropout(cfg.dropout), nn.Linear(2 * d, n_classes))
         if self.use_ahead:
@@ -176,7 +176,12 @@ class CMIMTL(nn.Module):
         z_fvta, t_fvta = z, t[:, 0]
         for block in self.fusion:
             z, t = block(z, t, t_pad)
-        x_vec = torch.cat([torch.tanh(self.pool_t(t[:, 0])), torch.tanh(self.pool_z(z[:, 0]))], -1)  # (B, 2d)
+        if self.cfg.readout == "first":  # the public code's first-token poolers
+            t_vec, z_vec = t[:, 0], z[:, 0]
+        else:  # a causal scan leaves position 0 blind to the rest of its stream: average all positions
+            keep = (~t_pad).unsqueeze(-1).to(t.dtype)                            # (B, L, 1)
+            t_vec, z_vec = (t * keep).sum(1) / keep.sum(1).clamp(min=1), z.mean(1)
+        x_vec = torch.cat([torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))], -1)  # (B, 2d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
         return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
