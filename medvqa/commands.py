@@ -289,7 +289,7 @@ def cmd_explain(a):
         raise UserError(f"--out {a.out}: give a .png path (the raw map is written beside it as .npy)")
     p = Predictor.load(a.checkpoint)
     im = load_image(a.image)
-    cam = p.explain(im, a.question, method=a.method, target=a.target)
+    cam = p.explain(im, a.question, method=a.method, target=a.target, layer=a.layer)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     overlay(im, cam, a.opacity, a.colormap).save(a.out)
     np.save(a.out.with_suffix(".npy"), cam)
@@ -307,13 +307,13 @@ def cmd_pointing_game(a):
     records = load_split("slake", a.root, a.split).records
     cases = pointing_cases(records)[: a.limit or None]
     preds = {Path(str(c)).name: Predictor.load(c) for c in a.checkpoint}
-    res = pointing_game(preds, cases, a.methods, progress=not a.json)
+    res = pointing_game(preds, cases, a.methods, a.layers, progress=not a.json)
     if a.json:
         _print_json(res)
         return 0
     print(f"pointing game on SLAKE {a.split}: {res['n']} questions naming a boxed organ or lesion")
     for r in res["results"]:
-        print(f"  {r['model']:24s} {r['method']:12s} hit rate {r['hit_rate']:.2f}")
+        print(f"  {r['model']:24s} {r['method']:12s} layer {r['layer']:3d}  hit rate {r['hit_rate']:.2f}")
     print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")
     return 0
 
@@ -517,6 +517,7 @@ def register(sub):
     ex.add_argument("--question", required=True)
     ex.add_argument("--method", default="gradcam", choices=sorted(METHODS))
     ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
+    ex.add_argument("--layer", type=int, default=-1, help="image-backbone block whose input the CAM reads (default: the last)")
     ex.add_argument("--opacity", type=float, default=0.5)
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--out", required=True, type=Path)
@@ -527,6 +528,7 @@ def register(sub):
     pg.add_argument("--root", required=True, type=Path, help="the SLAKE folder")
     pg.add_argument("--split", default="test")
     pg.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
+    pg.add_argument("--layers", type=int, nargs="+", default=[-1], help="image-backbone blocks whose input the CAM reads")
     pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
     pg.add_argument("--json", action="store_true")
     pg.set_defaults(func=cmd_pointing_game)

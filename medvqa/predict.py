@@ -162,9 +162,9 @@ class Predictor:
 
         return nearest(index, self.features(image, question)["fused"], k)
 
-    def explain(self, image, question, method: str = "gradcam", target: str | int | None = None):
+    def explain(self, image, question, method: str = "gradcam", target: str | int | None = None, layer: int = -1):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
-        of the vocabulary, or its index)."""
+        of the vocabulary, or its index), read at the input of image-backbone block `layer`."""
         from medvqa.explain.gradcam import explain
 
         im = load_image(image)
@@ -177,7 +177,7 @@ class Predictor:
                 raise ValueError(f"{target!r} is not an answer this model can give")
             target = idx
         with self._lock, torch.enable_grad():
-            return explain(self.encoders, self.model, im, q, method=method, target=target)
+            return explain(self.encoders, self.model, im, q, method=method, target=target, layer=layer)
 
     def _records_dataset(self, records, progress: bool):
         from medvqa.data.cache import FeatureCache

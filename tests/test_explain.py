@@ -35,6 +35,16 @@ def test_cam_changes_with_target(ckpt):
         p.explain(_image(), "Where is the lesion?", target="banana")
 
 
+def test_cam_layer_choice(ckpt):
+    """The map can be read at any backbone block's input; each block gives its own map."""
+    p = Predictor.load(ckpt)
+    first, last = (p.explain(_image(), "Where is the lesion?", layer=k) for k in (0, -1))
+    assert first.shape == last.shape == (70, 90) and 0 <= first.min() and first.max() <= 1
+    assert np.abs(first - last).mean() > 1e-3
+    with pytest.raises(ValueError, match="blocks"):
+        p.explain(_image(), "Where is the lesion?", layer=99)
+
+
 def test_explain_cli(ckpt, tmp_path, capsys):
     _image().save(tmp_path / "x.png")
     rc = main(["explain", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--question", "Is it normal?",

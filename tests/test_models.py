@@ -114,3 +114,13 @@ def test_cmi_mtl_readout_ignores_question_padding(data, readout):
     with torch.no_grad():
         a, b = model.forward_features(batch)["fused"], model.forward_features(longer)["fused"]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cmi_mtl_classifier_starts_at_the_prior(data):
+    """Every answer's sigmoid starts near 1/C, so the summed BCE starts near 1 + log C, not C·log 2."""
+    preset, enc, recs, vocab, ds, av = data
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()
+    with torch.no_grad():
+        p = model(batch_of(ds))["logits"].sigmoid()
+    C = len(vocab)
+    assert abs(p.mean().item() - 1 / C) < 0.25 / C

@@ -41,7 +41,7 @@ def _cam(ck, im, question, method, target, opacity):
 
 def _nearest(ck, im, question, dataset, k: int = 4):
     """The model's nearest training cases as (image, caption) pairs, when the dataset folder is here."""
-    from medvqa.app.review import BUILTIN, data_root
+    from medvqa.app.common import BUILTIN, data_root
     from medvqa.explain.neighbours import load_or_build_index
 
     root = data_root() / BUILTIN.get(dataset, "")

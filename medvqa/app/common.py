@@ -1,9 +1,14 @@
-"""What every tab shares: the shipped checkpoints per dataset, and the example gallery."""
+"""What every tab shares: the shipped checkpoints per dataset, the example gallery, the built-in
+datasets' folder and the safe unpacking of uploaded case zips."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+import zipfile
 from pathlib import Path
 
+from medvqa.data import DataError
 from medvqa.predict import SHIPPED, checkpoints_dir
 
 ASSETS = SHIPPED.parent
@@ -11,6 +16,11 @@ DATASETS = {"vqa-rad": "VQA-RAD", "slake": "SLAKE", "folder": "your cases (fine-
 N_SLOTS = 4           # model columns: CMI-MTL, CMDPI, baseline, and the newest fine-tuned here
 MODEL_ORDER = ("cmi-mtl", "cmdpi", "baseline")   # shown left to right when present
 MODEL_TITLES = {"cmi-mtl": "CMI-MTL", "cmdpi": "CMDPI", "baseline": "Baseline"}
+BUILTIN = {"vqa-rad": "vqa_rad", "slake": "slake"}   # dataset -> its folder under data_root()
+
+
+def data_root() -> Path:
+    return Path(os.environ.get("MEDVQA_DATA_ROOT", "../shared/data"))
 
 
 def user_checkpoints_dir() -> Path:
@@ -43,3 +53,20 @@ def examples() -> list[dict]:
         e["path"] = str(ASSETS / "examples" / e["image"])
         out.append(e)
     return out
+
+
+def unzip_cases(path: str) -> Path:
+    """Extract an uploaded zip safely (no absolute or parent paths) into a fresh temp folder."""
+    dest = Path(tempfile.mkdtemp(prefix="medvqa-cases-"))
+    try:
+        with zipfile.ZipFile(path) as z:
+            for name in z.namelist():
+                if not (dest / name).resolve().is_relative_to(dest.resolve()):   # a prefix test would let "../dest-x" through
+                    raise DataError(f"unsafe path in zip: {name}")
+            z.extractall(dest)
+    except zipfile.BadZipFile:
+        raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
+    csvs = sorted(dest.rglob("*.csv"))
+    if not csvs:
+        raise DataError("the zip holds no CSV of image,question,answer rows")
+    return csvs[0]

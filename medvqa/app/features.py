@@ -88,7 +88,7 @@ def all_checkpoints() -> list[str]:
 
 
 def build_tab():
-    from medvqa.app.review import BUILTIN, data_root
+    from medvqa.app.common import BUILTIN, data_root
 
     with gr.Tab("Features"):
         gr.Markdown("UMAP of the feature each model's answer head reads (CMDPI: the answer slot h_D; "

@@ -12,8 +12,7 @@ from pathlib import Path
 import gradio as gr
 from gradio import FileData
 
-from medvqa.app.common import checkpoints_dir, user_checkpoints_dir
-from medvqa.app.review import BUILTIN, _unzip, data_root
+from medvqa.app.common import BUILTIN, checkpoints_dir, data_root, unzip_cases, user_checkpoints_dir
 from medvqa.models.cmdpi import ABLATIONS as CMDPI_ABLATIONS
 from medvqa.models.cmi_mtl import ABLATIONS as CMI_ABLATIONS
 from medvqa.train.trainer import Callbacks
@@ -56,7 +55,7 @@ def _argv(model, source, upload, preset, epochs, lr, ablate, name):
     if source == "uploaded zip":
         if not upload:
             raise ValueError("upload a zip of cases.csv (image,question,answer[,split]) and its images first")
-        dataset, root = "folder", _unzip(upload)
+        dataset, root = "folder", unzip_cases(upload)
     elif source in BUILTIN:
         dataset, root = source, data_root() / BUILTIN[source]
     else:

@@ -4,46 +4,21 @@ agree / disagree / corrected answer and a comment, resumes where they left off, 
 sees agreement per model and Cohen's κ between reviewers."""
 from __future__ import annotations
 
-import os
-import tempfile
-import zipfile
 from pathlib import Path
 
 import gradio as gr
 
-from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
+from medvqa.app.common import BUILTIN, DATASETS, N_SLOTS, checkpoints_for, data_root, examples, model_title, unzip_cases
 from medvqa.data import DataError, ImageError, load_image, load_split
 from medvqa.predict import Predictor
 from medvqa.review import VERDICTS, ReviewStore
 
-BUILTIN = {"vqa-rad": "vqa_rad", "slake": "slake"}
 MAX_CASES = 500
-
-
-def data_root() -> Path:
-    return Path(os.environ.get("MEDVQA_DATA_ROOT", "../shared/data"))
 
 
 def sources() -> list[str]:
     out = ["examples"] + [f"{d}:test" for d, sub in BUILTIN.items() if (data_root() / sub).is_dir()]
     return out + ["uploaded zip"]
-
-
-def _unzip(path: str) -> Path:
-    """Extract an uploaded zip safely (no absolute or parent paths) into a fresh temp folder."""
-    dest = Path(tempfile.mkdtemp(prefix="medvqa-cases-"))
-    try:
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                if not (dest / name).resolve().is_relative_to(dest.resolve()):   # a prefix test would let "../dest-x" through
-                    raise DataError(f"unsafe path in zip: {name}")
-            z.extractall(dest)
-    except zipfile.BadZipFile:
-        raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
-    csvs = sorted(dest.rglob("*.csv"))
-    if not csvs:
-        raise DataError("the zip holds no CSV of image,question,answer rows")
-    return csvs[0]
 
 
 def load_cases(source: str, upload) -> list[dict]:
@@ -53,7 +28,7 @@ def load_cases(source: str, upload) -> list[dict]:
     if source == "uploaded zip":
         if not upload:
             raise DataError("upload a zip of cases.csv (image,question,answer) and its images first")
-        split = load_split("folder", _unzip(upload), "test")
+        split = load_split("folder", unzip_cases(upload), "test")
     else:
         name = source.split(":")[0]
         split = load_split(name, data_root() / BUILTIN[name], "test")

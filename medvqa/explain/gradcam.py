@@ -1,7 +1,7 @@
 """Grad-CAM family saliency for any medvqa model, through pytorch-grad-cam (DESIGN §7).
 
 The model is wrapped as `pixels -> answer logits` with the tokenised question held inside the
-wrapper; the target layer is the norm before the last ViT block's attention, and the ViT tokens
+wrapper; the target layer is the norm before a ViT block's attention (the last by default), and the ViT tokens
 are reshaped to their patch grid (CLS dropped). The CAM object is built per call with `with`, so
 its hooks never outlive the call and never touch a model being trained.
 """
@@ -47,9 +47,9 @@ def vit_reshape(grid: int):
 
 
 def explain(encoders, model, image: Image.Image, question: str, method: str = "gradcam",
-            target: int | None = None, batch_size: int = 32) -> np.ndarray:
+            target: int | None = None, batch_size: int = 32, layer: int = -1) -> np.ndarray:
     """Saliency map (H×W float32 in [0, 1], the image's own size) for answer class `target`
-    (default: the predicted answer)."""
+    (default: the predicted answer), read at the input of ViT block `layer` (default the last)."""
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
     t = encoders.tokenize([question])
@@ -60,9 +60,11 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = "g
     with torch.no_grad():
         if target is None:
             target = int(wrapper(x).argmax(-1))
-    layer = encoders.image.encoder.layer[-1].norm1
+    blocks = encoders.image.encoder.layer
+    if not -len(blocks) <= layer < len(blocks):
+        raise ValueError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
     kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
-    with METHODS[method](model=wrapper, target_layers=[layer], reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
+    with METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1], reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
         if method in SLOW_METHODS:
             cam.batch_size = batch_size
         m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]           # (S, S) in [0, 1]

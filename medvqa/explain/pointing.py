@@ -71,16 +71,19 @@ def random_hit_probability(case: Case) -> float:
     return float(mask.mean())
 
 
-def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), progress: bool = True) -> dict:
-    """predictors: name -> Predictor. Returns hit rates (percent) per model and method, with baselines."""
+def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), layers=(-1,), progress: bool = True) -> dict:
+    """predictors: name -> Predictor. Returns hit rates (percent) per model, method and CAM layer,
+    with baselines."""
     from tqdm.auto import tqdm
 
     results = []
     for name, p in predictors.items():
         for method in methods:
-            hits = [hit(p.explain(c.record.image, c.record.question, method=method), c.boxes)
-                    for c in tqdm(cases, desc=f"{name} {method}", disable=None if progress else True, leave=False)]
-            results.append({"model": name, "method": method, "hit_rate": round(100 * float(np.mean(hits)), 2) if hits else None})
+            for layer in layers:
+                hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
+                        for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
+                results.append({"model": name, "method": method, "layer": layer,
+                                "hit_rate": round(100 * float(np.mean(hits)), 2) if hits else None})
     return {"n": len(cases), "results": results,
             "baseline_center": round(100 * float(np.mean([center_hit(c) for c in cases])), 2) if cases else None,
             "baseline_random": round(100 * float(np.mean([random_hit_probability(c) for c in cases])), 2) if cases else None}

@@ -37,7 +37,7 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
     train = loaded["train"].records
     if "validate" in loaded:
         val, selection = loaded["validate"].records, "the validation split"
-    else:  # VQA-RAD: a fixed held-out slice of train, by image; the test split is never looked at
+    else:  # VQA-RAD: a fixed held-out slice of train questions; the test split is never looked at
         train, val = holdout(train, preset.train.val_fraction, preset.train.seed)
         selection = f"a held-out {preset.train.val_fraction:.0%} of train questions (seed {preset.train.seed})"
     test = loaded["test"].records if "test" in loaded else []
