@@ -30,6 +30,10 @@ def test_fit_logs_checkpoints_and_resumes(tmp_path):
     res2 = fit(model2, ds, ds, preset.train, tmp_path / "run", cfg)
     assert [h["epoch"] for h in res2.history] == [1, 2, 3]
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    # A fresh run (no resume) in the same folder starts a fresh log.
+    preset.train.epochs = 1
+    fit(build("cmi-mtl", preset, len(vocab), ahead_vocab=av), ds, ds, preset.train, tmp_path / "run", cfg, resume=False)
+    assert [json.loads(l)["epoch"] for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
 def test_cancel_keeps_previous_checkpoint(tmp_path):

@@ -127,6 +127,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
         res.history = json.loads(st["history"])
     if is_rank0():
         out_dir.mkdir(parents=True, exist_ok=True)
+        if start_epoch == 0:  # a fresh run: an earlier run's per-epoch log would read as this one's
+            (out_dir / "metrics.jsonl").unlink(missing_ok=True)
     t0 = time.time()
     for epoch in range(start_epoch, cfg.epochs):
         if sampler is not None:
