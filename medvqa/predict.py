@@ -162,9 +162,10 @@ class Predictor:
 
         return nearest(index, self.features(image, question)["fused"], k)
 
-    def explain(self, image, question, method: str = "gradcam", target: str | int | None = None, layer: int = -1):
+    def explain(self, image, question, method: str = "gradcam", target: str | int | None = None, layer: int | None = None):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
-        of the vocabulary, or its index), read at the input of image-backbone block `layer`."""
+        of the vocabulary, or its index), read at the input of image-backbone block `layer`
+        (default: medvqa.explain.gradcam's choice)."""
         from medvqa.explain.gradcam import explain
 
         im = load_image(image)

@@ -1,7 +1,8 @@
 """Grad-CAM family saliency for any medvqa model, through pytorch-grad-cam (DESIGN §7).
 
 The model is wrapped as `pixels -> answer logits` with the tokenised question held inside the
-wrapper; the target layer is the norm before a ViT block's attention (the last by default), and the ViT tokens
+wrapper; the target layer is the norm before a ViT block's attention (a third of the way in by
+default: the last block's maps rarely point at the named organ), and the ViT tokens
 are reshaped to their patch grid (CLS dropped). The CAM object is built per call with `with`, so
 its hooks never outlive the call and never touch a model being trained.
 """
@@ -46,10 +47,18 @@ def vit_reshape(grid: int):
     return reshape
 
 
+def default_layer(encoders) -> int:
+    """A third of the way into the image backbone. On SLAKE validation (60 questions, baseline-slake,
+    `medvqa pointing-game --split validate --layers …`) GradCAM++ hit 6.7 / 13.3 / 15.0 / 28.3 / 25.0 %
+    reading blocks 11 / 8 / 6 / 4 / 2 of DINOv2-S: the last blocks' maps are global, not local."""
+    return len(encoders.image.encoder.layer) // 3
+
+
 def explain(encoders, model, image: Image.Image, question: str, method: str = "gradcam",
-            target: int | None = None, batch_size: int = 32, layer: int = -1) -> np.ndarray:
+            target: int | None = None, batch_size: int = 32, layer: int | None = None) -> np.ndarray:
     """Saliency map (H×W float32 in [0, 1], the image's own size) for answer class `target`
-    (default: the predicted answer), read at the input of ViT block `layer` (default the last)."""
+    (default: the predicted answer), read at the input of ViT block `layer` (default: a third of
+    the way in, block 4 of DINOv2-S's 12, chosen on SLAKE validation by the pointing game)."""
     if method not in METHODS:
         raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
     t = encoders.tokenize([question])
@@ -61,6 +70,7 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = "g
         if target is None:
             target = int(wrapper(x).argmax(-1))
     blocks = encoders.image.encoder.layer
+    layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise ValueError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
     kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}

@@ -71,7 +71,7 @@ def random_hit_probability(case: Case) -> float:
     return float(mask.mean())
 
 
-def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), layers=(-1,), progress: bool = True) -> dict:
+def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), layers=(None,), progress: bool = True) -> dict:
     """predictors: name -> Predictor. Returns hit rates (percent) per model, method and CAM layer,
     with baselines."""
     from tqdm.auto import tqdm
@@ -80,6 +80,10 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
     for name, p in predictors.items():
         for method in methods:
             for layer in layers:
+                if layer is None:
+                    from medvqa.explain.gradcam import default_layer
+
+                    layer = default_layer(p.encoders)
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
                 results.append({"model": name, "method": method, "layer": layer,
