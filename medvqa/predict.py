@@ -41,7 +41,7 @@ class Answer:
     score: float
     top_k: list = field(default_factory=list)       # [(answer, probability), …]
     kind: str = "open"                              # "closed" (yes/no) | "open"
-    free_text: str | None = None                    # CMI-MTL's AHead, generated (beyond the paper)
+    free_text: str | None = None                    # CMI-MTL's AHead, generated for open answers (beyond the paper)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -123,10 +123,17 @@ class Predictor:
     def _forward(self, images, questions, free_text: bool):
         ims = [im if hasattr(im, "mode") and im.mode == "RGB" else load_image(im) for im in images]
         qs = [self._check_question(q) for q in questions]
+        free = [None] * len(qs)
         with self._lock, torch.inference_mode():
             batch = self._tokens(ims, qs)
             probs = self.model(batch)["logits"].float().softmax(-1)
-            free = self._free_text(batch) if free_text else [None] * len(qs)
+            # The AHead learnt from open questions only: it writes free text where the classifier's
+            # answer is open, and is not asked (nor paid for) on yes/no answers.
+            is_open = [self.vocab.answers[i] not in CLOSED_ANSWERS for i in probs.argmax(-1).tolist()]
+            rows = [i for i, o in enumerate(is_open) if o]
+            if free_text and rows:
+                for i, text in zip(rows, self._free_text({k: v[rows] for k, v in batch.items()})):
+                    free[i] = text
         return probs, free
 
     def probs(self, images, questions) -> torch.Tensor:

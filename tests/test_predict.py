@@ -26,7 +26,10 @@ def test_every_input_type(ckpt, tmp_path):
     a = answers[0]
     assert a.text in p.vocab.answers and 0 < a.score <= 1 and len(a.top_k) == min(5, len(p.vocab))
     assert a.top_k[0][0] == a.text and a.kind in ("open", "closed")
-    assert isinstance(a.free_text, str)                             # CMI-MTL's AHead answer
+    # CMI-MTL's AHead writes free text for open answers only (it learnt from open questions)
+    assert (a.free_text is None) == (a.kind == "closed") and all(isinstance(x.free_text, (str, type(None))) for x in answers)
+    many = p.answer_batch([im] * 2 + [arr[::-1]] * 2, ["Is there a fracture?", "Where is the lesion?"] * 2)
+    assert all((x.free_text is None) == (x.kind == "closed") for x in many)
     assert Predictor.load(ckpt) is p                                # cached
 
 
