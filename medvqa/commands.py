@@ -6,7 +6,6 @@ import json
 import shlex
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from medvqa.models.cmi_mtl import ABLATIONS

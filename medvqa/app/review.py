@@ -4,6 +4,7 @@ agree / disagree / corrected answer and a comment, resumes where they left off, 
 sees agreement per model and Cohen's κ between reviewers."""
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import gradio as gr
