@@ -35,6 +35,10 @@ def set_cpu_threads():
         torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
 
 
+def answer_kind(answer: str) -> str:
+    return "closed" if answer in CLOSED_ANSWERS else "open"
+
+
 @dataclass
 class Answer:
     text: str
@@ -129,8 +133,7 @@ class Predictor:
             probs = self.model(batch)["logits"].float().softmax(-1)
             # The AHead learnt from open questions only: it writes free text where the classifier's
             # answer is open, and is not asked (nor paid for) on yes/no answers.
-            is_open = [self.vocab.answers[i] not in CLOSED_ANSWERS for i in probs.argmax(-1).tolist()]
-            rows = [i for i, o in enumerate(is_open) if o]
+            rows = [r for r, i in enumerate(probs.argmax(-1).tolist()) if answer_kind(self.vocab.answers[i]) == "open"]
             if free_text and rows:
                 for i, text in zip(rows, self._free_text({k: v[rows] for k, v in batch.items()})):
                     free[i] = text
@@ -146,7 +149,7 @@ class Predictor:
         for p, ft in zip(probs, free):
             s, i = p.topk(min(top_k, len(p)))
             top = [(self.vocab.answers[j], round(float(v), 4)) for v, j in zip(s, i.tolist())]
-            out.append(Answer(top[0][0], top[0][1], top, "closed" if top[0][0] in CLOSED_ANSWERS else "open", ft))
+            out.append(Answer(top[0][0], top[0][1], top, answer_kind(top[0][0]), ft))
         return out
 
     def answer(self, image, question, top_k: int = 5) -> Answer:

@@ -76,14 +76,13 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
     with baselines."""
     from tqdm.auto import tqdm
 
+    from medvqa.explain.gradcam import default_layer
+
     results = []
     for name, p in predictors.items():
+        resolved = [default_layer(p.encoders) if layer is None else layer for layer in layers]  # reported as numbers
         for method in methods:
-            for layer in layers:
-                if layer is None:
-                    from medvqa.explain.gradcam import default_layer
-
-                    layer = default_layer(p.encoders)
+            for layer in resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
                 results.append({"model": name, "method": method, "layer": layer,

@@ -27,15 +27,11 @@ def _scan_sequential(a, b, reverse: bool = False):
     """h_t = a_t h_{t-1} + b_t, one step at a time (reverse: h_t = a_t h_{t+1} + b_t).
     (b, L, E, N) -> (b, L, E, N)."""
     h = torch.empty_like(b)
-    L = b.shape[1]
-    order = range(L - 1, -1, -1) if reverse else range(L)
-    prev = None
-    for t in order:
-        if prev is None:
-            h[:, t] = b[:, t]
-        else:
-            torch.addcmul(b[:, t], a[:, t], h[:, prev], out=h[:, t])
-        prev = t
+    ts = range(b.shape[1] - 1, -1, -1) if reverse else range(b.shape[1])
+    back = 1 if reverse else -1                       # offset of the step each state builds on
+    h[:, ts[0]] = b[:, ts[0]]
+    for t in ts[1:]:
+        torch.addcmul(b[:, t], a[:, t], h[:, t + back], out=h[:, t])
     return h
 
 

@@ -17,6 +17,7 @@ import torch.distributed as dist
 class GroupBatchSampler:
     def __init__(self, groups: list, batch_size: int, pairs: bool, seed: int = 0):
         self.batch_size, self.pairs, self.seed, self.epoch = batch_size, pairs, seed, 0
+        self._built = (None, [])                     # (epoch, its batches for this rank)
         self.members = defaultdict(list)
         for i, g in enumerate(groups):
             self.members[g].append(i)
@@ -34,7 +35,7 @@ class GroupBatchSampler:
 
     def _batches(self) -> list[list[int]]:
         """This epoch's batches; built once per epoch (len() and iter() both ask for them)."""
-        if getattr(self, "_built", (None,))[0] == self.epoch:
+        if self._built[0] == self.epoch:
             return self._built[1]
         rng = random.Random(self.seed * 1000 + self.epoch)
         groups = []
