@@ -386,7 +386,6 @@ def cmd_umap(a):
 def cmd_sweep(a):
     """Run a config's variants with `train` (resumable: a finished variant is reused) and write
     the results as a Markdown and a CSV table."""
-    import csv
     import hashlib
 
     from medvqa.cli import UserError, build_parser
@@ -426,6 +425,14 @@ def cmd_sweep(a):
         rows.append({"variant": name, "open": t.get("open"), "closed": t.get("closed"), "overall": t.get("overall"),
                      "val_overall": m.get("val_overall"), "best_epoch": m.get("best_epoch"),
                      "train_s": m.get("train_seconds")})
+        md = _write_sweep_tables(rows, out)   # after every variant, so a long sweep shows its progress
+    print(md)
+    return 0
+
+
+def _write_sweep_tables(rows: list[dict], out: Path) -> str:
+    import csv
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
@@ -435,8 +442,7 @@ def cmd_sweep(a):
     md += [f"| {r['variant']} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {r['val_overall']:.2f} | "
            f"{r['best_epoch']} | {r['train_s']:.0f} |" for r in rows]
     (out / "results.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
-    return 0
+    return "\n".join(md)
 
 
 def cmd_bench(a):

@@ -45,7 +45,21 @@ def test_each_ablation_builds_and_trains(data, off):
     assert set(out["losses"]) == expected
     if off == "cmm":
         assert not any(isinstance(m, CrossMambaBlock) for m in model.modules())
+    if off == "qqformer":  # the fusion sees the pooled grid, ≈K tokens + CLS, not all patches
+        z = model.forward_features(batch_of(ds))["x_seq"].shape[1] - batch_of(ds)["text_tokens"].shape[1]
+        assert z == 1 + model.pool_size ** 2 < batch_of(ds)["image_tokens"].shape[1]
     preset.cmi_mtl.ablate = ()
+
+
+def test_pool_patch_grid_keeps_cls_and_averages_the_grid():
+    from medvqa.models.encoders import pool_patch_grid
+
+    tok = torch.randn(2, 1 + 8 * 8, 5)                                               # CLS + 8×8 grid
+    out = pool_patch_grid(tok, 4)
+    assert out.shape == (2, 1 + 16, 5) and torch.equal(out[:, 0], tok[:, 0])
+    grid = tok[:, 1:].reshape(2, 8, 8, 5)
+    assert torch.allclose(out[:, 1], grid[:, :2, :2].mean((1, 2)), atol=1e-6)     # top-left 2×2 block
+    assert torch.equal(pool_patch_grid(tok, 8), tok)
 
 
 def test_cmm_is_trained_and_saved(data, tmp_path):

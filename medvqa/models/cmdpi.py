@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvqa.models.encoders import pool_patch_grid
+
 ABLATIONS = ("global", "local", "inter", "intra", "diff", "mixup")
 
 
@@ -102,7 +104,7 @@ class CMDPI(nn.Module):
         super().__init__()
         self.cfg, d = cfg, cfg.d
         self.use = {k: k not in cfg.ablate for k in ABLATIONS}
-        self.pool = cfg.image_pool
+        self.pool, self.grid = cfg.image_pool, grid
         self.n_img = (grid // cfg.image_pool) ** 2                               # N
         self.image_encoder = ModalityEncoder(enc_cfg.image_dim, d, cfg.adapter_layers, cfg.rec_heads, cfg.dropout)
         self.text_encoder = ModalityEncoder(enc_cfg.text_dim, d, cfg.adapter_layers, cfg.rec_heads, cfg.dropout)
@@ -136,13 +138,7 @@ class CMDPI(nn.Module):
     # -- encoders -------------------------------------------------------------------------------
     def _image_tokens(self, image_tokens):
         """(B, 1+g², Di) backbone tokens -> (B, 1+N, Di), the grid average-pooled by `image_pool`."""
-        if self.pool == 1:
-            return image_tokens
-        cls, loc = image_tokens[:, :1], image_tokens[:, 1:]
-        B, n, D = loc.shape
-        g = int(n ** 0.5)
-        loc = F.avg_pool2d(loc.transpose(1, 2).reshape(B, D, g, g), self.pool)    # (B, Di, g/p, g/p)
-        return torch.cat([cls, loc.flatten(2).transpose(1, 2)], 1)
+        return pool_patch_grid(image_tokens, self.grid // self.pool)
 
     def encode_image(self, image_tokens, mask=None):
         """(B, 1+g², Di) -> h_I (B, d), H_I (B, N, d); mask (B, N) True = masked patch (Eq. 2)."""

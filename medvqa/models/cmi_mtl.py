@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvqa.models.encoders import pool_patch_grid
 from medvqa.models.mamba import Mamba
 from medvqa.models.qformer import QQFormer
 
@@ -152,6 +153,9 @@ class CMIMTL(nn.Module):
         self.use_qqformer, self.use_cmcl, self.use_cmm, self.use_ahead = (x not in ab for x in ABLATIONS)
         self.proj_v = nn.Linear(enc_cfg.image_dim, d)
         self.proj_t = nn.Linear(enc_cfg.text_dim, d)
+        # w/o QQ-Former the patch grid is average-pooled to ≈K tokens (+CLS): the fusion sees as many
+        # image tokens either way, so the ablation measures question-guided selection, not length.
+        self.pool_size = round(math.sqrt(cfg.n_queries))
         if self.use_qqformer:
             self.qqformer = QQFormer(d, cfg.n_queries, cfg.qqformer_layers, cfg.n_heads, cfg.dropout, cfg.qqformer_text)
         if self.use_cmcl:  # FVTA contrastive: queries and question in a 256-d space, learnable τ
@@ -168,8 +172,8 @@ class CMIMTL(nn.Module):
         # 1 + log C instead of C·log 2 (≈ 345 for VQA-RAD), which otherwise costs the first epochs.
         nn.init.constant_(self.classifier[-1].bias, -math.log(max(n_classes - 1, 1)))
         if self.use_ahead:
-            n_img = cfg.n_queries if self.use_qqformer else None
-            self.ahead = AHead(cfg, d, ahead_vocab or [0, 1, 2], max_positions=(n_img or 1024) + enc_cfg.max_question_len)
+            n_img = cfg.n_queries if self.use_qqformer else 1 + self.pool_size ** 2
+            self.ahead = AHead(cfg, d, ahead_vocab or [0, 1, 2], max_positions=n_img + enc_cfg.max_question_len)
         self.loss_weights = {"cls": 1.0, "vtc": cfg.alpha, "aux": cfg.beta}
 
     # -- features -------------------------------------------------------------------------------
@@ -177,7 +181,7 @@ class CMIMTL(nn.Module):
         v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
-        z = self.qqformer(v, t, t_pad) if self.use_qqformer else v               # (B, K, d)
+        z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
         z_fvta, t_fvta = z, t[:, 0]
         for block in self.fusion:
             z, t = block(z, t, t_pad)

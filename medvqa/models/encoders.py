@@ -14,11 +14,24 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def pool_patch_grid(tokens, size: int):
+    """(B, 1+g², D) ViT tokens -> (B, 1+size², D): the patch grid average-pooled to size×size,
+    the CLS token kept in front (equal to avg_pool2d when size divides g)."""
+    cls, loc = tokens[:, :1], tokens[:, 1:]
+    B, n, D = loc.shape
+    g = int(n ** 0.5)
+    if size >= g:
+        return tokens
+    loc = F.adaptive_avg_pool2d(loc.transpose(1, 2).reshape(B, D, g, g), size)  # (B, D, size, size)
+    return torch.cat([cls, loc.flatten(2).transpose(1, 2)], 1)
 
 
 class BackboneUnavailable(RuntimeError):
