@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvqa.models.dist import gather_rows
 from medvqa.models.encoders import pool_patch_grid
 from medvqa.models.mamba import Mamba
 from medvqa.models.qformer import QQFormer
@@ -201,9 +202,11 @@ class CMIMTL(nn.Module):
     # -- losses ---------------------------------------------------------------------------------
     def cmcl_loss(self, z, t_first, image_ids):
         """Symmetric InfoNCE with s(i, j) = max_k cos(z_ik, t_j) / τ; other questions on the same
-        image are not negatives (they are masked out), which the public code does not do."""
+        image are not negatives (they are masked out), which the public code does not do. Under
+        torchrun the negatives come from every rank's batch."""
         zq = F.normalize(self.vision_proj(z), dim=-1)                            # (B, K, c)
         tq = F.normalize(self.text_proj(t_first), dim=-1)                        # (B, c)
+        zq, tq, image_ids = gather_rows(zq, tq, image_ids)                       # B → global batch
         tau = self.log_tau.exp().clamp(0.01, 0.5)
         sim = torch.einsum("ikc,jc->ijk", zq, tq).amax(-1) / tau                 # (B, B)
         eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)

@@ -1,0 +1,69 @@
+"""The contrastive losses under torchrun: two gloo processes on CPU, each holding part of a batch,
+give the loss of one process holding all of it and, after DDP's gradient average, its gradients."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from medvqa.config import get_preset
+from medvqa.models.registry import build
+
+SHARES = (slice(0, 5), slice(5, 12))   # unequal, as CMDPI's group sampler makes them
+
+
+def _case():
+    torch.manual_seed(0)
+    preset = get_preset("tiny")
+    model = build("cmi-mtl", preset, 7, ahead_vocab=[0, 1, 2, 3])
+    d = preset.cmi_mtl.d
+    z, t = torch.randn(12, preset.cmi_mtl.n_queries, d), torch.randn(12, d)
+    image_ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8])   # same-image pairs across the cut
+    return model, z, t, image_ids
+
+
+def _loss_and_grads(model, z, t, image_ids):
+    loss = model.cmcl_loss(z, t, image_ids)
+    params = [model.vision_proj.weight, model.text_proj.weight, model.log_tau]
+    grads = torch.autograd.grad(loss, params)
+    return loss.detach(), grads
+
+
+def _rank(rank, port, results):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, z, t, ids = _case()
+        s = SHARES[rank]
+        loss, grads = _loss_and_grads(model, z[s], t[s], ids[s])
+        for g in grads:                                        # what DDP does to parameter gradients
+            dist.all_reduce(g)
+            g /= 2
+        results.put((rank, loss.numpy(), [g.numpy() for g in grads]))   # plain arrays: the process exits next
+    finally:
+        dist.destroy_process_group()
+
+
+def test_cmcl_negatives_come_from_every_rank():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict((r, (loss, grads)) for r, loss, grads in (results.get(timeout=120) for _ in procs))
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    want_loss, want_grads = _loss_and_grads(*_case())
+    local_loss, _ = _loss_and_grads(*[x[SHARES[0]] if torch.is_tensor(x) else x for x in _case()])
+    assert not torch.allclose(local_loss, want_loss)           # the test can tell local from global
+    for loss, grads in got.values():
+        torch.testing.assert_close(torch.from_numpy(loss), want_loss)
+        for g, w in zip(grads, want_grads):
+            torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-6)
