@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -82,3 +83,16 @@ def test_module_entry_point_json_only():
     r = subprocess.run([sys.executable, "-m", "medvqa", "data", "stats", "--dataset", "vqa-rad", "--root", "/nonexistent"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and r.stdout == "" and r.stderr.startswith("error:")
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.json")))
+def test_every_sweep_config_parses(config):
+    """A typo in a variant would otherwise surface an hour into a sweep."""
+    from medvqa.cli import build_parser
+
+    cfg = json.loads((Path(__file__).parents[1] / "configs" / config).read_text())
+    data = ["--dataset", cfg["dataset"], "--root", cfg["root"], "--out", "x"]
+    for spec in cfg["variants"].values():
+        spec = spec if isinstance(spec, dict) else {"train": spec}
+        for stage, args in spec.items():
+            build_parser().parse_args([stage, *data, *cfg.get("common", []), *args])
