@@ -383,6 +383,11 @@ def cmd_umap(a):
     return 0
 
 
+def variant_stages(spec) -> dict:
+    """A sweep variant is train arguments, or {"pretrain": [...], "train": [...]} (CMDPI)."""
+    return spec if isinstance(spec, dict) else {"train": spec}
+
+
 def cmd_sweep(a):
     """Run a config's variants with `train` (resumable: a finished variant is reused) and write
     the results as a Markdown and a CSV table."""
@@ -404,9 +409,8 @@ def cmd_sweep(a):
 
     data_args = ["--dataset", cfg["dataset"], "--root", str(a.root or cfg["root"])]
     for name, spec in cfg["variants"].items():
-        # a variant is train arguments, or {"pretrain": [...], "train": [...]} (CMDPI): variants with the
-        # same pretraining arguments share one pretrained checkpoint
-        spec = spec if isinstance(spec, dict) else {"train": spec}
+        # variants with the same pretraining arguments share one pretrained checkpoint
+        spec = variant_stages(spec)
         args = list(spec["train"])
         if "pretrain" in spec:
             pre_args = cfg.get("common", []) + spec["pretrain"]

@@ -89,10 +89,10 @@ def test_module_entry_point_json_only():
 def test_every_sweep_config_parses(config):
     """A typo in a variant would otherwise surface an hour into a sweep."""
     from medvqa.cli import build_parser
+    from medvqa.commands import variant_stages
 
     cfg = json.loads((Path(__file__).parents[1] / "configs" / config).read_text())
     data = ["--dataset", cfg["dataset"], "--root", cfg["root"], "--out", "x"]
     for spec in cfg["variants"].values():
-        spec = spec if isinstance(spec, dict) else {"train": spec}
-        for stage, args in spec.items():
+        for stage, args in variant_stages(spec).items():
             build_parser().parse_args([stage, *data, *cfg.get("common", []), *args])

@@ -199,18 +199,18 @@ class CMDPI(nn.Module):
                 losses[f"{name}_ans"] = F.cross_entropy(logits, y, ignore_index=-1)
         # Contrast only on caption rows: VQA rows describe one aspect of an image, so other images
         # would be false negatives (paper §3.2.3). Under torchrun the rows come from every rank.
-        cap = batch["is_caption"]
-        if gather_rows(cap)[0].sum() > 1:  # the same decision on every rank
+        (cap,) = gather_rows(batch["is_caption"])                             # the same on every rank
+        if cap.sum() > 1:
             tau = self.log_tau.exp().clamp(0.01, 0.5)
             if self.use["inter"]:
-                g_I, g_T, c = gather_rows(h_I, h_T, cap)
-                losses["inter"] = contra(g_I[c], g_T[c], tau) + contra(g_T[c], g_I[c], tau)
+                g_I, g_T = gather_rows(h_I, h_T)
+                losses["inter"] = contra(g_I[cap], g_T[cap], tau) + contra(g_T[cap], g_I[cap], tau)
             if self.use["intra"]:
                 with torch.no_grad():  # momentum targets on the full input; the online side is the masked view
                     m_I = self.momentum_image(self._image_tokens(batch["image_tokens"]))[0]  # ĥ_I
                     m_T = self.momentum_text(batch["text_tokens"], None, batch["text_mask"] == 0)[0]
-                g_I2, g_T2, m_I, m_T, c = gather_rows(h_I2, h_T2, m_I, m_T, cap)
-                losses["intra"] = contra(g_I2[c], m_I[c], tau) + contra(g_T2[c], m_T[c], tau)
+                g_I2, g_T2, m_I, m_T = gather_rows(h_I2, h_T2, m_I, m_T)
+                losses["intra"] = contra(g_I2[cap], m_I[cap], tau) + contra(g_T2[cap], m_T[cap], tau)
         return losses
 
     def sample_lambda(self, n, device):
