@@ -42,6 +42,7 @@ def _rank(rank, port, results):
             dist.all_reduce(g)
             g /= 2
         results.put((rank, loss.numpy(), [g.numpy() for g in grads]))   # plain arrays: the process exits next
+        dist.barrier()          # neither rank tears down gloo while the other still uses it (SIGABRT at exit)
     finally:
         dist.destroy_process_group()
 
