@@ -200,3 +200,25 @@ def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
     s = _wait(c, ("done", "failed", "cancelled"))
     assert s["status"] == "cancelled" and not Path(s["out"]).exists() and s["name"] == name2
     assert (ck / "model.safetensors").read_bytes() == before
+
+
+def test_feature_points_follow_the_weights(tmp_path, monkeypatch):
+    """A precomputed UMAP file is used only for the weights it was computed from: the shipped
+    ones match the shipped checkpoints, and a retrained checkpoint never shows old points."""
+    import json
+
+    from medvqa.app.features import SHIPPED_POINTS, load_points, weights_id
+
+    shipped = Path(__file__).parents[1] / "assets" / "checkpoints"
+    for f in sorted(SHIPPED_POINTS.glob("*.json")):
+        assert json.loads(f.read_text()).get("weights") == weights_id(shipped / f.stem), f"{f.name} is stale: recompute it"
+    monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))
+    ck = tmp_path / "mine"
+    ck.mkdir()
+    (ck / "model.safetensors").write_bytes(b"first weights")
+    cached = tmp_path / "cache" / "embeddings" / "mine.json"
+    cached.parent.mkdir(parents=True)
+    cached.write_text(json.dumps({"weights": weights_id(ck), "xy": [[0, 0]]}))
+    assert load_points(ck) == {"weights": weights_id(ck), "xy": [[0, 0]]}
+    (ck / "model.safetensors").write_bytes(b"retrained weights")
+    assert load_points(ck) is None            # stale, and no dataset to recompute from

@@ -5,7 +5,8 @@ silhouette score of each colouring.
 Embeddings of the shipped checkpoints on their test split are precomputed into
 `assets/embeddings/<checkpoint>.json`, so the tab opens in seconds with no dataset present;
 for other checkpoints they are computed once when the dataset folder is there and cached under
-the user cache dir."""
+the user cache dir. Each file names the weights it was computed from, so a retrained checkpoint
+never shows the old one's points."""
 from __future__ import annotations
 
 import json
@@ -26,6 +27,12 @@ def _cached(name: str) -> Path:
     return cache_dir() / "embeddings" / f"{name}.json"
 
 
+def weights_id(ckpt: Path) -> str:
+    from medvqa.models.encoders import file_digest
+
+    return file_digest(Path(ckpt) / "model.safetensors")
+
+
 def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:
     """Test-split UMAP of one checkpoint: coordinates, every colouring, hover text, silhouettes."""
     from medvqa.data import load_split
@@ -37,7 +44,7 @@ def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:
     feats, correct = p.features_records(records, progress=False)
     xy = embed(feats, seed=seed)
     labels = {c: labels_for(records, correct, c).tolist() for c in COLORINGS}
-    return {"checkpoint": Path(ckpt).name, "dataset": p.config["dataset"], "split": "test", "seed": seed,
+    return {"checkpoint": Path(ckpt).name, "weights": weights_id(ckpt), "dataset": p.config["dataset"], "split": "test", "seed": seed,
             "xy": np.round(xy, 3).tolist(), "labels": labels,
             "silhouette": {c: silhouette(xy, np.array(labels[c])) for c in COLORINGS},
             "hover": [f"{r.question}<br>answer: {r.answer}" for r in records]}
@@ -45,8 +52,8 @@ def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:
 
 def load_points(ckpt: Path, root: Path | None = None) -> dict | None:
     for f in (SHIPPED_POINTS / f"{Path(ckpt).name}.json", _cached(Path(ckpt).name)):
-        if f.is_file():
-            return json.loads(f.read_text())
+        if f.is_file() and (pts := json.loads(f.read_text())).get("weights") == weights_id(ckpt):
+            return pts
     if root is None or not Path(root).is_dir():
         return None
     pts = compute_points(ckpt, root)
