@@ -51,8 +51,9 @@ def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:
 
 
 def load_points(ckpt: Path, root: Path | None = None) -> dict | None:
+    weights = weights_id(ckpt)
     for f in (SHIPPED_POINTS / f"{Path(ckpt).name}.json", _cached(Path(ckpt).name)):
-        if f.is_file() and (pts := json.loads(f.read_text())).get("weights") == weights_id(ckpt):
+        if f.is_file() and (pts := json.loads(f.read_text())).get("weights") == weights:
             return pts
     if root is None or not Path(root).is_dir():
         return None
