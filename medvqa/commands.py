@@ -518,15 +518,16 @@ def register(sub):
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
+    from medvqa.explain import DEFAULT_METHOD
     from medvqa.explain import METHOD_NAMES as METHODS
 
-    ex = sub.add_parser("explain", help="Grad-CAM-family saliency map of an answer, as an overlay PNG + raw .npy")
+    ex = sub.add_parser("explain", help="saliency map of an answer (Grad-CAM family or attention rollout), as an overlay PNG + raw .npy")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--image", required=True, type=Path)
     ex.add_argument("--question", required=True)
-    ex.add_argument("--method", default="gradcam", choices=sorted(METHODS))
+    ex.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
     ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
-    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads (default: a third of the way in; -1: the last)")
+    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout starts (default: a third of the way in; -1: the last)")
     ex.add_argument("--opacity", type=float, default=0.5)
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--out", required=True, type=Path)

@@ -18,6 +18,7 @@ import torch
 
 from medvqa.data import AnswerVocab, ImageError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
+from medvqa.explain import DEFAULT_METHOD
 from medvqa.train.checkpoint import load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
@@ -172,10 +173,10 @@ class Predictor:
 
         return nearest(index, self.features(image, question)["fused"], k)
 
-    def explain(self, image, question, method: str = "gradcam", target: str | int | None = None, layer: int | None = None):
+    def explain(self, image, question, method: str = DEFAULT_METHOD, target: str | int | None = None, layer: int | None = None):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
-        of the vocabulary, or its index), read at the input of image-backbone block `layer`
-        (default: medvqa.explain.gradcam's choice)."""
+        of the vocabulary, or its index), read at the input of image-backbone block `layer` (for
+        "rollout": the block it starts from; default: medvqa.explain.gradcam's choice)."""
         from medvqa.explain.gradcam import explain
 
         im = load_image(image)

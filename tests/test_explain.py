@@ -20,16 +20,17 @@ def _image():
     return Image.fromarray(a)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout"])
 def test_cam_shape_range(ckpt, method):
     cam = Predictor.load(ckpt).explain(_image(), "Where is the lesion?", method=method)
     assert cam.shape == (70, 90) and cam.dtype == np.float32
     assert cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0
 
 
-def test_cam_changes_with_target(ckpt):
+@pytest.mark.parametrize("method", ["gradcam", "rollout"])
+def test_cam_changes_with_target(ckpt, method):
     p = Predictor.load(ckpt)
-    maps = [p.explain(_image(), "Where is the lesion?", target=a) for a in p.vocab.answers]
+    maps = [p.explain(_image(), "Where is the lesion?", method=method, target=a) for a in p.vocab.answers]
     assert max(np.abs(m - maps[0]).mean() for m in maps[1:]) > 1e-3
     with pytest.raises(ValueError, match="not an answer"):
         p.explain(_image(), "Where is the lesion?", target="banana")
@@ -43,6 +44,33 @@ def test_cam_layer_choice(ckpt):
     assert np.abs(first - last).mean() > 1e-3
     with pytest.raises(ValueError, match="blocks"):
         p.explain(_image(), "Where is the lesion?", layer=99)
+
+
+def test_rollout_one_block_is_the_cls_row(ckpt):
+    """Started at the last block, the rollout is I + mean_heads((∇A ⊙ A)⁺): its CLS row over the
+    patches is that block's gradient-weighted attention from CLS, here computed with autograd.grad."""
+    import torch
+
+    from medvqa.explain.gradcam import ImageToLogits, eager_attention, gradient_rollout
+
+    p = Predictor.load(ckpt)
+    enc, vit = p.encoders, p.encoders.image
+    t = enc.tokenize(["Where is the lesion?"])
+    pooled, h = enc.encode_text(t["input_ids"], t["attention_mask"])
+    w = ImageToLogits(enc, p.model, {"text_tokens": h, "text_mask": t["attention_mask"], "text_pooled": pooled,
+                                     "input_ids": t["input_ids"]})
+    x, last = enc.preprocess([_image().convert("RGB")]), len(vit.encoder.layer) - 1
+    attn_before = vit.config._attn_implementation
+    with torch.enable_grad():
+        got = gradient_rollout(w, x, target=1, start=last)
+        assert vit.config._attn_implementation == attn_before     # answers keep the fused kernel
+        with eager_attention(vit):
+            out = vit(pixel_values=x.clone().requires_grad_(True), output_attentions=True)
+            a = out.attentions[last]                                     # (1, heads, T, T)
+            (g,) = torch.autograd.grad(w.head(out.last_hidden_state)[0, 1], a)
+    want = (g * a).clamp(min=0).mean(1)[0, 0, 1:].detach()
+    assert got.shape == (enc.grid, enc.grid)
+    np.testing.assert_allclose(got.flatten(), want.numpy(), rtol=1e-4, atol=1e-7)
 
 
 def test_explain_cli(ckpt, tmp_path, capsys):

@@ -8,7 +8,7 @@ from gradio import FileData
 
 from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
 from medvqa.data import ImageError, load_image, normalize_answer
-from medvqa.explain import METHOD_NAMES, SLOW_METHODS, overlay
+from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, SLOW_METHODS, overlay
 from medvqa.predict import Predictor
 
 FAST_METHODS = [m for m in METHOD_NAMES if m not in SLOW_METHODS]
@@ -113,7 +113,7 @@ def build_tab():
                 question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
                 dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
                 with gr.Row():
-                    method = gr.Dropdown(FAST_METHODS, value="gradcam", label="Saliency method")
+                    method = gr.Dropdown(FAST_METHODS, value=DEFAULT_METHOD, label="Saliency method")
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                 ground_truth = gr.Textbox(label="Ground truth (examples fill it)", interactive=False)
                 go = gr.Button("Ask", variant="primary")

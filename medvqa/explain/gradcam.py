@@ -1,4 +1,5 @@
-"""Grad-CAM family saliency for any medvqa model, through pytorch-grad-cam (DESIGN §7).
+"""Saliency for any medvqa model: the Grad-CAM family through pytorch-grad-cam, and gradient-
+weighted attention rollout (DESIGN §7).
 
 The model is wrapped as `pixels -> answer logits` with the tokenised question held inside the
 wrapper; the target layer is the norm before a ViT block's attention (a third of the way in by
@@ -7,6 +8,8 @@ are reshaped to their patch grid (CLS dropped). The CAM object is built per call
 its hooks never outlive the call and never touch a model being trained.
 """
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -18,9 +21,10 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, L
 from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from medvqa.explain import METHOD_NAMES, SLOW_METHODS
+from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, SLOW_METHODS
 
-METHODS = dict(zip(METHOD_NAMES, (GradCAM, GradCAMPlusPlus, XGradCAM, LayerCAM, EigenCAM, ScoreCAM, AblationCAM)))
+CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
+               "eigencam": EigenCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
 
 
 class ImageToLogits(nn.Module):
@@ -34,10 +38,12 @@ class ImageToLogits(nn.Module):
         # The backbone is frozen; a leaf that requires grad gives the hooked activations a graph.
         px = pixel_values if pixel_values.requires_grad else pixel_values.detach().requires_grad_(True)
         g, loc = self.encoders.encode_image(px)
-        B = px.shape[0]
-        batch = {"image_tokens": torch.cat([g[:, None], loc], 1),
-                 **{k: v.expand(B, *v.shape[1:]) for k, v in self.text.items()}}
-        return self.model(batch)["logits"]
+        return self.head(torch.cat([g[:, None], loc], 1))
+
+    def head(self, image_tokens):
+        """(B, 1+N, Di) backbone tokens -> (B, C) logits."""
+        B = image_tokens.shape[0]
+        return self.model({"image_tokens": image_tokens, **{k: v.expand(B, *v.shape[1:]) for k, v in self.text.items()}})["logits"]
 
 
 def vit_reshape(grid: int):
@@ -54,13 +60,14 @@ def default_layer(encoders) -> int:
     return len(encoders.image.encoder.layer) // 3
 
 
-def explain(encoders, model, image: Image.Image, question: str, method: str = "gradcam",
+def explain(encoders, model, image: Image.Image, question: str, method: str = DEFAULT_METHOD,
             target: int | None = None, batch_size: int = 32, layer: int | None = None) -> np.ndarray:
     """Saliency map (H×W float32 in [0, 1], the image's own size) for answer class `target`
     (default: the predicted answer), read at the input of ViT block `layer` (default: a third of
-    the way in, block 4 of DINOv2-S's 12, chosen on SLAKE validation by the pointing game)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown CAM method {method!r}; choose one of {', '.join(METHODS)}")
+    the way in, block 4 of DINOv2-S's 12, chosen on SLAKE validation by the pointing game); for
+    "rollout", the block the rollout starts from."""
+    if method not in METHOD_NAMES:
+        raise ValueError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     t = encoders.tokenize([question])
     pooled, h = encoders.encode_text(t["input_ids"], t["attention_mask"])
     wrapper = ImageToLogits(encoders, model, {"text_tokens": h, "text_mask": t["attention_mask"],
@@ -73,15 +80,52 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = "g
     layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise ValueError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
-    kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
-    with METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1], reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
-        if method in SLOW_METHODS:
-            cam.batch_size = batch_size
-        m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]           # (S, S) in [0, 1]
+    if method == "rollout":
+        m = gradient_rollout(wrapper, x, target, start=layer % len(blocks))             # (grid, grid)
+    else:
+        kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
+        with CAM_METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1],
+                             reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
+            if method in SLOW_METHODS:
+                cam.batch_size = batch_size
+            m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]       # (S, S) in [0, 1]
     m = np.nan_to_num(m.astype(np.float32))
     out = np.asarray(Image.fromarray(m).resize(image.size, Image.BILINEAR), dtype=np.float32)
     lo, hi = float(out.min()), float(out.max())
     return (out - lo) / (hi - lo) if hi > lo else np.zeros_like(out)
+
+
+@contextmanager
+def eager_attention(vit):
+    """Attention probabilities are only materialised (and returned) by the eager kernel; the fused
+    SDPA one that answers use stays the default outside this block."""
+    before = vit.config._attn_implementation
+    vit.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        vit.set_attn_implementation(before)
+
+
+def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0) -> np.ndarray:
+    """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
+    attention-model explainability", Eq. 5–6): from block `start` on, R ← R + Ā R with
+    Ā = mean_heads((∇A ⊙ A)⁺) and R = I at the start; the map is the CLS token's row over the
+    patch grid. Unlike a CAM it follows how attention moves information between tokens, which is
+    how a frozen ViT's late tokens come to carry a distant organ. -> (grid, grid) float32."""
+    vit = wrapper.encoders.image
+    with eager_attention(vit):
+        out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True)
+        attn = out.attentions[start:]                                   # each (1, heads, T, T)
+        for a in attn:
+            a.retain_grad()
+        wrapper.head(out.last_hidden_state)[0, target].backward()
+    T = attn[0].shape[-1]
+    R = torch.eye(T)                                                    # (T, T)
+    for a in attn:
+        R = R + (a.grad * a).clamp(min=0).mean(1)[0].detach() @ R
+    g = wrapper.encoders.grid
+    return R[0, -g * g:].reshape(g, g).numpy()
 
 
 def overlay(image: Image.Image, cam: np.ndarray, opacity: float = 0.5, colormap: str = "jet") -> Image.Image:
