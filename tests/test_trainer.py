@@ -19,7 +19,7 @@ def test_fit_logs_checkpoints_and_resumes(tmp_path):
     preset, ds, av, vocab, cfg = _setup(tmp_path)
     torch.manual_seed(0)
     model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av)
-    res = fit(model, ds, ds, preset.train, tmp_path / "run", cfg)
+    fit(model, ds, ds, preset.train, tmp_path / "run", cfg)
     lines = [json.loads(l) for l in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [l["epoch"] for l in lines] == [1, 2]
     assert {"train_cls", "train_vtc", "train_aux", "val_overall"} <= set(lines[0])
