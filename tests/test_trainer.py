@@ -48,3 +48,21 @@ def test_cancel_keeps_previous_checkpoint(tmp_path):
                                                    should_stop=lambda: len(steps) >= 2))
     assert res.cancelled and len(steps) == 2 and not (tmp_path / "run2" / "best").exists()
     assert (tmp_path / "run" / "best" / "model.safetensors").read_bytes() == before
+
+
+def test_pretrained_parameters_take_their_own_lr():
+    """Parameters a model marks as pretrained (trained backbone blocks) get lr_pretrained, the rest
+    lr; biases and norms get no weight decay in either."""
+    from medvqa.config import TrainConfig
+    from medvqa.train.trainer import _param_groups
+
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    m.pretrained_prefixes = ("1.",)
+    cfg = TrainConfig(lr=1e-3, lr_pretrained=1e-5, weight_decay=0.1)
+    groups = _param_groups(m, cfg)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    assert by_id[id(m[0].weight)]["weight_decay"] == 0.1 and "lr" not in by_id[id(m[0].weight)]
+    assert by_id[id(m[0].bias)]["weight_decay"] == 0.0 and "lr" not in by_id[id(m[0].bias)]
+    assert by_id[id(m[1].weight)]["lr"] == 1e-5 and by_id[id(m[1].weight)]["weight_decay"] == 0.0
+    opt = torch.optim.AdamW(groups, lr=cfg.lr)
+    assert sorted(g["lr"] for g in opt.param_groups) == [1e-5, 1e-3, 1e-3]

@@ -56,12 +56,16 @@ def to_device(batch: dict, device) -> dict:
 
 
 def _param_groups(model, cfg):
-    """No weight decay on biases, norms and 1-d parameters (A_log, D, mask M, τ)."""
-    decay, no_decay = [], []
+    """No weight decay on biases, norms and 1-d parameters (A_log, D, mask M, τ); parameters whose
+    name starts with one of the model's `pretrained_prefixes` (trained backbone blocks) take
+    cfg.lr_pretrained instead of cfg.lr."""
+    pre = tuple(getattr(model, "pretrained_prefixes", ()))
+    groups = {}   # (pretrained, decay) -> params; new weights first, as resumed optimiser states expect
     for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim < 2 else decay).append(p)
-    return [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            groups.setdefault((bool(pre) and n.startswith(pre), p.ndim >= 2), []).append(p)
+    return [{"params": groups[k], "weight_decay": cfg.weight_decay if k[1] else 0.0} | ({"lr": cfg.lr_pretrained} if k[0] else {})
+            for k in ((False, True), (False, False), (True, True), (True, False)) if k in groups]
 
 
 @torch.no_grad()
