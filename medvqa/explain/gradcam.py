@@ -85,7 +85,7 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     else:
         kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
         with CAM_METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1],
-                             reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
+                                 reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
             if method in SLOW_METHODS:
                 cam.batch_size = batch_size
             m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]       # (S, S) in [0, 1]
@@ -111,8 +111,8 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0) -> 
     """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
     attention-model explainability", Eq. 5–6): from block `start` on, R ← R + Ā R with
     Ā = mean_heads((∇A ⊙ A)⁺) and R = I at the start; the map is the CLS token's row over the
-    patch grid. Unlike a CAM it follows how attention moves information between tokens, which is
-    how a frozen ViT's late tokens come to carry a distant organ. -> (grid, grid) float32."""
+    patch grid. Unlike a CAM it follows attention back from the tokens the head reads to the
+    patches they gathered from. -> (grid, grid) float32."""
     vit = wrapper.encoders.image
     with eager_attention(vit):
         out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True)
