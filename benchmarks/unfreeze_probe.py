@@ -123,7 +123,11 @@ def main():
     t0 = time.time()
     res = trainer.fit(model, data.train, data.val, t, a.out, {"model": a.model, "k": a.k},
                       batch_sampler=ImageBatches(data.train.records, t.batch_size, t.seed))
-    model.load_state_dict({n: v.float() for n, v in load_file(str(a.out / "best" / "model.safetensors")).items()})
+    # tied weights (CMI-MTL's T5 embeddings) are stored once: they load through the tensor they share
+    sd = {n: v.float() for n, v in load_file(str(a.out / "best" / "model.safetensors")).items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    stored = {t.data_ptr() for n, t in model.state_dict().items() if n in sd}
+    assert not unexpected and all(model.state_dict()[n].data_ptr() in stored for n in missing), (missing, unexpected)
     pred, _ = trainer.predict_dataset(model, data.test)
     r = evaluate(data.test.records, {x.qid: data.vocab.answers[i] for x, i in zip(data.test.records, pred.tolist())})
     print(json.dumps({"model": a.model, "k": a.k, "lr_pretrained": a.lr_pretrained, "best_epoch": res.best["epoch"],
