@@ -27,15 +27,12 @@ def _scan_sequential(a, b, reverse: bool = False):
     """h_t = a_t h_{t-1} + b_t, one step at a time; reverse: the adjoint h_t = a_{t+1} h_{t+1} + b_t.
     (b, L, E, N) -> (b, L, E, N)."""
     h = torch.empty_like(b)
-    L = b.shape[1]
-    if reverse:
-        h[:, L - 1] = b[:, L - 1]
-        for t in range(L - 2, -1, -1):
-            torch.addcmul(b[:, t], a[:, t + 1], h[:, t + 1], out=h[:, t])
-    else:
-        h[:, 0] = b[:, 0]
-        for t in range(1, L):
-            torch.addcmul(b[:, t], a[:, t], h[:, t - 1], out=h[:, t])
+    ts = range(b.shape[1] - 1, -1, -1) if reverse else range(b.shape[1])
+    prev = 1 if reverse else -1                       # offset of the state each step builds on
+    shift = 1 if reverse else 0                       # the adjoint reads the next step's a
+    h[:, ts[0]] = b[:, ts[0]]
+    for t in ts[1:]:
+        torch.addcmul(b[:, t], a[:, t + shift], h[:, t + prev], out=h[:, t])
     return h
 
 
