@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file
 
 from medvqa.config import get_preset
 from medvqa.data.images import load_image
@@ -28,6 +27,7 @@ from medvqa.eval import evaluate
 from medvqa.models.encoders import Encoders
 from medvqa.models.registry import build
 from medvqa.train import trainer
+from medvqa.train.checkpoint import load_weights
 from medvqa.train.data import prepare
 
 
@@ -123,11 +123,7 @@ def main():
     t0 = time.time()
     res = trainer.fit(model, data.train, data.val, t, a.out, {"model": a.model, "k": a.k},
                       batch_sampler=ImageBatches(data.train.records, t.batch_size, t.seed))
-    # tied weights (CMI-MTL's T5 embeddings) are stored once: they load through the tensor they share
-    sd = {n: v.float() for n, v in load_file(str(a.out / "best" / "model.safetensors")).items()}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    stored = {t.data_ptr() for n, t in model.state_dict().items() if n in sd}
-    assert not unexpected and all(model.state_dict()[n].data_ptr() in stored for n in missing), (missing, unexpected)
+    load_weights(model, a.out / "best")
     pred, _ = trainer.predict_dataset(model, data.test)
     r = evaluate(data.test.records, {x.qid: data.vocab.answers[i] for x, i in zip(data.test.records, pred.tolist())})
     print(json.dumps({"model": a.model, "k": a.k, "lr_pretrained": a.lr_pretrained, "best_epoch": res.best["epoch"],

@@ -518,8 +518,7 @@ def register(sub):
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    from medvqa.explain import DEFAULT_METHOD
-    from medvqa.explain import METHOD_NAMES as METHODS
+    from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES as METHODS
 
     ex = sub.add_parser("explain", help="saliency map of an answer (Grad-CAM family or attention rollout), as an overlay PNG + raw .npy")
     ex.add_argument("--checkpoint", required=True)

@@ -65,15 +65,9 @@ def read_config(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt}/config.json: not valid JSON ({e})") from None
 
 
-def load_checkpoint(ckpt: Path):
-    """-> (model in eval mode, config dict, metrics dict). Never unpickles anything."""
-    from medvqa.config import preset_from_dict
-    from medvqa.models.registry import build
-
-    cfg = read_config(ckpt)
-    preset = preset_from_dict(cfg["preset"])
-    model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"),
-                  text_vocab=cfg.get("text_vocab"))
+def load_weights(model: torch.nn.Module, ckpt: Path):
+    """`ckpt`/model.safetensors into `model`, as float32. Tied tensors (T5 embeddings / lm_head),
+    stored once, load through the tensor they share; any other missing or extra key is an error."""
     sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -84,6 +78,18 @@ def load_checkpoint(ckpt: Path):
     if untied or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not fit the model in config.json "
                               f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_checkpoint(ckpt: Path):
+    """-> (model in eval mode, config dict, metrics dict). Never unpickles anything."""
+    from medvqa.config import preset_from_dict
+    from medvqa.models.registry import build
+
+    cfg = read_config(ckpt)
+    preset = preset_from_dict(cfg["preset"])
+    model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"),
+                  text_vocab=cfg.get("text_vocab"))
+    load_weights(model, ckpt)
     metrics_path = Path(ckpt) / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return model.eval(), cfg, metrics
