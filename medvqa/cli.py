@@ -193,3 +193,7 @@ def main(argv=None) -> int:
             raise
         print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
         return 1
+    finally:  # under torchrun: tear gloo/NCCL down while the interpreter is whole (else a rank can abort at exit)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
