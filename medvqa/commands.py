@@ -44,10 +44,12 @@ def _setup(a, stage: str | None = None):
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
         raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} (choose from {', '.join(known)})")
+    if (getattr(a, "image_views", None) or 0) < 0:
+        raise UserError(f"--image-views {a.image_views}: use 0 (off) or a positive count")
     _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
-    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise"):
+    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
     sub = preset.cmdpi if a.model == "cmdpi" else preset.cmi_mtl
@@ -486,6 +488,7 @@ def register(sub):
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
         sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
+        sp.add_argument("--image-views", type=int, help="augmented views cached per training image (crop, rotation, contrast; default 0)")
         sp.add_argument("--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,
                         help="parts to switch off: CMI-MTL modules (Table 2) or CMDPI terms (Figs. 7–8)")
         sp.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")

@@ -93,6 +93,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = True                  # only takes effect on CUDA
     feature_noise: float = 0.0        # Gaussian noise on cached tokens (feature augmentation)
+    image_views: int = 0              # cached augmented views per training image (crop, rotation, contrast)
     val_fraction: float = 0.1         # held-out slice of train when the dataset has no validation split
     num_workers: int = 0
 

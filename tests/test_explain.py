@@ -48,7 +48,8 @@ def test_cam_layer_choice(ckpt):
 
 def test_rollout_one_block_is_the_cls_row(ckpt):
     """Started at the last block, the rollout is I + mean_heads((∇A ⊙ A)⁺): its CLS row over the
-    patches is that block's gradient-weighted attention from CLS, here computed with autograd.grad."""
+    patches is that block's gradient-weighted attention from CLS, here computed with autograd.grad
+    (unsmoothed, sigma=0)."""
     import torch
 
     from medvqa.explain.gradcam import ImageToLogits, eager_attention, gradient_rollout
@@ -62,7 +63,8 @@ def test_rollout_one_block_is_the_cls_row(ckpt):
     x, last = enc.preprocess([_image().convert("RGB")]), len(vit.encoder.layer) - 1
     attn_before = vit.config._attn_implementation
     with torch.enable_grad():
-        got = gradient_rollout(w, x, target=1, start=last)
+        got = gradient_rollout(w, x, target=1, start=last, sigma=0)
+        smoothed = gradient_rollout(w, x, target=1, start=last)
         assert vit.config._attn_implementation == attn_before     # answers keep the fused kernel
         with eager_attention(vit):
             out = vit(pixel_values=x.clone().requires_grad_(True), output_attentions=True)
@@ -71,6 +73,8 @@ def test_rollout_one_block_is_the_cls_row(ckpt):
     want = (g * a).clamp(min=0).mean(1)[0, 0, 1:].detach()
     assert got.shape == (enc.grid, enc.grid)
     np.testing.assert_allclose(got.flatten(), want.numpy(), rtol=1e-4, atol=1e-7)
+    from scipy.ndimage import gaussian_filter   # the default map is that grid smoothed by one patch
+    np.testing.assert_allclose(smoothed, gaussian_filter(got, 1.0), rtol=1e-4, atol=1e-7)
 
 
 def test_explain_cli(ckpt, tmp_path, capsys):

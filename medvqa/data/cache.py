@@ -2,7 +2,9 @@
 
 Keys are (backbone + preprocessing) for the folder and the content hash (file bytes or question
 text) for the file, so a changed image or a different backbone never reads stale features.
-Layout: <cache>/features/<key>/<hash[:2]>/<hash>.safetensors, written atomically.
+Layout: <cache>/features/<key>/<hash[:2]>/<hash>.safetensors, written atomically. Augmented
+training views (view ≥ 1, `medvqa.data.images.augment`) live under their own key; view 0 is the
+image itself.
 """
 from __future__ import annotations
 
@@ -14,11 +16,31 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from medvqa.data.images import load_image
+from medvqa.data.images import AUGMENT_VERSION, augment, load_image
 
 
 def _sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
+
+
+def _image_items(paths, view: int) -> list:
+    """(path, digest, (bytes, augmentation seed or None)) per distinct path."""
+    items = []
+    for p in dict.fromkeys(paths):
+        data = Path(p).read_bytes()
+        d = _sha1(data)
+        items.append((p, d, (data, f"{d}-{view}" if view else None)))
+    return items
+
+
+def _view(payload):
+    data, seed = payload
+    im = load_image(data)
+    return augment(im, seed) if seed else im
+
+
+def _view_key(key: str, view: int) -> str:
+    return f"{key}-{AUGMENT_VERSION}-view{view}" if view else key
 
 
 def _atomic_save(tensors: dict, path: Path):
@@ -65,34 +87,27 @@ class FeatureCache:
         bar.close()
         return out
 
-    def images(self, paths) -> dict:
-        """path -> {"tokens": (1+N, Di) float16} (CLS first)."""
-        items = []
-        for p in dict.fromkeys(paths):
-            data = Path(p).read_bytes()
-            items.append((p, _sha1(data), data))
-
-        def encode(datas):
-            px = self.enc.preprocess([load_image(d) for d in datas])
+    def images(self, paths, view: int = 0) -> dict:
+        """path -> {"tokens": (1+N, Di) float16} (CLS first) of the image (view 0) or of its
+        augmented training view `view`."""
+        def encode(payloads):
+            px = self.enc.preprocess([_view(p) for p in payloads])
             g, loc = self.enc.encode_image(px)
             return {"tokens": torch.cat([g[:, None], loc], 1).half()}
-        return self._fill(items, self.enc.image_key(), encode, "caching image features")
+        desc = f"caching image features (view {view})" if view else "caching image features"
+        return self._fill(_image_items(paths, view), _view_key(self.enc.image_key(), view), encode, desc)
 
-    def pixels(self, paths, size: int) -> dict:
-        """path -> (3, size, size) uint8: the image as the encoder sees it (squash, bicubic), for
-        pixel-reconstruction targets."""
+    def pixels(self, paths, size: int, view: int = 0) -> dict:
+        """path -> (3, size, size) uint8: the image (or its view `view`) as the encoder sees it
+        (squash, bicubic), for pixel-reconstruction targets."""
         import numpy as np
         from PIL import Image
 
-        items = []
-        for p in dict.fromkeys(paths):
-            data = Path(p).read_bytes()
-            items.append((p, _sha1(data), data))
-
-        def encode(datas):
-            ims = [np.asarray(load_image(d).resize((size, size), Image.BICUBIC)) for d in datas]
+        def encode(payloads):
+            ims = [np.asarray(_view(p).resize((size, size), Image.BICUBIC)) for p in payloads]
             return {"pixels": torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()}
-        out = self._fill(items, f"pixels-{size}-squash-bicubic", encode, "caching pixel targets")
+        out = self._fill(_image_items(paths, view), _view_key(f"pixels-{size}-squash-bicubic", view), encode,
+                         "caching pixel targets")
         return {k: v["pixels"] for k, v in out.items()}
 
     def questions(self, questions) -> dict:

@@ -11,12 +11,16 @@ from medvqa.data.datasets import normalize_answer
 
 class FeatureDataset(Dataset):
     def __init__(self, records, vocab, image_feats: dict, question_feats: dict, answer_ids: dict | None = None,
-                 pixels: dict | None = None, similar: dict | None = None):
+                 pixels: dict | None = None, similar: dict | None = None, views: list | None = None):
         self.records, self.vocab = records, vocab
         self.image_feats, self.question_feats = image_feats, question_feats
         self.answer_ids = answer_ids or {}                    # normalised answer -> token ids (AHead)
         self.pixels = pixels                                  # image -> (3, S, S) uint8 (CMDPI reconstruction targets)
         self.similar = similar                                # image -> similar images (CMDPI difference reconstruction)
+        # Augmented training views 1..K, each like image_feats; an item draws one of the K + 1 views
+        # (0 = the image itself). pixel_views, when set, are the same views' reconstruction targets.
+        self.views = views or []
+        self.pixel_views = []
         self.image_index = {p: i for i, p in enumerate(sorted({r.image for r in records}))}
 
     def __len__(self):
@@ -25,9 +29,11 @@ class FeatureDataset(Dataset):
     def __getitem__(self, i):
         r = self.records[i]
         q = self.question_feats[r.question]
+        v = random.randrange(len(self.views) + 1) if self.views else 0
+        feats = [self.image_feats, *self.views]
         item = {
             "index": i,
-            "image_tokens": self.image_feats[r.image]["tokens"],          # (1+N, Di)
+            "image_tokens": feats[v][r.image]["tokens"],                  # (1+N, Di)
             "text_tokens": q["tokens"],                                   # (L, Dt)
             "text_pooled": q["pooled"],                                   # (Dt,)
             "input_ids": q["input_ids"],                                  # (L,)
@@ -39,9 +45,9 @@ class FeatureDataset(Dataset):
             "is_caption": bool(r.extra.get("caption")),
         }
         if self.pixels is not None:
-            item["pixels"] = self.pixels[r.image]
+            item["pixels"] = [self.pixels, *self.pixel_views][v][r.image]
         if self.similar is not None:
-            item["similar_image_tokens"] = self.image_feats[random.choice(self.similar[r.image])]["tokens"]
+            item["similar_image_tokens"] = feats[v][random.choice(self.similar[r.image])]["tokens"]
         return item
 
 

@@ -7,11 +7,13 @@ is honoured. Anything unreadable raises `ImageError` with a message fit for a us
 from __future__ import annotations
 
 import io
+import math
 import os
+import random
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 80_000_000  # a decompression-bomb guard well above any radiograph
 
@@ -105,3 +107,20 @@ def load_image(src, name: str | None = None) -> Image.Image:
             raise
         raise ImageError(f"{name}: not a readable image ({e.__class__.__name__})") from None
     return _pil_to_rgb(im)
+
+
+AUGMENT_VERSION = "aug1"   # part of the feature-cache key: a changed recipe never reads old views
+
+
+def augment(im: Image.Image, seed: str) -> Image.Image:
+    """One training view of an image, drawn from `seed`: a crop of 75–100 % of the area (aspect 3:4
+    to 4:3), a rotation of ±10°, brightness and contrast ±15 %. No flips: left and right are
+    answers in these datasets ("which kidney…")."""
+    rng = random.Random(seed)
+    w, h = im.size
+    area, ratio = rng.uniform(0.75, 1.0) * w * h, math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    cw, ch = min(w, round(math.sqrt(area * ratio))), min(h, round(math.sqrt(area / ratio)))
+    x0, y0 = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    im = im.crop((x0, y0, x0 + cw, y0 + ch)).rotate(rng.uniform(-10, 10), resample=Image.BILINEAR)
+    im = ImageEnhance.Brightness(im).enhance(rng.uniform(0.85, 1.15))
+    return ImageEnhance.Contrast(im).enhance(rng.uniform(0.85, 1.15))

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
+from scipy.ndimage import gaussian_filter
 
 from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, LayerCAM, ScoreCAM,
                               XGradCAM)
@@ -107,12 +108,18 @@ def eager_attention(vit):
         vit.set_attn_implementation(before)
 
 
-def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0) -> np.ndarray:
+ROLLOUT_SIGMA = 1.0   # patches; see gradient_rollout
+
+
+def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sigma: float = ROLLOUT_SIGMA) -> np.ndarray:
     """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
     attention-model explainability", Eq. 5–6): from block `start` on, R ← R + Ā R with
     Ā = mean_heads((∇A ⊙ A)⁺) and R = I at the start; the map is the CLS token's row over the
     patch grid. Unlike a CAM it follows attention back from the tokens the head reads to the
-    patches they gathered from. -> (grid, grid) float32."""
+    patches they gathered from. The grid is then Gaussian-smoothed (σ = 1 patch): a single
+    patch's peak is noise, a region's is not; on SLAKE validation's pointing game this moved
+    the three models from 24.29 / 23.81 / 20.95 to 24.29 / 29.05 / 23.81 (README).
+    -> (grid, grid) float32."""
     vit = wrapper.encoders.image
     with eager_attention(vit):
         out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True)
@@ -125,7 +132,8 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0) -> 
     for a in attn:
         R = R + (a.grad * a).clamp(min=0).mean(1)[0].detach() @ R
     g = wrapper.encoders.grid
-    return R[0, -g * g:].reshape(g, g).numpy()
+    m = R[0, -g * g:].reshape(g, g).numpy()
+    return gaussian_filter(m, sigma) if sigma > 0 else m
 
 
 def overlay(image: Image.Image, cam: np.ndarray, opacity: float = 0.5, colormap: str = "jet") -> Image.Image:

@@ -57,7 +57,10 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
     make = lambda recs: FeatureDataset(recs, vocab, imgs, qs, ans_ids) if recs else None
     if problems and progress:
         print(f"warning: {len(problems)} records skipped, e.g. {problems[0]}", file=sys.stderr)
-    return Prepared(make(train), make(val), make(test), vocab, specials + pieces, selection, problems)
+    tr = make(train)
+    if tr is not None:  # augmented views of the training images only: validation and test see the image
+        tr.views = [cache.images([r.image for r in train], view=v) for v in range(1, preset.train.image_views + 1)]
+    return Prepared(tr, make(val), make(test), vocab, specials + pieces, selection, problems)
 
 
 # -- CMDPI: reconstruction targets, similar images, caption corpus, group batches ------------------
@@ -99,23 +102,31 @@ def similar_images(model, ds, threshold: float, pretrained: bool) -> tuple[dict,
                    "mean_partners": round(sum(n) / max(1, len(n)), 1), "features": "pretrained h_I" if pretrained else "backbone CLS"}
 
 
+def attach_pixels(ds: FeatureDataset, cache: FeatureCache, size: int):
+    """Pixel-reconstruction targets of the image and of each of its augmented views."""
+    paths = [r.image for r in ds.records]
+    ds.pixels = cache.pixels(paths, size)
+    ds.pixel_views = [cache.pixels(paths, size, view=v) for v in range(1, len(ds.views) + 1)]
+
+
 def cmdpi_pretrain_set(data: Prepared, preset, encoders, captions: list, cache_root=None, progress=True):
     """Pretraining rows: the training questions (reconstruction only) and the captions
     (reconstruction + contrast), with pixel targets; and one group label per row for batching."""
     cache = FeatureCache(encoders, root=cache_root, progress=progress)
     tr = data.train
-    imgs = tr.image_feats | cache.images([c.image for c in captions])
+    paths = [c.image for c in captions]
+    imgs = tr.image_feats | cache.images(paths)
+    views = [tv | cache.images(paths, view=v) for v, tv in enumerate(tr.views, 1)]
     qs = tr.question_feats | cache.questions([c.question for c in captions])
     records = tr.records + captions
-    pixels = cache.pixels([r.image for r in records], pixel_size(preset))
-    ds = FeatureDataset(records, data.vocab, imgs, qs, tr.answer_ids, pixels=pixels)
+    ds = FeatureDataset(records, data.vocab, imgs, qs, tr.answer_ids, views=views)
+    attach_pixels(ds, cache, pixel_size(preset))
     return ds, ["caption" if r.extra.get("caption") else "vqa" for r in records]
 
 
 def cmdpi_finetune_set(data: Prepared, preset, encoders, similar: dict | None, cache_root=None, progress=True):
     """Attach pixel targets and the similar-image table to the training set; group labels for head mixup."""
-    cache = FeatureCache(encoders, root=cache_root, progress=progress)
     tr = data.train
-    tr.pixels = cache.pixels([r.image for r in tr.records], pixel_size(preset))
+    attach_pixels(tr, FeatureCache(encoders, root=cache_root, progress=progress), pixel_size(preset))
     tr.similar = similar
     return tr, [(r.organ.lower(), r.question_type.upper()) for r in tr.records]
