@@ -57,6 +57,9 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     (tmp_path / "p.json").write_text("{not json")
     rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "folder", "--root", str(tmp_path))
     assert rc == 2 and "error:" in err
+    rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
+                       "--out", str(tmp_path / "ck"), "--image-views", "-1")
+    assert rc == 2 and "--image-views -1" in err and err.strip().count("\n") == 0
 
 
 def test_predict_cli_and_errors(capsys, tmp_path):
