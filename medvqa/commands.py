@@ -44,7 +44,7 @@ def _setup(a, stage: str | None = None):
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
         raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} (choose from {', '.join(known)})")
-    if (getattr(a, "image_views", None) or 0) < 0:
+    if a.image_views is not None and a.image_views < 0:
         raise UserError(f"--image-views {a.image_views}: use 0 (off) or a positive count")
     _init_distributed(a)
     preset = get_preset(a.preset)

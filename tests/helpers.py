@@ -55,12 +55,12 @@ def tiny_checkpoint(tmp: Path, model_name: str = "cmi-mtl", steps: int = 3) -> P
     from medvqa.models.registry import build
     from medvqa.train.checkpoint import save_checkpoint
 
-    from medvqa.train.data import pixel_size, text_vocab
+    from medvqa.train.data import attach_pixels, pixel_size, text_vocab
 
     preset, enc, recs, vocab, ds, ahead_vocab = tiny_data(tmp)
     extra = {}
     if model_name == "cmdpi":  # reconstruction targets and difference-reconstruction partners
-        ds.pixels = FeatureCache(enc, root=tmp / "cache", progress=False).pixels([r.image for r in recs], pixel_size(preset))
+        attach_pixels(ds, FeatureCache(enc, root=tmp / "cache", progress=False), pixel_size(preset))
         ds.similar = {p: [p] for p in ds.image_index}
         extra["text_vocab"] = text_vocab([ds])
     torch.manual_seed(0)

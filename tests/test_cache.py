@@ -38,6 +38,7 @@ def test_augmented_views_are_cached_apart_and_drawn_in_training(tmp_path):
 
     from PIL import Image
 
+    from medvqa.data import AnswerVocab
     from medvqa.data.features import FeatureDataset
     from medvqa.data.images import augment
     from medvqa.train.data import attach_pixels
@@ -55,11 +56,9 @@ def test_augmented_views_are_cached_apart_and_drawn_in_training(tmp_path):
     assert cache.misses == 2 * len(v0)                      # a view never reads the image's own entry
     p = paths[0]
     assert not torch.equal(v0[p]["tokens"], v1[p]["tokens"])
-    ds = FeatureDataset(recs, None, v0, cache.questions([r.question for r in recs]), views=[v1])
+    ds = FeatureDataset(recs, AnswerVocab.build(recs), v0, cache.questions([r.question for r in recs]), views=[v1])
     attach_pixels(ds, cache, 16)
     assert not torch.equal(ds.pixels[p], ds.pixel_views[0][p])
-    from medvqa.data.vocab import AnswerVocab
-    ds.vocab = AnswerVocab.build(recs)
     random.seed(0)
     seen = set()
     for _ in range(20):   # image tokens and pixel targets always come from the same view

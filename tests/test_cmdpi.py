@@ -13,7 +13,7 @@ from medvqa.data.captions import pseudo_captions, read_captions_jsonl
 from medvqa.data.cache import FeatureCache
 from medvqa.models.cmdpi import ABLATIONS, random_mask
 from medvqa.models.registry import build
-from medvqa.train.data import pixel_size, similar_images, text_vocab
+from medvqa.train.data import attach_pixels, pixel_size, similar_images, text_vocab
 from medvqa.train.samplers import GroupBatchSampler
 
 
@@ -21,8 +21,7 @@ from medvqa.train.samplers import GroupBatchSampler
 def data(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cmdpi")
     preset, enc, recs, vocab, ds, _ = tiny_data(tmp)
-    cache = FeatureCache(enc, root=tmp / "cache", progress=False)
-    ds.pixels = cache.pixels([r.image for r in recs], pixel_size(preset))
+    attach_pixels(ds, FeatureCache(enc, root=tmp / "cache", progress=False), pixel_size(preset))
     return preset, ds, vocab
 
 

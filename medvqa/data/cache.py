@@ -23,19 +23,10 @@ def _sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
-def _image_items(paths, view: int) -> list:
-    """(path, digest, (bytes, augmentation seed or None)) per distinct path."""
-    items = []
-    for p in dict.fromkeys(paths):
-        data = Path(p).read_bytes()
-        d = _sha1(data)
-        items.append((p, d, (data, f"{d}-{view}" if view else None)))
-    return items
-
-
 def _view(payload):
-    data, seed = payload
-    im = load_image(data)
+    """(path, augmentation seed or None) -> the image or its augmented view."""
+    path, seed = payload
+    im = load_image(path)
     return augment(im, seed) if seed else im
 
 
@@ -59,6 +50,18 @@ class FeatureCache:
         self.batch_size = batch_size
         self.progress = progress
         self.hits = self.misses = 0
+        self._digests = {}   # path -> content hash, so K views of an image read and hash it once
+
+    def _image_items(self, paths, view: int) -> list:
+        """(path, digest, (path, augmentation seed or None)) per distinct path; the file is read
+        again only when a miss is encoded."""
+        items = []
+        for p in dict.fromkeys(paths):
+            if p not in self._digests:
+                self._digests[p] = _sha1(Path(p).read_bytes())
+            d = self._digests[p]
+            items.append((p, d, (p, f"{d}-{view}" if view else None)))
+        return items
 
     def _path(self, key: str, digest: str) -> Path:
         return self.root / key / digest[:2] / f"{digest}.safetensors"
@@ -95,7 +98,7 @@ class FeatureCache:
             g, loc = self.enc.encode_image(px)
             return {"tokens": torch.cat([g[:, None], loc], 1).half()}
         desc = f"caching image features (view {view})" if view else "caching image features"
-        return self._fill(_image_items(paths, view), _view_key(self.enc.image_key(), view), encode, desc)
+        return self._fill(self._image_items(paths, view), _view_key(self.enc.image_key(), view), encode, desc)
 
     def pixels(self, paths, size: int, view: int = 0) -> dict:
         """path -> (3, size, size) uint8: the image (or its view `view`) as the encoder sees it
@@ -106,7 +109,7 @@ class FeatureCache:
         def encode(payloads):
             ims = [np.asarray(_view(p).resize((size, size), Image.BICUBIC)) for p in payloads]
             return {"pixels": torch.from_numpy(np.stack(ims)).permute(0, 3, 1, 2).contiguous()}
-        out = self._fill(_image_items(paths, view), _view_key(f"pixels-{size}-squash-bicubic", view), encode,
+        out = self._fill(self._image_items(paths, view), _view_key(f"pixels-{size}-squash-bicubic", view), encode,
                          "caching pixel targets")
         return {k: v["pixels"] for k, v in out.items()}
 

@@ -11,16 +11,17 @@ from medvqa.data.datasets import normalize_answer
 
 class FeatureDataset(Dataset):
     def __init__(self, records, vocab, image_feats: dict, question_feats: dict, answer_ids: dict | None = None,
-                 pixels: dict | None = None, similar: dict | None = None, views: list | None = None):
+                 similar: dict | None = None, views: list | None = None):
         self.records, self.vocab = records, vocab
         self.image_feats, self.question_feats = image_feats, question_feats
         self.answer_ids = answer_ids or {}                    # normalised answer -> token ids (AHead)
-        self.pixels = pixels                                  # image -> (3, S, S) uint8 (CMDPI reconstruction targets)
         self.similar = similar                                # image -> similar images (CMDPI difference reconstruction)
         # Augmented training views 1..K, each like image_feats; an item draws one of the K + 1 views
-        # (0 = the image itself). pixel_views, when set, are the same views' reconstruction targets.
+        # (0 = the image itself).
         self.views = views or []
-        self.pixel_views = []
+        # CMDPI reconstruction targets, image -> (3, S, S) uint8, of the image and of each view;
+        # set together by medvqa.train.data.attach_pixels.
+        self.pixels, self.pixel_views = None, []
         self.image_index = {p: i for i, p in enumerate(sorted({r.image for r in records}))}
 
     def __len__(self):
