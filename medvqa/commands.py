@@ -28,12 +28,17 @@ def _init_distributed(a):
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
-def _setup(a, stage: str | None = None):
-    """Preset from the flags, backbones, cached-feature data: what train and pretrain share."""
+# CMDPI sizes that must match the pretraining checkpoint a fine-tuning starts from (--init)
+CMDPI_ARCH = ("d", "adapter_layers", "rec_layers", "rec_heads", "rec_ff", "image_pool", "pixel_patch")
+
+
+def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
+    """Preset from the flags, backbones, cached-feature data: what train and pretrain share.
+    With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
     import torch
 
     from medvqa.cli import UserError
-    from medvqa.config import get_preset
+    from medvqa.config import get_preset, image_grid
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train.data import prepare
@@ -59,6 +64,20 @@ def _setup(a, stage: str | None = None):
             setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
         preset.cmi_mtl.qqformer_text = a.qqformer_text == "on"
+    if a.queries is not None:
+        if a.queries < 1:
+            raise UserError(f"--queries {a.queries}: use a positive count")
+        preset.cmi_mtl.n_queries = a.queries
+    if a.image_pool is not None:
+        if a.image_pool < 1 or image_grid(preset.encoders) % a.image_pool:
+            raise UserError(f"--image-pool {a.image_pool}: use a divisor of the {image_grid(preset.encoders)}-patch grid side")
+        preset.cmdpi.image_pool = a.image_pool
+    if init_cfg:
+        pre = init_cfg["preset"]["cmdpi"]
+        if a.image_pool is not None and a.image_pool != pre["image_pool"]:
+            raise UserError(f"--image-pool {a.image_pool}: the --init checkpoint was pretrained with {pre['image_pool']}")
+        for k in CMDPI_ARCH:
+            setattr(preset.cmdpi, k, pre[k])
     if stage:
         preset.cmdpi.stage = stage
     if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):
@@ -104,7 +123,7 @@ def cmd_train(a):
     init_cfg = read_config(a.init) if a.init else None
     if init_cfg and (a.model != "cmdpi" or init_cfg.get("model") != "cmdpi"):
         raise UserError("--init takes a CMDPI pretraining checkpoint, for --model cmdpi")
-    preset, enc, data = _setup(a, stage="finetune" if a.model == "cmdpi" else None)
+    preset, enc, data = _setup(a, stage="finetune" if a.model == "cmdpi" else None, init_cfg=init_cfg)
     t, extra, sampler, train_ds = preset.train, {}, None, data.train
     if a.model == "cmdpi":
         extra["text_vocab"] = init_cfg["text_vocab"] if init_cfg else text_vocab([data.train])
@@ -496,6 +515,8 @@ def register(sub):
         sp.add_argument("--cmm-align", choices=("attention", "pool"))
         sp.add_argument("--readout", choices=("mean", "first"), help="CMI-MTL x^f vector: mean over each stream (default) or first token (public code)")
         sp.add_argument("--qqformer-text", choices=("on", "off"))
+        sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")
+        sp.add_argument("--image-pool", type=int, help="CMDPI: average-pool the patch grid by this factor before RecNet (offline default 4)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",
                         help="answer vocabulary: all splits (published protocol) or train only")
         sp.add_argument("--limit", type=int, help="use only the first N training records (smoke tests)")

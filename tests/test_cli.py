@@ -60,6 +60,10 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--image-views", "-1")
     assert rc == 2 and "--image-views -1" in err and err.strip().count("\n") == 0
+    for flag, bad in (("--queries", "0"), ("--image-pool", "5")):
+        rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
+                           "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
+        assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
 
 
 def test_predict_cli_and_errors(capsys, tmp_path):

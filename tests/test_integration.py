@@ -71,7 +71,7 @@ def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
     common = ["--model", "cmdpi", "--preset", "tiny", "--dataset", "vqa-rad", "--root", str(root), "--epochs", "1",
               "--limit", "48", "--json"]
     pre = isolated_cache / "pre"
-    assert main(["pretrain", *common, "--out", str(pre), "--workdir", str(isolated_cache / "pw")]) == 0
+    assert main(["pretrain", *common, "--out", str(pre), "--workdir", str(isolated_cache / "pw"), "--image-pool", "2"]) == 0
     m = json.loads(capsys.readouterr().out)
     assert m["stage"] == "pretrain" and m["n_captions"] > 0 and m["train_inter"] > 0
     rc = main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft"),
@@ -80,6 +80,9 @@ def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
     assert rc == 0 and m["best_epoch"] == 1 and 0 <= m["test"]["overall"] <= 100
     cfg = json.loads((isolated_cache / "ft" / "config.json").read_text())
     assert cfg["init"] == str(pre) and cfg["similar_images"]["features"] == "pretrained h_I"
+    assert cfg["preset"]["cmdpi"]["image_pool"] == 2          # the pretraining's sizes, without the flag
+    assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-pool", "1"]) == 2
+    assert "pretrained with 2" in capsys.readouterr().err
     rc = main(["predict", "--checkpoint", str(isolated_cache / "ft"), "--image",
                str(next((root / "images").iterdir())), "--question", "Is this normal?", "--json"])
     assert rc == 0 and "answer" in json.loads(capsys.readouterr().out)
