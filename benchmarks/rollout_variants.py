@@ -32,9 +32,7 @@ def up(m, size):
 
 for c in cases:
     im = load_image(c.record.image)
-    t = enc.tokenize([c.record.question])
-    pooled, h = enc.encode_text(t["input_ids"], t["attention_mask"])
-    w = ImageToLogits(enc, model, {"text_tokens": h, "text_mask": t["attention_mask"], "text_pooled": pooled, "input_ids": t["input_ids"]}).eval()
+    w = ImageToLogits(enc, model, enc.question_inputs([c.record.question])).eval()
     x = enc.preprocess([im])
     with torch.no_grad():
         target = int(w(x).argmax(-1))

@@ -104,10 +104,7 @@ class Predictor:
     def _tokens(self, images, questions) -> dict:
         enc = self.encoders
         g, loc = enc.encode_image(enc.preprocess(images))
-        t = enc.tokenize(questions)
-        pooled, h = enc.encode_text(t["input_ids"], t["attention_mask"])
-        return {"image_tokens": torch.cat([g[:, None], loc], 1), "text_tokens": h, "text_mask": t["attention_mask"],
-                "text_pooled": pooled, "input_ids": t["input_ids"]}
+        return {"image_tokens": torch.cat([g[:, None], loc], 1), **enc.question_inputs(questions)}
 
     def _free_text(self, batch) -> list[str | None]:
         if getattr(self.model, "use_ahead", False):

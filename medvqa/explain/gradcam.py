@@ -69,10 +69,7 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     "rollout", the block the rollout starts from."""
     if method not in METHOD_NAMES:
         raise ValueError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    t = encoders.tokenize([question])
-    pooled, h = encoders.encode_text(t["input_ids"], t["attention_mask"])
-    wrapper = ImageToLogits(encoders, model, {"text_tokens": h, "text_mask": t["attention_mask"],
-                                              "text_pooled": pooled, "input_ids": t["input_ids"]}).eval()
+    wrapper = ImageToLogits(encoders, model, encoders.question_inputs([question])).eval()
     x = encoders.preprocess([image])
     with torch.no_grad():
         if target is None:

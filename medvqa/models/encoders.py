@@ -263,6 +263,12 @@ class Encoders(nn.Module):
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1), h  # mean pooling: MiniLM's trained sentence vector
 
+    def question_inputs(self, questions: list[str]) -> dict:
+        """The text half of a model batch: padded question tokens, mask, pooled vector and ids."""
+        t = self.tokenize(questions)
+        pooled, h = self.encode_text(t["input_ids"], t["attention_mask"])
+        return {"text_tokens": h, "text_mask": t["attention_mask"], "text_pooled": pooled, "input_ids": t["input_ids"]}
+
     @property
     def grid(self) -> int:
         patch = self.image.config.patch_size
