@@ -59,7 +59,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
             setattr(t, k, getattr(a, k))
     sub = preset.cmdpi if a.model == "cmdpi" else preset.cmi_mtl
     sub.ablate = tuple(a.ablate or ())
-    for k in ("alpha", "beta", "cmm_align", "readout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
+    for k in ("alpha", "beta", "cmm_align", "readout", "cls_loss", "sim_threshold", "lam", "diff_weight", "mix_weight"):
         if getattr(a, k, None) is not None and hasattr(sub, k):
             setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
@@ -141,8 +141,8 @@ def cmd_train(a):
             sampler = GroupBatchSampler(groups, t.batch_size, pairs=True, seed=t.seed)
     config = _base_config(a, preset, data, model, **extra)
     work = Path(a.workdir or Path("runs") / Path(a.out).name)
-    res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler,
-              callbacks=getattr(a, "callbacks", None))   # the app's Fine-tune tab drives these
+    cb = getattr(a, "callbacks", None)   # the app's Fine-tune tab drives these
+    res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler, callbacks=cb)
     if res.cancelled:  # the checkpoint folder is only ever written whole: a cancelled run leaves it as it was
         return 130
     import torch.distributed as dist
@@ -164,6 +164,8 @@ def cmd_train(a):
                      {x.qid: float(c) for x, c in zip(data.test.records, conf.tolist())})
         metrics["test"] = {k: r[k] for k in ("open", "closed", "overall", "n", "ece")} | {
             "oov": data.vocab.oov(data.test.records)}
+    if cb and cb.should_stop and cb.should_stop():  # cancelled after the last step, while evaluating
+        return 130
     save_checkpoint(Path(a.out), best, config, metrics)
     if a.json:
         _print_json(metrics)
@@ -515,6 +517,7 @@ def register(sub):
         sp.add_argument("--cmm-align", choices=("attention", "pool"))
         sp.add_argument("--readout", choices=("mean", "first"), help="CMI-MTL x^f vector: mean over each stream (default) or first token (public code)")
         sp.add_argument("--qqformer-text", choices=("on", "off"))
+        sp.add_argument("--cls-loss", choices=("bce", "ce"), help="CMI-MTL L_cls: BCE over the vocabulary (paper, default) or softmax cross-entropy")
         sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")
         sp.add_argument("--image-pool", type=int, help="CMDPI: average-pool the patch grid by this factor before RecNet (offline default 4)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",

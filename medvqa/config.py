@@ -34,6 +34,7 @@ class CMIMTLConfig:
     cmm_blocks: int = 2
     cmm_align: str = "attention"      # "attention" | "pool" (public code)
     readout: str = "mean"             # x^f vector: "mean" over each stream | "first" token (public code)
+    cls_loss: str = "bce"             # L_cls: "bce" over the vocabulary (paper) | "ce" softmax cross-entropy
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2

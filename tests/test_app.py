@@ -198,7 +198,7 @@ def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
     c.predict(api_name="/finetune_cancel")
     assert refused, "a second run must be refused while one is going"
     s = _wait(c, ("done", "failed", "cancelled"))
-    assert s["status"] == "cancelled" and not Path(s["out"]).exists() and s["name"] == name2
+    assert s["status"] == "cancelled" and not Path(s["out"]).exists() and s["name"] == name2, s
     assert (ck / "model.safetensors").read_bytes() == before
 
 

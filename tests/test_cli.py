@@ -103,3 +103,23 @@ def test_every_sweep_config_parses(config):
     for spec in cfg["variants"].values():
         for stage, args in variant_stages(spec).items():
             build_parser().parse_args([stage, *data, *cfg.get("common", []), *args])
+
+
+def test_cancel_after_the_last_step_writes_no_checkpoint(tmp_path):
+    """The app's cancel can arrive while `train` evaluates after its last step: nothing is written."""
+    import csv
+    import os
+
+    from medvqa.cli import build_parser
+    from medvqa.train.trainer import Callbacks
+    from tests.helpers import make_cases
+
+    recs = make_cases(tmp_path / "data", 16)
+    with open(tmp_path / "data" / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "question", "answer"]] + [[os.path.basename(r.image), r.question, r.answer] for r in recs])
+    a = build_parser().parse_args(["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder",
+                                   "--root", str(tmp_path / "data"), "--out", str(tmp_path / "ck"),
+                                   "--workdir", str(tmp_path / "run"), "--epochs", "1", "--json"])
+    epochs = []
+    a.callbacks = Callbacks(on_epoch=lambda e, m: epochs.append(e), should_stop=lambda: bool(epochs))
+    assert a.func(a) == 130 and epochs == [1] and not (tmp_path / "ck").exists()

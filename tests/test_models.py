@@ -138,3 +138,19 @@ def test_cmi_mtl_classifier_starts_at_the_prior(data):
         p = model(batch_of(ds))["logits"].sigmoid()
     C = len(vocab)
     assert abs(p.mean().item() - 1 / C) < 0.25 / C
+
+
+def test_cmi_mtl_ce_loss_is_the_softmax_cross_entropy(data):
+    """`--cls-loss ce` replaces only L_cls, by the baseline's softmax cross-entropy on the same logits."""
+    preset, enc, recs, vocab, ds, av = data
+    torch.manual_seed(0)
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()
+    batch = batch_of(ds)
+    with torch.no_grad():
+        bce = model(batch)
+        model.cfg.cls_loss = "ce"
+        ce = model(batch)
+    torch.testing.assert_close(ce["logits"], bce["logits"])
+    torch.testing.assert_close(ce["losses"]["cls"], torch.nn.functional.cross_entropy(ce["logits"], batch["label"]))
+    assert not torch.isclose(ce["losses"]["cls"], bce["losses"]["cls"])
+    model.cfg.cls_loss = "bce"

@@ -220,11 +220,13 @@ class CMIMTL(nn.Module):
         if "label" not in batch:
             return out
         y = batch["label"]
-        known = y >= 0
-        onehot = F.one_hot(y.clamp(min=0), logits.shape[-1]).float()
-        # BCE over the answer vocabulary, summed over classes (the reference's BCE × C)
-        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
-        out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
+        if self.cfg.cls_loss == "ce":  # the baseline's and CMDPI's loss: one softmax over the answers
+            out["losses"]["cls"] = F.cross_entropy(logits, y, ignore_index=-1)
+        else:  # BCE over the answer vocabulary, summed over classes (the reference's BCE × C)
+            known = y >= 0
+            onehot = F.one_hot(y.clamp(min=0), logits.shape[-1]).float()
+            bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
+            out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
         if self.use_cmcl and self.training and len(y) > 1:
             out["losses"]["vtc"] = self.cmcl_loss(f["z_fvta"], f["t_fvta"], batch["image_id"])
         if self.use_ahead and self.training:
