@@ -33,6 +33,16 @@ def make_cases(root: Path, n: int = 16) -> list[Record]:
     return recs
 
 
+def make_cases_csv(root: Path, n: int = 16) -> Path:
+    """make_cases plus the `folder` dataset's cases.csv (image,question,answer) beside the images."""
+    import csv
+
+    recs = make_cases(root, n)
+    with open(root / "cases.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["image", "question", "answer"]] + [[Path(r.image).name, r.question, r.answer] for r in recs])
+    return root / "cases.csv"
+
+
 def tiny_data(tmp: Path, n: int = 16):
     preset = get_preset("tiny")
     enc = Encoders(preset.encoders)

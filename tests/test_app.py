@@ -146,16 +146,11 @@ def test_review_survives_restart_and_exports(app_url):
 
 
 def _cases_zip(tmp_path, n=24):
-    import csv
     import zipfile
 
-    from tests.helpers import make_cases
+    from tests.helpers import make_cases_csv
 
-    recs = make_cases(tmp_path / "cases", n)
-    with open(tmp_path / "cases" / "cases.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image", "question", "answer"])
-        w.writerows([[os.path.basename(r.image), r.question, r.answer] for r in recs])
+    make_cases_csv(tmp_path / "cases", n)
     z = tmp_path / f"cases{n}.zip"
     with zipfile.ZipFile(z, "w") as zf:
         for p in (tmp_path / "cases").iterdir():

@@ -107,16 +107,11 @@ def test_every_sweep_config_parses(config):
 
 def test_cancel_after_the_last_step_writes_no_checkpoint(tmp_path):
     """The app's cancel can arrive while `train` evaluates after its last step: nothing is written."""
-    import csv
-    import os
-
     from medvqa.cli import build_parser
     from medvqa.train.trainer import Callbacks
-    from tests.helpers import make_cases
+    from tests.helpers import make_cases_csv
 
-    recs = make_cases(tmp_path / "data", 16)
-    with open(tmp_path / "data" / "cases.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["image", "question", "answer"]] + [[os.path.basename(r.image), r.question, r.answer] for r in recs])
+    make_cases_csv(tmp_path / "data", 16)
     a = build_parser().parse_args(["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder",
                                    "--root", str(tmp_path / "data"), "--out", str(tmp_path / "ck"),
                                    "--workdir", str(tmp_path / "run"), "--epochs", "1", "--json"])
