@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -148,9 +150,8 @@ def test_cmi_mtl_ce_loss_is_the_softmax_cross_entropy(data):
     batch = batch_of(ds)
     with torch.no_grad():
         bce = model(batch)
-        model.cfg.cls_loss = "ce"
+        model.cfg = dataclasses.replace(model.cfg, cls_loss="ce")   # a copy: the module's shared preset stays BCE
         ce = model(batch)
     torch.testing.assert_close(ce["logits"], bce["logits"])
     torch.testing.assert_close(ce["losses"]["cls"], torch.nn.functional.cross_entropy(ce["logits"], batch["label"]))
     assert not torch.isclose(ce["losses"]["cls"], bce["losses"]["cls"])
-    model.cfg.cls_loss = "bce"
