@@ -33,13 +33,17 @@ def make_cases(root: Path, n: int = 16) -> list[Record]:
     return recs
 
 
-def make_cases_csv(root: Path, n: int = 16) -> Path:
-    """make_cases plus the `folder` dataset's cases.csv (image,question,answer) beside the images."""
+def make_cases_csv(root: Path, n: int = 16, extra: tuple = (), n_test: int = 0) -> Path:
+    """make_cases plus the `folder` dataset's cases.csv beside the images: image,question,answer,
+    the Record fields named in `extra` (e.g. organ), and with n_test > 0 a split column whose last
+    n_test rows are test."""
     import csv
 
     recs = make_cases(root, n)
+    split = [["train"]] * (n - n_test) + [["test"]] * n_test if n_test else [[]] * n
+    rows = [[Path(r.image).name, r.question, r.answer, *(getattr(r, k) for k in extra)] + s for r, s in zip(recs, split)]
     with open(root / "cases.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["image", "question", "answer"]] + [[Path(r.image).name, r.question, r.answer] for r in recs])
+        csv.writer(f).writerows([["image", "question", "answer", *extra] + (["split"] if n_test else [])] + rows)
     return root / "cases.csv"
 
 

@@ -60,7 +60,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--image-views", "-1")
     assert rc == 2 and "--image-views -1" in err and err.strip().count("\n") == 0
-    for flag, bad in (("--queries", "0"), ("--image-pool", "5")):
+    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1")):
         rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
         assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
@@ -118,3 +118,16 @@ def test_cancel_after_the_last_step_writes_no_checkpoint(tmp_path):
     epochs = []
     a.callbacks = Callbacks(on_epoch=lambda e, m: epochs.append(e), should_stop=lambda: bool(epochs))
     assert a.func(a) == 130 and epochs == [1] and not (tmp_path / "ck").exists()
+
+
+def test_dropout_and_weight_decay_flags_reach_the_checkpoint_config(tmp_path, capsys):
+    import json
+
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 16)
+    rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
+                       "--root", str(tmp_path / "data"), "--out", str(tmp_path / "ck"), "--workdir", str(tmp_path / "run"),
+                       "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--json")
+    preset = json.loads((tmp_path / "ck" / "config.json").read_text())["preset"]
+    assert rc == 0 and preset["cmi_mtl"]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05

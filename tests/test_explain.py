@@ -109,14 +109,9 @@ def test_pointing_game_synthetic(tmp_path):
 
 def _folder_cases_and_second_checkpoint(tmp_path):
     """24 synthetic cases as a folder dataset under tmp_path/data, and a tiny baseline checkpoint."""
-    import os
+    from tests.helpers import make_cases_csv
 
-    from tests.helpers import make_cases
-
-    recs = make_cases(tmp_path / "data", 24)
-    lines = ["image,question,answer,organ,question_type"] + [
-        f"{os.path.basename(r.image)},{r.question},{r.answer},{r.organ},{r.question_type}" for r in recs]
-    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    make_cases_csv(tmp_path / "data", 24, extra=("organ", "question_type"))
     return tiny_checkpoint(tmp_path / "other", "baseline")
 
 
@@ -161,13 +156,10 @@ def test_deletion_insertion_rewards_the_right_map():
 
 def test_faithfulness_cli(ckpt, tmp_path, capsys):
     import json
-    import os
 
-    from tests.helpers import make_cases
+    from tests.helpers import make_cases_csv
 
-    recs = make_cases(tmp_path / "data", 8)
-    lines = ["image,question,answer"] + [f"{os.path.basename(r.image)},{r.question},{r.answer}" for r in recs]
-    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    make_cases_csv(tmp_path / "data", 8)
     rc = main(["faithfulness", "--checkpoint", str(ckpt), "--dataset", "folder", "--root", str(tmp_path / "data"),
                "--split", "train", "--limit", "2", "--steps", "4", "--json"])
     res = json.loads(capsys.readouterr().out)
@@ -195,7 +187,7 @@ def test_figures_cli_writes_every_file(ckpt, tmp_path, capsys):
 
 def test_nearest_training_cases(ckpt, tmp_path, monkeypatch):
     from medvqa.explain.neighbours import build_index, load_or_build_index
-    from tests.helpers import make_cases
+    from tests.helpers import make_cases, make_cases_csv
 
     monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))
     p = Predictor.load(ckpt)
@@ -206,8 +198,7 @@ def test_nearest_training_cases(ckpt, tmp_path, monkeypatch):
     near = p.nearest(r.image, r.question, index, k=3)
     assert len(near) == 3 and near[0]["qid"] == r.qid and near[0]["similarity"] == pytest.approx(1.0, abs=1e-3)
     assert near[0]["similarity"] >= near[1]["similarity"] >= near[2]["similarity"]
-    lines = ["image,question,answer"] + [f"{r.image},{r.question},{r.answer}" for r in recs]
-    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    make_cases_csv(tmp_path / "data", 12)
     a = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)
     b = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)   # from the cache
     assert np.allclose(a["features"], b["features"]) and a["records"] == b["records"]

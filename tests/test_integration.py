@@ -48,12 +48,9 @@ def test_torchrun_two_cpu_processes(tmp_path):
     import subprocess
     import sys
 
-    from tests.helpers import make_cases
+    from tests.helpers import make_cases_csv
 
-    recs = make_cases(tmp_path / "data", 24)
-    lines = ["image,question,answer,split"] + [f"{os.path.basename(r.image)},{r.question},{r.answer},{'test' if i >= 20 else 'train'}"
-                                              for i, r in enumerate(recs)]
-    (tmp_path / "data" / "cases.csv").write_text("\n".join(lines) + "\n")
+    make_cases_csv(tmp_path / "data", 24, n_test=4)
     env = {**os.environ, "MEDVQA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "medvqa",
            "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder", "--root", str(tmp_path / "data"),
