@@ -45,10 +45,11 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here")
-    known = cmdpi.ABLATIONS if a.model == "cmdpi" else ABLATIONS
+    known = {"cmdpi": cmdpi.ABLATIONS, "cmi-mtl": ABLATIONS}.get(a.model, ())
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
-        raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} (choose from {', '.join(known)})")
+        raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} "
+                        + (f"(choose from {', '.join(known)})" if known else "(it has no parts to switch off)"))
     if a.image_views is not None and a.image_views < 0:
         raise UserError(f"--image-views {a.image_views}: use 0 (off) or a positive count")
     if a.dropout is not None and not 0 <= a.dropout < 1:
@@ -61,8 +62,9 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views", "weight_decay"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
-    sub = preset.cmdpi if a.model == "cmdpi" else preset.cmi_mtl
-    sub.ablate = tuple(a.ablate or ())
+    sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
+    if hasattr(sub, "ablate"):
+        sub.ablate = tuple(a.ablate or ())
     for k in ("alpha", "beta", "cmm_align", "readout", "cls_loss", "dropout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
         if getattr(a, k, None) is not None and hasattr(sub, k):
             setattr(sub, k, getattr(a, k))
@@ -514,7 +516,7 @@ def register(sub):
         sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
         sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
         sp.add_argument("--weight-decay", type=float, help="AdamW weight decay of the matrices (default 0.01)")
-        sp.add_argument("--dropout", type=float, help="dropout of the paper model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0)")
+        sp.add_argument("--dropout", type=float, help="dropout of the model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0); baseline MLP (0.2)")
         sp.add_argument("--image-views", type=int, help="augmented views cached per training image (crop, rotation, contrast; default 0)")
         sp.add_argument("--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,
                         help="parts to switch off: CMI-MTL modules (Table 2) or CMDPI terms (Figs. 7–8)")

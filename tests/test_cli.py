@@ -126,8 +126,13 @@ def test_dropout_and_weight_decay_flags_reach_the_checkpoint_config(tmp_path, ca
     from tests.helpers import make_cases_csv
 
     make_cases_csv(tmp_path / "data", 16)
-    rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
-                       "--root", str(tmp_path / "data"), "--out", str(tmp_path / "ck"), "--workdir", str(tmp_path / "run"),
-                       "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--json")
-    preset = json.loads((tmp_path / "ck" / "config.json").read_text())["preset"]
-    assert rc == 0 and preset["cmi_mtl"]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
+    for model, key in (("cmi-mtl", "cmi_mtl"), ("baseline", "baseline")):
+        ck = tmp_path / model
+        rc, out, err = run(capsys, "train", "--model", model, "--preset", "tiny", "--dataset", "folder",
+                           "--root", str(tmp_path / "data"), "--out", str(ck), "--workdir", str(tmp_path / f"run-{model}"),
+                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--json")
+        preset = json.loads((ck / "config.json").read_text())["preset"]
+        assert rc == 0 and preset[key]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
+    rc, out, err = run(capsys, "train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder",
+                       "--root", str(tmp_path / "data"), "--out", str(tmp_path / "x"), "--ablate", "cmcl")
+    assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
