@@ -56,10 +56,12 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         raise UserError(f"--dropout {a.dropout}: use a probability in [0, 1)")
     if a.weight_decay is not None and a.weight_decay < 0:
         raise UserError(f"--weight-decay {a.weight_decay}: use 0 or more")
+    if a.ema is not None and not 0 <= a.ema < 1:
+        raise UserError(f"--ema {a.ema}: use a decay in [0, 1) (0: off)")
     _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
-    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views", "weight_decay"):
+    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views", "weight_decay", "ema"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
     sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
@@ -516,6 +518,7 @@ def register(sub):
         sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
         sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
         sp.add_argument("--weight-decay", type=float, help="AdamW weight decay of the matrices (default 0.01)")
+        sp.add_argument("--ema", type=float, help="select and save an exponential moving average of the weights with this per-step decay, e.g. 0.998 (default 0: off)")
         sp.add_argument("--dropout", type=float, help="dropout of the model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0); baseline MLP (0.2)")
         sp.add_argument("--image-views", type=int, help="augmented views cached per training image (crop, rotation, contrast; default 0)")
         sp.add_argument("--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,

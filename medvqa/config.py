@@ -88,6 +88,7 @@ class TrainConfig:
     lr: float = 2e-4                  # lr of the new (randomly initialised) parameters
     lr_pretrained: float = 1e-5       # lr of pretrained parameters when they are trained
     weight_decay: float = 0.01
+    ema: float = 0.0                  # per-step decay of a weight average used for selection and saving (0: off)
     warmup: float = 0.1               # fraction of steps
     clip: float = 1.0
     seed: int = 0

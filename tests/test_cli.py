@@ -63,7 +63,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
-    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1")):
+    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1")):
         rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
         assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
@@ -123,7 +123,7 @@ def test_cancel_after_the_last_step_writes_no_checkpoint(tmp_path):
     assert a.func(a) == 130 and epochs == [1] and not (tmp_path / "ck").exists()
 
 
-def test_dropout_and_weight_decay_flags_reach_the_checkpoint_config(tmp_path, capsys):
+def test_dropout_weight_decay_and_ema_flags_reach_the_checkpoint_config(tmp_path, capsys):
     import json
 
     from tests.helpers import make_cases_csv
@@ -133,6 +133,7 @@ def test_dropout_and_weight_decay_flags_reach_the_checkpoint_config(tmp_path, ca
         ck = tmp_path / model
         rc, out, err = run(capsys, "train", "--model", model, "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path / "data"), "--out", str(ck), "--workdir", str(tmp_path / f"run-{model}"),
-                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--json")
+                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--ema", "0.99", "--json")
         preset = json.loads((ck / "config.json").read_text())["preset"]
         assert rc == 0 and preset[key]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
+        assert preset["train"]["ema"] == 0.99

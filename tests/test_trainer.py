@@ -66,3 +66,37 @@ def test_pretrained_parameters_take_their_own_lr():
     assert by_id[id(m[1].weight)]["lr"] == 1e-5 and by_id[id(m[1].weight)]["weight_decay"] == 0.0
     opt = torch.optim.AdamW(groups, lr=cfg.lr)
     assert sorted(g["lr"] for g in opt.param_groups) == [1e-5, 1e-3, 1e-3]
+
+
+def test_ema_is_what_is_selected_saved_and_resumed(tmp_path):
+    """With cfg.ema the best checkpoint holds the weight average, training keeps the live weights,
+    and a resumed run carries the average on instead of restarting it."""
+    from medvqa.train.checkpoint import load_weights
+    from medvqa.train.trainer import WeightEMA
+
+    m = torch.nn.Linear(2, 2)
+    ema = WeightEMA(m, 0.5)
+    live = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)  # n = 1: decay min(0.5, 2 / 11)
+    d = 2 / 11
+    assert torch.allclose(ema.shadow["weight"], d * live + (1 - d) * (live + 1))
+    with ema.applied(m):
+        assert torch.equal(m.weight, ema.shadow["weight"])
+    assert torch.equal(m.weight, live + 1)  # the live weights come back
+
+    preset, ds, av, vocab, cfg = _setup(tmp_path, epochs=1)
+    preset.train.ema = 0.9
+    model = build("baseline", preset, len(vocab))
+    fit(model, ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
+    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    saved = build("baseline", preset, len(vocab))
+    load_weights(saved, tmp_path / "run" / "best")
+    k = next(k for k in st["ema"]["shadow"] if k.endswith("weight"))
+    assert torch.allclose(saved.state_dict()[k], st["ema"]["shadow"][k], atol=1e-3)  # fp16 on disk at most
+    assert not torch.allclose(st["model"][k], st["ema"]["shadow"][k])
+    preset.train.epochs = 2
+    fit(build("baseline", preset, len(vocab)), ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
+    st2 = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert st2["ema"]["n"] == 2 * st["ema"]["n"]

@@ -13,6 +13,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +50,42 @@ class FitResult:
     history: list = field(default_factory=list)
     cancelled: bool = False
     seconds: float = 0.0
+
+
+class WeightEMA:
+    """Exponential moving average of the floating-point weights and buffers (Polyak averaging).
+    Validation and the saved checkpoint use the average; training goes on with the live weights.
+    The decay warms up as (1 + n) / (10 + n), as in timm's ModelEma, so the random init fades fast."""
+
+    def __init__(self, model, decay: float):
+        self.decay, self.n = decay, 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def update(self, model):
+        self.n += 1
+        d = min(self.decay, (1 + self.n) / (10 + self.n))
+        for k, v in model.state_dict().items():
+            if k in self.shadow:
+                self.shadow[k].lerp_(v, 1 - d)
+
+    @contextmanager
+    def applied(self, model):
+        """Swap the average into `model` for the block, then put the live weights back."""
+        live = {k: v.detach().clone() for k, v in model.state_dict().items() if k in self.shadow}
+        model.load_state_dict(self.shadow, strict=False)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(live, strict=False)
+
+    def state_dict(self) -> dict:
+        return {"n": self.n, "shadow": self.shadow}
+
+    def load_state_dict(self, st: dict):
+        self.n = st["n"]
+        for k, v in st["shadow"].items():
+            self.shadow[k].copy_(v)
 
 
 def to_device(batch: dict, device) -> dict:
@@ -118,6 +155,7 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     use_amp = cfg.amp and device.type == "cuda"
+    ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
 
     state_path = out_dir / "train_state.pt"
     res, start_epoch, step = FitResult(), 0, 0
@@ -127,6 +165,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, step = st["epoch"], st["step"]
+        if ema is not None and "ema" in st:
+            ema.load_state_dict(st["ema"])
         res.best = json.loads(st["best"])
         res.history = json.loads(st["history"])
     if is_rank0():
@@ -160,6 +200,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             sched.step()
             if hasattr(model, "momentum_update"):  # CMDPI's momentum encoders follow the online ones
                 model.momentum_update()
+            if ema is not None:
+                ema.update(model)
             step += 1
             vals = {k: v.item() for k, v in losses.items()} | {"loss": loss.item()}
             for k, v in vals.items():  # a term absent from some batches (CMDPI contrast) averages over its own
@@ -171,21 +213,23 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             break
         metrics = {"epoch": epoch + 1, "step": step, "lr": sched.get_last_lr()[0],
                    **{f"train_{k}": v / counts[k] for k, v in sums.items()}, "seconds": round(time.time() - t0, 1)}
-        if val_ds is not None and len(val_ds):
-            acc = accuracy(model, val_ds, device)
-            metrics.update({"val_open": acc["open"], "val_closed": acc["closed"], "val_overall": acc["overall"]})
-        res.history.append(metrics)
+        with ema.applied(model) if ema is not None else nullcontext():  # select and save the average
+            if val_ds is not None and len(val_ds):
+                acc = accuracy(model, val_ds, device)
+                metrics.update({"val_open": acc["open"], "val_closed": acc["closed"], "val_overall": acc["overall"]})
+            res.history.append(metrics)
+            if is_rank0():
+                with open(out_dir / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps(metrics) + "\n")
+                score = metrics.get("val_overall", -metrics.get("train_loss", 0.0))
+                if not res.best or score > res.best["score"]:
+                    res.best = {"score": score, **metrics}
+                    save_checkpoint(out_dir / "best", model, ckpt_config, {"selected": res.best})
         if is_rank0():
-            with open(out_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            score = metrics.get("val_overall", -metrics.get("train_loss", 0.0))
-            if not res.best or score > res.best["score"]:
-                res.best = {"score": score, **metrics}
-                save_checkpoint(out_dir / "best", model, ckpt_config, {"selected": res.best})
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "epoch": epoch + 1, "step": step, "best": json.dumps(res.best),
-                        "history": json.dumps(res.history)}, tmp)
+                        "history": json.dumps(res.history)} | ({"ema": ema.state_dict()} if ema is not None else {}), tmp)
             os.replace(tmp, state_path)
         if cb.on_epoch:
             cb.on_epoch(epoch + 1, metrics)
