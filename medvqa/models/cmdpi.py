@@ -182,7 +182,8 @@ class CMDPI(nn.Module):
     def pretrain_losses(self, batch) -> dict:
         cfg, losses = self.cfg, {}
         t_pad = batch["text_mask"][:, 1:] == 0
-        (h_I, H_I), (h_T, H_T) = self.encode_image(batch["image_tokens"]), self.encode_text(batch)  # Eq. 1
+        # Eq. 1 on the full input; its local features H_I, H_T go unused: reconstruction reads the masked ones
+        (h_I, _), (h_T, _) = self.encode_image(batch["image_tokens"]), self.encode_text(batch)
         h_F = self.global_fusion(torch.cat([h_I, h_T], -1))
         B = h_I.shape[0]
         img_m = random_mask(torch.ones(B, self.n_img, dtype=torch.bool, device=h_I.device), cfg.image_mask)
