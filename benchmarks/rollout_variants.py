@@ -1,5 +1,5 @@
 """Probe: pointing-game hit rates of several readouts of one gradient-weighted rollout per question
-(CLS row vs output-token gradient × activation propagated through R, gradient-free rollout, start
+(CLS row vs output-token gradient × activation, signed or its magnitude, propagated through R, gradient-free rollout, start
 blocks 2/4/6, each with and without σ = 1 patch smoothing), on a SLAKE split. Chose the default
 smoothing on validation (README, Decisions).
 
@@ -53,6 +53,7 @@ for c in cases:
         r = (hs.grad * hs).sum(-1)[0].clamp(min=0).detach()          # (T,)
         maps[f"cls{start}"] = R[0, -g*g:]
         maps[f"gxa{start}"] = (r @ R)[-g*g:]
+        maps[f"gxa_abs{start}"] = ((hs.grad * hs).sum(-1)[0].abs().detach() @ R)[-g*g:]   # token-rollout
         maps[f"gxa_noid{start}"] = (r @ (R - torch.eye(T)))[-g*g:]
         maps[f"attnroll_cls{start}"] = R0[0, -g*g:]
     maps["gxa_out"] = ((hs.grad * hs).sum(-1)[0].clamp(min=0).detach())[-g*g:]

@@ -20,20 +20,27 @@ def _image():
     return Image.fromarray(a)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout"])
 def test_cam_shape_range(ckpt, method):
     cam = Predictor.load(ckpt).explain(_image(), "Where is the lesion?", method=method)
     assert cam.shape == (70, 90) and cam.dtype == np.float32
     assert cam.min() >= 0 and cam.max() <= 1 and cam.max() > 0
 
 
-@pytest.mark.parametrize("method", ["gradcam", "rollout"])
+@pytest.mark.parametrize("method", ["gradcam", "rollout", "token-rollout"])
 def test_cam_changes_with_target(ckpt, method):
     p = Predictor.load(ckpt)
     maps = [p.explain(_image(), "Where is the lesion?", method=method, target=a) for a in p.vocab.answers]
     assert max(np.abs(m - maps[0]).mean() for m in maps[1:]) > 1e-3
     with pytest.raises(ValueError, match="not an answer"):
         p.explain(_image(), "Where is the lesion?", target="banana")
+
+
+def test_token_rollout_reads_more_than_the_cls_row(ckpt):
+    """The two rollout readouts come from one R but differ: the tokens the head reads are not only CLS."""
+    p = Predictor.load(ckpt)
+    cls, tokens = (p.explain(_image(), "Where is the lesion?", method=m) for m in ("rollout", "token-rollout"))
+    assert np.abs(cls - tokens).mean() > 1e-3
 
 
 def test_cam_layer_choice(ckpt):

@@ -78,8 +78,9 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise ValueError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
-    if method == "rollout":
-        m = gradient_rollout(wrapper, x, target, start=layer % len(blocks))             # (grid, grid)
+    if method in ("rollout", "token-rollout"):
+        m = gradient_rollout(wrapper, x, target, start=layer % len(blocks),
+                             readout="tokens" if method == "token-rollout" else "cls")   # (grid, grid)
     else:
         kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
         with CAM_METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1],
@@ -108,28 +109,34 @@ def eager_attention(vit):
 ROLLOUT_SIGMA = 1.0   # patches; see gradient_rollout
 
 
-def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sigma: float = ROLLOUT_SIGMA) -> np.ndarray:
+def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sigma: float = ROLLOUT_SIGMA,
+                     readout: str = "cls") -> np.ndarray:
     """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
     attention-model explainability", Eq. 5–6): from block `start` on, R ← R + Ā R with
-    Ā = mean_heads((∇A ⊙ A)⁺) and R = I at the start; the map is the CLS token's row over the
-    patch grid. Unlike a CAM it follows attention back from the tokens the head reads to the
-    patches they gathered from. The grid is then Gaussian-smoothed (σ = 1 patch): a single
-    patch's peak is noise, a region's is not; on SLAKE validation's pointing game this moved
-    the three models from 24.29 / 23.81 / 20.95 to 24.29 / 29.05 / 23.81 (README).
-    -> (grid, grid) float32."""
+    Ā = mean_heads((∇A ⊙ A)⁺) and R = I at the start. Unlike a CAM it follows attention back
+    from the tokens the head reads to the patches they gathered from.
+    readout "cls": the map is the CLS token's row of R over the patch grid (Chefer's choice for a
+    classifier on [CLS]). "tokens": the rows of every output token h_t, weighted by |∇h_t · h_t|,
+    since no head here reads only the CLS token (CMI-MTL's QQ-Former cross-attends to all of them);
+    the magnitude, because a token that argues against the answer is read as much as one that
+    argues for it (on SLAKE validation the signed weights localised worse: README, Decisions).
+    The grid is then Gaussian-smoothed (σ = 1 patch): a single patch's peak is noise, a region's
+    is not. -> (grid, grid) float32."""
     vit = wrapper.encoders.image
     with eager_attention(vit):
         out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True)
+        h = out.last_hidden_state                                       # (1, T, D)
         attn = out.attentions[start:]                                   # each (1, heads, T, T)
-        for a in attn:
-            a.retain_grad()
-        wrapper.head(out.last_hidden_state)[0, target].backward()
+        for t in (h, *attn):
+            t.retain_grad()
+        wrapper.head(h)[0, target].backward()
     T = attn[0].shape[-1]
     R = torch.eye(T)                                                    # (T, T)
     for a in attn:
         R = R + (a.grad * a).clamp(min=0).mean(1)[0].detach() @ R
+    row = R[0] if readout == "cls" else (h.grad * h)[0].sum(-1).abs().detach() @ R   # (T,)
     g = wrapper.encoders.grid
-    m = R[0, -g * g:].reshape(g, g).numpy()
+    m = row[-g * g:].reshape(g, g).numpy()
     return gaussian_filter(m, sigma) if sigma > 0 else m
 
 
