@@ -518,7 +518,7 @@ def register(sub):
         sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
         sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
         sp.add_argument("--weight-decay", type=float, help="AdamW weight decay of the matrices (default 0.01)")
-        sp.add_argument("--ema", type=float, help="select and save an exponential moving average of the weights with this per-step decay, e.g. 0.998 (default 0: off)")
+        sp.add_argument("--ema", type=float, help="select and save an exponential moving average of the weights with this per-step decay, e.g. 0.995 (default 0: off)")
         sp.add_argument("--dropout", type=float, help="dropout of the model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0); baseline MLP (0.2)")
         sp.add_argument("--image-views", type=int, help="augmented views cached per training image (crop, rotation, contrast; default 0)")
         sp.add_argument("--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,

@@ -55,7 +55,7 @@ class FitResult:
 class WeightEMA:
     """Exponential moving average of the floating-point weights and buffers (Polyak averaging).
     Validation and the saved checkpoint use the average; training goes on with the live weights.
-    The decay warms up as (1 + n) / (10 + n), as in timm's ModelEma, so the random init fades fast."""
+    The decay warms up as (1 + n) / (10 + n), as TensorFlow's ExponentialMovingAverage with num_updates, so the random init fades fast."""
 
     def __init__(self, model, decay: float):
         self.decay, self.n = decay, 0
