@@ -206,7 +206,7 @@ def test_feature_points_follow_the_weights(tmp_path, monkeypatch):
 
     shipped = Path(__file__).parents[1] / "assets" / "checkpoints"
     for f in sorted(SHIPPED_POINTS.glob("*.json")):
-        assert json.loads(f.read_text()).get("weights") == weights_id(shipped / f.stem), f"{f.name} is stale: recompute it"
+        assert json.loads(f.read_text()).get("weights") == weights_id(shipped / f.stem), f"{f.name} is stale: python -m medvqa.app.features assets/checkpoints/{f.stem} DATASET_ROOT"
     monkeypatch.setenv("MEDVQA_CACHE", str(tmp_path / "cache"))
     ck = tmp_path / "mine"
     ck.mkdir()

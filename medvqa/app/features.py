@@ -128,3 +128,18 @@ def build_tab():
             return figure(panels, coloring)
 
         show.click(on_show, [left, right, coloring], plot, api_visibility="private")
+
+
+def write_shipped(ckpt: Path, root: Path) -> Path:
+    """Recompute a shipped checkpoint's test-split points into assets/embeddings/ (after retraining it)."""
+    out = SHIPPED_POINTS / f"{Path(ckpt).name}.json"
+    out.write_text(json.dumps(compute_points(ckpt, root)))
+    return out
+
+
+if __name__ == "__main__":  # python -m medvqa.app.features assets/checkpoints/NAME ../shared/data/DATASET
+    import sys
+
+    if len(sys.argv) != 3:
+        sys.exit("usage: python -m medvqa.app.features CHECKPOINT_DIR DATASET_ROOT")
+    print(f"wrote {write_shipped(Path(sys.argv[1]), Path(sys.argv[2]))}")
