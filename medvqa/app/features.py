@@ -140,6 +140,6 @@ def write_shipped(ckpt: Path, root: Path) -> Path:
 if __name__ == "__main__":  # python -m medvqa.app.features assets/checkpoints/NAME ../shared/data/DATASET
     import sys
 
-    if len(sys.argv) != 3:
-        sys.exit("usage: python -m medvqa.app.features CHECKPOINT_DIR DATASET_ROOT")
+    if len(sys.argv) != 3 or not (Path(sys.argv[1]) / "model.safetensors").is_file() or not Path(sys.argv[2]).is_dir():
+        sys.exit("usage: python -m medvqa.app.features CHECKPOINT_DIR DATASET_ROOT (a checkpoint folder and a dataset folder)")
     print(f"wrote {write_shipped(Path(sys.argv[1]), Path(sys.argv[2]))}")
