@@ -57,8 +57,12 @@ def load_points(ckpt: Path, root: Path | None = None) -> dict | None:
             return pts
     if root is None or not Path(root).is_dir():
         return None
+    return write_points(ckpt, root, _cached(Path(ckpt).name))
+
+
+def write_points(ckpt: Path, root: Path, out: Path) -> dict:
+    """compute_points, stored at `out`: the user cache, or assets/embeddings/ for a shipped checkpoint."""
     pts = compute_points(ckpt, root)
-    out = _cached(Path(ckpt).name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(pts))
     return pts
@@ -130,16 +134,17 @@ def build_tab():
         show.click(on_show, [left, right, coloring], plot, api_visibility="private")
 
 
-def write_shipped(ckpt: Path, root: Path) -> Path:
-    """Recompute a shipped checkpoint's test-split points into assets/embeddings/ (after retraining it)."""
-    out = SHIPPED_POINTS / f"{Path(ckpt).name}.json"
-    out.write_text(json.dumps(compute_points(ckpt, root)))
-    return out
 
-
-if __name__ == "__main__":  # python -m medvqa.app.features assets/checkpoints/NAME ../shared/data/DATASET
+if __name__ == "__main__":  # after retraining a shipped checkpoint: rewrite assets/embeddings/NAME.json
     import sys
+
+    from medvqa.data import DataError
 
     if len(sys.argv) != 3 or not (Path(sys.argv[1]) / "model.safetensors").is_file() or not Path(sys.argv[2]).is_dir():
         sys.exit("usage: python -m medvqa.app.features CHECKPOINT_DIR DATASET_ROOT (a checkpoint folder and a dataset folder)")
-    print(f"wrote {write_shipped(Path(sys.argv[1]), Path(sys.argv[2]))}")
+    ckpt, out = Path(sys.argv[1]), SHIPPED_POINTS / f"{Path(sys.argv[1]).name}.json"
+    try:
+        write_points(ckpt, Path(sys.argv[2]), out)
+    except DataError as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}")
