@@ -38,7 +38,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     import torch
 
     from medvqa.cli import UserError
-    from medvqa.config import get_preset, image_grid
+    from medvqa.config import get_preset, image_grid, image_patch
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train.data import prepare
@@ -72,6 +72,11 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
             setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
         preset.cmi_mtl.qqformer_text = a.qqformer_text == "on"
+    if a.image_size is not None:
+        patch = image_patch(preset.encoders)
+        if a.image_size < patch or a.image_size % patch:
+            raise UserError(f"--image-size {a.image_size}: use a multiple of the backbone's {patch}-pixel patch")
+        preset.encoders.image_size = a.image_size
     if a.queries is not None:
         if a.queries < 1:
             raise UserError(f"--queries {a.queries}: use a positive count")
@@ -86,6 +91,10 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
             raise UserError(f"--image-pool {a.image_pool}: the --init checkpoint was pretrained with {pre['image_pool']}")
         for k in CMDPI_ARCH:
             setattr(preset.cmdpi, k, pre[k])
+        size = init_cfg["preset"]["encoders"]["image_size"]
+        if a.image_size is not None and a.image_size != size:
+            raise UserError(f"--image-size {a.image_size}: the --init checkpoint was pretrained at {size}")
+        preset.encoders.image_size = size
     if stage:
         preset.cmdpi.stage = stage
     if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):
@@ -530,6 +539,7 @@ def register(sub):
         sp.add_argument("--qqformer-text", choices=("on", "off"))
         sp.add_argument("--cls-loss", choices=("bce", "ce"), help="CMI-MTL L_cls: BCE over the vocabulary (paper, default) or softmax cross-entropy")
         sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")
+        sp.add_argument("--image-size", type=int, help="backbone input side in pixels, a multiple of its patch (offline default 224; DINOv2 was trained up to 518)")
         sp.add_argument("--image-pool", type=int, help="CMDPI: average-pool the patch grid by this factor before RecNet (offline default 4)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",
                         help="answer vocabulary: all splits (published protocol) or train only")

@@ -174,12 +174,15 @@ def preset_from_dict(d: dict) -> Preset:
     return p
 
 
+def image_patch(enc: EncoderConfig) -> int:
+    """Pixels per side of one image-backbone patch."""
+    if enc.image == "random-vit":
+        return enc.random_patch
+    if enc.image.startswith("dinov2"):
+        return 14
+    return int(enc.image.rsplit("patch", 1)[-1])  # hub CLIP ids end in their patch size: openai/clip-vit-base-patch16
+
+
 def image_grid(enc: EncoderConfig) -> int:
     """Patches per side of the image backbone's token grid."""
-    if enc.image == "random-vit":
-        patch = enc.random_patch
-    elif enc.image.startswith("dinov2"):
-        patch = 14
-    else:  # hub CLIP ids end in their patch size: openai/clip-vit-base-patch16
-        patch = int(enc.image.rsplit("patch", 1)[-1])
-    return enc.image_size // patch
+    return enc.image_size // image_patch(enc)

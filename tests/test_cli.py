@@ -63,7 +63,8 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
-    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1")):
+    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1"),
+                      ("--image-size", "30")):
         rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
         assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
@@ -137,3 +138,21 @@ def test_dropout_weight_decay_and_ema_flags_reach_the_checkpoint_config(tmp_path
         preset = json.loads((ck / "config.json").read_text())["preset"]
         assert rc == 0 and preset[key]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
         assert preset["train"]["ema"] == 0.99
+
+
+def test_image_size_flag_reaches_the_checkpoint_and_the_predictor(tmp_path, capsys):
+    """A model trained at another backbone resolution answers at that resolution after loading."""
+    from medvqa.predict import Predictor
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 16)
+    ck = tmp_path / "ck"
+    rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
+                       "--root", str(tmp_path / "data"), "--out", str(ck), "--workdir", str(tmp_path / "run"),
+                       "--epochs", "1", "--image-size", "48", "--json")
+    assert rc == 0, err
+    assert json.loads((ck / "config.json").read_text())["preset"]["encoders"]["image_size"] == 48
+    p = Predictor.load(ck)
+    assert p.preset.encoders.image_size == 48
+    a = p.answer(Image.new("RGB", (100, 80)), "Is this normal?")
+    assert a.text in json.loads((ck / "config.json").read_text())["answers"]
