@@ -95,6 +95,10 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         if a.image_size is not None and a.image_size != size:
             raise UserError(f"--image-size {a.image_size}: the --init checkpoint was pretrained at {size}")
         preset.encoders.image_size = size
+        # The pretraining learned answers (FFN_A) on every question outside its held-out slice: the fine-tuning
+        # must select on that same slice, whatever its own --seed, or its validation questions were trained on.
+        pt = init_cfg["preset"]["train"]
+        preset.train.holdout_seed = pt["seed"] if pt.get("holdout_seed") is None else pt["holdout_seed"]
     if stage:
         preset.cmdpi.stage = stage
     if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):

@@ -97,6 +97,7 @@ class TrainConfig:
     feature_noise: float = 0.0        # Gaussian noise on cached tokens (feature augmentation)
     image_views: int = 0              # cached augmented views per training image (crop, rotation, contrast)
     val_fraction: float = 0.1         # held-out slice of train when the dataset has no validation split
+    holdout_seed: int | None = None   # draws that slice (None: `seed`); a CMDPI fine-tuning takes its pretraining's
     num_workers: int = 0
 
 

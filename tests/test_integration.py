@@ -78,6 +78,13 @@ def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
     cfg = json.loads((isolated_cache / "ft" / "config.json").read_text())
     assert cfg["init"] == str(pre) and cfg["similar_images"]["features"] == "pretrained h_I"
     assert cfg["preset"]["cmdpi"]["image_pool"] == 2          # the pretraining's sizes, without the flag
+    assert cfg["selection"] == "a held-out 10% of train questions (seed 0)"
+    # another --seed keeps the pretraining's held-out slice: its answers were never trained on
+    assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft2"),
+                 "--workdir", str(isolated_cache / "fw2"), "--seed", "3"]) == 0
+    capsys.readouterr()
+    cfg2 = json.loads((isolated_cache / "ft2" / "config.json").read_text())
+    assert cfg2["selection"] == cfg["selection"] and cfg2["preset"]["train"]["seed"] == 3
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-pool", "1"]) == 2
     assert "pretrained with 2" in capsys.readouterr().err
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-size", "32"]) == 2
