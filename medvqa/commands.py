@@ -38,7 +38,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     import torch
 
     from medvqa.cli import UserError
-    from medvqa.config import get_preset, image_grid, image_patch
+    from medvqa.config import get_preset, image_grid, image_patch, preset_from_dict
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train.data import prepare
@@ -97,8 +97,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         preset.encoders.image_size = size
         # The pretraining learned answers (FFN_A) on every question outside its held-out slice: the fine-tuning
         # must select on that same slice, whatever its own --seed, or its validation questions were trained on.
-        pt = init_cfg["preset"]["train"]
-        preset.train.holdout_seed = pt["seed"] if pt.get("holdout_seed") is None else pt["holdout_seed"]
+        preset.train.holdout_seed = preset_from_dict(init_cfg["preset"]).train.slice_seed
     if stage:
         preset.cmdpi.stage = stage
     if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):

@@ -100,6 +100,11 @@ class TrainConfig:
     holdout_seed: int | None = None   # draws that slice (None: `seed`); a CMDPI fine-tuning takes its pretraining's
     num_workers: int = 0
 
+    @property
+    def slice_seed(self) -> int:
+        """The seed that draws the held-out slice."""
+        return self.seed if self.holdout_seed is None else self.holdout_seed
+
 
 @dataclass
 class Preset:
