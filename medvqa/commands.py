@@ -39,6 +39,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
 
     from medvqa.cli import UserError
     from medvqa.config import get_preset, image_grid, image_patch, preset_from_dict
+    from medvqa.data import dataset_splits
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train.data import prepare
@@ -58,10 +59,15 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         raise UserError(f"--weight-decay {a.weight_decay}: use 0 or more")
     if a.ema is not None and not 0 <= a.ema < 1:
         raise UserError(f"--ema {a.ema}: use a decay in [0, 1) (0: off)")
+    if a.val_fraction is not None:
+        if not 0 <= a.val_fraction < 1:
+            raise UserError(f"--val-fraction {a.val_fraction}: use a fraction in [0, 1) (0: no validation)")
+        if "validate" in dataset_splits(a.dataset, a.root):
+            raise UserError(f"--val-fraction: {a.dataset} has its own validation split, which selection uses")
     _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
-    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views", "weight_decay", "ema"):
+    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views", "weight_decay", "ema", "val_fraction"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
     sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
@@ -97,7 +103,14 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         preset.encoders.image_size = size
         # The pretraining learned answers (FFN_A) on every question outside its held-out slice: the fine-tuning
         # must select on that same slice, whatever its own --seed, or its validation questions were trained on.
-        preset.train.holdout_seed = preset_from_dict(init_cfg["preset"]).train.slice_seed
+        # It may also hold out nothing (--val-fraction 0: no selection, so nothing to leak into).
+        pre_train = preset_from_dict(init_cfg["preset"]).train
+        if a.val_fraction is None:
+            t.val_fraction = pre_train.val_fraction
+        elif a.val_fraction and a.val_fraction != pre_train.val_fraction:
+            raise UserError(f"--val-fraction {a.val_fraction}: the --init checkpoint was pretrained holding out "
+                            f"{pre_train.val_fraction:.0%} of train; hold out the same slice or none (0)")
+        t.holdout_seed = pre_train.slice_seed
     if stage:
         preset.cmdpi.stage = stage
     if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):
@@ -190,7 +203,8 @@ def cmd_train(a):
     if a.json:
         _print_json(metrics)
     else:
-        print(f"saved {a.out} (best epoch {metrics['best_epoch']} on {data.selection}; {res.seconds:.0f} s)")
+        chosen = f"best epoch {metrics['best_epoch']} on {data.selection}" if data.val else f"epoch {metrics['best_epoch']}, the last: no validation"
+        print(f"saved {a.out} ({chosen}; {res.seconds:.0f} s)")
         if "test" in metrics:
             m = metrics["test"]
             print(f"test: open {m['open']:.2f}  closed {m['closed']:.2f}  overall {m['overall']:.2f}")
@@ -543,6 +557,7 @@ def register(sub):
         sp.add_argument("--cls-loss", choices=("bce", "ce"), help="CMI-MTL L_cls: BCE over the vocabulary (paper, default) or softmax cross-entropy")
         sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")
         sp.add_argument("--image-size", type=int, help="backbone input side in pixels, a multiple of its patch (offline default 224; DINOv2 was trained up to 518)")
+        sp.add_argument("--val-fraction", type=float, help="held-out slice of train for selection when the dataset has no validation split (default 0.1; 0: train on all of train and keep the last epoch)")
         sp.add_argument("--image-pool", type=int, help="CMDPI: average-pool the patch grid by this factor before RecNet (offline default 4)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",
                         help="answer vocabulary: all splits (published protocol) or train only")

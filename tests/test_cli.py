@@ -64,7 +64,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
     for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1"),
-                      ("--image-size", "30")):
+                      ("--image-size", "30"), ("--val-fraction", "1")):
         rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
         assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
@@ -138,6 +138,23 @@ def test_dropout_weight_decay_and_ema_flags_reach_the_checkpoint_config(tmp_path
         preset = json.loads((ck / "config.json").read_text())["preset"]
         assert rc == 0 and preset[key]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
         assert preset["train"]["ema"] == 0.99
+
+
+def test_val_fraction_zero_trains_on_all_of_train_and_keeps_the_last_epoch(tmp_path, capsys):
+    """A refit on every training question: nothing is held out, and the last epoch is saved."""
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 16)
+    args = ["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder", "--root", str(tmp_path / "data"),
+            "--epochs", "3", "--json"]
+    rc, out, err = run(capsys, *args, "--out", str(tmp_path / "all"), "--workdir", str(tmp_path / "r0"), "--val-fraction", "0")
+    m = json.loads(out)
+    assert rc == 0 and m["best_epoch"] == 3 and m["val_overall"] is None
+    assert m["selected_on"] == "nothing: no validation, the last epoch is kept"
+    lines = (tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 3 and all("val_overall" not in json.loads(x) for x in lines)
+    rc, out, err = run(capsys, *args, "--out", str(tmp_path / "held"), "--workdir", str(tmp_path / "r1"), "--val-fraction", "0.25")
+    assert rc == 0 and json.loads(out)["selected_on"] == "a held-out 25% of train questions (seed 0)"
 
 
 def test_image_size_flag_reaches_the_checkpoint_and_the_predictor(tmp_path, capsys):

@@ -85,6 +85,12 @@ def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
     capsys.readouterr()
     cfg2 = json.loads((isolated_cache / "ft2" / "config.json").read_text())
     assert cfg2["selection"] == cfg["selection"] and cfg2["preset"]["train"]["seed"] == 3
+    # a refit may hold out nothing; another slice would be one the pretraining trained answers on
+    assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--val-fraction", "0.2"]) == 2
+    assert "hold out the same slice or none" in capsys.readouterr().err
+    assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft0"),
+                 "--workdir", str(isolated_cache / "fw0"), "--val-fraction", "0"]) == 0
+    assert json.loads(capsys.readouterr().out)["selected_on"].startswith("nothing")
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-pool", "1"]) == 2
     assert "pretrained with 2" in capsys.readouterr().err
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-size", "32"]) == 2

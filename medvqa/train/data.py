@@ -40,7 +40,8 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
     else:  # VQA-RAD: a fixed held-out slice of train questions; the test split is never looked at
         t = preset.train
         train, val = holdout(train, t.val_fraction, t.slice_seed)
-        selection = f"a held-out {t.val_fraction:.0%} of train questions (seed {t.slice_seed})"
+        selection = (f"a held-out {t.val_fraction:.0%} of train questions (seed {t.slice_seed})" if val
+                     else "nothing: no validation, the last epoch is kept")
     test = loaded["test"].records if "test" in loaded else []
     if limit:
         train, val, test = train[:limit], val[:max(1, limit // 4)], test[:max(1, limit // 4)]

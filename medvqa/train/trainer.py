@@ -2,7 +2,7 @@
 
 A model's `forward(batch)` returns `{"logits", "losses": {name: tensor}}` and carries
 `loss_weights`; the trainer sums the weighted losses and owns the optimiser, warm-up + cosine
-schedule, clipping, AMP (CUDA), seeding, selection on validation, atomic checkpoints, resume,
+schedule, clipping, AMP (CUDA), seeding, selection on validation (without one: the last epoch), atomic checkpoints, resume,
 and callbacks (progress, cancel, live metrics) through which the app drives it.
 Under `torchrun` it shards batches with a DistributedSampler and only rank 0 writes.
 """
@@ -221,7 +221,7 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             if is_rank0():
                 with open(out_dir / "metrics.jsonl", "a") as f:
                     f.write(json.dumps(metrics) + "\n")
-                score = metrics.get("val_overall", -metrics.get("train_loss", 0.0))
+                score = metrics.get("val_overall", metrics["epoch"])   # no validation: the last epoch
                 if not res.best or score > res.best["score"]:
                     res.best = {"score": score, **metrics}
                     save_checkpoint(out_dir / "best", model, ckpt_config, {"selected": res.best})
