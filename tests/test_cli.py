@@ -150,7 +150,7 @@ def test_val_fraction_zero_trains_on_all_of_train_and_keeps_the_last_epoch(tmp_p
     rc, out, err = run(capsys, *args, "--out", str(tmp_path / "all"), "--workdir", str(tmp_path / "r0"), "--val-fraction", "0")
     m = json.loads(out)
     assert rc == 0 and m["best_epoch"] == 3 and m["val_overall"] is None
-    assert m["selected_on"] == "nothing: no validation, the last epoch is kept"
+    assert m["selected_on"] == "none: all of train, the last epoch of a fixed schedule"
     lines = (tmp_path / "r0" / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all("val_overall" not in json.loads(x) for x in lines)
     rc, out, err = run(capsys, *args, "--out", str(tmp_path / "held"), "--workdir", str(tmp_path / "r1"), "--val-fraction", "0.25")

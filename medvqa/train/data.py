@@ -41,7 +41,7 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
         t = preset.train
         train, val = holdout(train, t.val_fraction, t.slice_seed)
         selection = (f"a held-out {t.val_fraction:.0%} of train questions (seed {t.slice_seed})" if val
-                     else "nothing: no validation, the last epoch is kept")
+                     else "none: all of train, the last epoch of a fixed schedule")
     test = loaded["test"].records if "test" in loaded else []
     if limit:
         train, val, test = train[:limit], val[:max(1, limit // 4)], test[:max(1, limit // 4)]
