@@ -104,29 +104,36 @@ def _read_predictions(path: Path) -> tuple[dict, dict | None]:
     return preds, (conf or None)
 
 
+def _answers(a, records, source, from_file: bool) -> tuple[dict, dict | None, AnswerVocab, str]:
+    """Answers to `records` from a predictions JSON file or a checkpoint (name or folder)."""
+    if from_file:
+        preds, conf = _read_predictions(source)
+        return preds, conf, vocab_for(a.dataset, a.root, a.vocab), a.vocab
+    from medvqa.predict import Predictor
+
+    p = Predictor.load(source)
+    preds, conf = p.predict_records(records, progress=not a.json)
+    return preds, conf, p.vocab, p.config.get("vocab_protocol", "?")
+
+
 def cmd_eval(a):
-    from medvqa.eval import evaluate
+    from medvqa.eval import evaluate, paired_comparison
 
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
-    if a.predictions:
-        preds, conf = _read_predictions(a.predictions)
-        vocab = vocab_for(a.dataset, a.root, a.vocab)
-        vocab_name = a.vocab
-    else:
-        from medvqa.predict import Predictor
-
-        p = Predictor.load(a.checkpoint)
-        preds, conf = p.predict_records(split.records, progress=not a.json)
-        vocab, vocab_name = p.vocab, p.config.get("vocab_protocol", "?")
+    preds, conf, vocab, vocab_name = _answers(a, split.records, a.predictions or a.checkpoint, bool(a.predictions))
     res = evaluate(split.records, preds, conf)
     res.update({"vocab": len(vocab), "vocab_protocol": vocab_name, "oov": vocab.oov(split.records),
                 "skipped": len(split.problems), "dataset": a.dataset, "split": a.split})
+    if a.against:
+        res["against"] = {"source": str(a.against)} | paired_comparison(
+            split.records, preds, _answers(a, split.records, a.against, Path(a.against).is_file())[0])
     if a.json:
         _print_json(res)
         return 0
+    lo, hi = res["overall_ci95"]
     print(f"{a.dataset} {a.split}: open {res['open']:.2f}  closed {res['closed']:.2f}  overall {res['overall']:.2f}"
-          f"  (n={res['n']}: {res['n_open']} open / {res['n_closed']} closed)")
+          f" [95 % CI {lo:.2f}–{hi:.2f}]  (n={res['n']}: {res['n_open']} open / {res['n_closed']} closed)")
     print(f"vocabulary: {res['vocab']} answers ({vocab_name}); {res['oov']} test answers are out of vocabulary")
     if "ece" in res:
         print(f"ECE of top-1 confidence: {res['ece']:.2f}")
@@ -134,6 +141,11 @@ def cmd_eval(a):
         key = {"organ": "by_organ", "question_type": "by_question_type"}[a.by]
         for k, v in res[key].items():
             print(f"  {k:24s} {v['acc']:6.2f}  (n={v['n']})")
+    if a.against:
+        c = res["against"]
+        print(f"against {a.against} ({c['b']:.2f}): {c['difference']:+.2f} points, paired bootstrap 95 % CI "
+              f"{c['difference_ci95'][0]:+.2f} to {c['difference_ci95'][1]:+.2f}; only this one right on {c['only_a_right']}, "
+              f"only the other on {c['only_b_right']}: McNemar exact p = {c['mcnemar_p']:.3g}")
     return 0
 
 
@@ -165,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--vocab", choices=("all", "train"), default="all",
                     help="vocabulary used to count out-of-vocabulary answers with --predictions")
     ev.add_argument("--by", choices=("organ", "question_type"))
+    ev.add_argument("--against", metavar="CHECKPOINT_OR_JSON",
+                    help="a second model (checkpoint, or predictions JSON) on the same questions: the accuracy "
+                         "difference with a paired-bootstrap 95 %% CI and McNemar's exact test")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

@@ -369,7 +369,10 @@ def cmd_pointing_game(a):
         return 0
     print(f"pointing game on SLAKE {a.split}: {res['n']} questions naming a boxed organ or lesion")
     for r in res["results"]:
-        print(f"  {r['model']:24s} {r['method']:12s} layer {r['layer']:3d}  hit rate {r['hit_rate']:.2f}")
+        lo, hi = r["hit_rate_ci95"]
+        v = r["vs_centre"]
+        print(f"  {r['model']:24s} {r['method']:12s} layer {r['layer']:3d}  hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
+              f"  vs centre: {v['only_map']} only the map, {v['only_centre']} only the centre, McNemar p = {v['mcnemar_p']:.3g}")
     print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")
     return 0
 

@@ -1,10 +1,12 @@
-"""Accuracy open / closed / overall by ground-truth answer type, breakdowns, and ECE.
+"""Accuracy open / closed / overall by ground-truth answer type, breakdowns, ECE, and how sure
+a difference between two models is.
 
 Exact match of the normalised predicted answer with the normalised ground truth (DESIGN §5).
 Every question counts: a question with no prediction is wrong, never skipped.
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -35,8 +37,47 @@ def reliability_bins(confidence, correct, n_bins: int = 15) -> list[dict]:
              "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
 
 
+def _right(pred, record) -> bool:
+    return pred is not None and normalize_answer(pred) == record.answer_norm
+
+
 def _pct(hits: list) -> float:
     return round(100.0 * sum(hits) / len(hits), 2) if hits else float("nan")
+
+
+def wilson_interval(k: int, n: int, z: float = 1.96) -> list[float]:
+    """95 % Wilson score interval of an accuracy k / n, in percent (sound near 0 and 100, unlike ±2 s.e.)."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    p, z2 = k / n, z * z
+    mid, half = (p + z2 / (2 * n)) / (1 + z2 / n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return [round(100 * max(0.0, mid - half), 2), round(100 * min(1.0, mid + half), 2)]
+
+
+def mcnemar_exact(only_a: int, only_b: int) -> float:
+    """McNemar's exact test: two-sided binomial p of the discordant pairs split only_a : only_b
+    under "either is as likely", to 3 significant digits."""
+    m = only_a + only_b
+    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(min(only_a, only_b) + 1)) / 2 ** m) if m else 1.0
+    return float(f"{p:.3g}")
+
+
+def paired_comparison(records, preds_a: dict, preds_b: dict, n_boot: int = 10000, seed: int = 0) -> dict:
+    """Model A against model B on the same questions: the accuracy difference A − B in points, its
+    95 % paired-bootstrap interval (questions resampled together), and McNemar's exact test on the
+    questions only one of them gets right — the test that fits two models answering one test set."""
+    a = np.array([_right(preds_a.get(r.qid), r) for r in records], dtype=np.float64)   # (n,)
+    b = np.array([_right(preds_b.get(r.qid), r) for r in records], dtype=np.float64)
+    n = len(a)
+    if n == 0:
+        raise ValueError("no questions to compare")
+    only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
+    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))                 # (n_boot, n)
+    diffs = 100.0 * (a[idx] - b[idx]).mean(1)
+    return {"n": n, "a": round(100 * float(a.mean()), 2), "b": round(100 * float(b.mean()), 2),
+            "difference": round(100 * float(a.mean() - b.mean()), 2),
+            "difference_ci95": [round(float(np.percentile(diffs, 2.5)), 2), round(float(np.percentile(diffs, 97.5)), 2)],
+            "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
 
 
 def evaluate(records, predictions: dict, confidences: dict | None = None) -> dict:
@@ -47,7 +88,7 @@ def evaluate(records, predictions: dict, confidences: dict | None = None) -> dic
     for r in records:
         pred = predictions.get(r.qid)
         missing += pred is None
-        ok = pred is not None and normalize_answer(pred) == r.answer_norm
+        ok = _right(pred, r)
         hits[r.answer_type].append(ok)
         by_organ[r.organ or "unknown"].append(ok)
         # VQA-RAD question types can be lists ("PRES, POS"): count the question under each.
@@ -59,6 +100,7 @@ def evaluate(records, predictions: dict, confidences: dict | None = None) -> dic
     everything = hits["OPEN"] + hits["CLOSED"]
     out = {
         "open": _pct(hits["OPEN"]), "closed": _pct(hits["CLOSED"]), "overall": _pct(everything),
+        "overall_ci95": wilson_interval(sum(everything), len(everything)),
         "n": len(everything), "n_open": len(hits["OPEN"]), "n_closed": len(hits["CLOSED"]),
         "missing_predictions": missing,
         "by_organ": {k: {"acc": _pct(v), "n": len(v)} for k, v in sorted(by_organ.items())},

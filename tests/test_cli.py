@@ -173,3 +173,24 @@ def test_image_size_flag_reaches_the_checkpoint_and_the_predictor(tmp_path, caps
     assert p.preset.encoders.image_size == 48
     a = p.answer(Image.new("RGB", (100, 80)), "Is this normal?")
     assert a.text in json.loads((ck / "config.json").read_text())["answers"]
+
+
+def test_eval_against_a_second_model_is_a_paired_test(capsys, tmp_path):
+    """`eval --against` compares two answer sets on the same questions; a missing model is one line."""
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 8)                     # answers: yes yes no liver yes no no "left lung"
+    right = {"0": "yes", "1": "yes", "2": "no", "3": "liver", "4": "yes", "5": "no", "6": "no", "7": "left lung"}
+    (tmp_path / "a.json").write_text(json.dumps(right))
+    (tmp_path / "b.json").write_text(json.dumps(right | {"3": "spleen", "7": "right lung"}))
+    args = ["eval", "--predictions", str(tmp_path / "a.json"), "--dataset", "folder", "--root", str(tmp_path / "data")]
+    rc, out, err = run(capsys, *args, "--against", str(tmp_path / "b.json"), "--json")
+    r = json.loads(out)
+    assert rc == 0 and r["overall"] == 100.0 and r["overall_ci95"][1] == 100.0
+    c = r["against"]
+    assert (c["a"], c["b"], c["difference"], c["only_a_right"], c["only_b_right"]) == (100.0, 75.0, 25.0, 2, 0)
+    assert c["mcnemar_p"] == 0.5                                # 2 against 0 could be chance
+    rc, out, err = run(capsys, *args, "--against", str(tmp_path / "b.json"))
+    assert rc == 0 and "+25.00 points" in out and "McNemar exact p = 0.5" in out
+    rc, out, err = run(capsys, *args, "--against", str(tmp_path / "no-such-model"))
+    assert rc == 2 and err.startswith("error:") and err.strip().count("\n") == 0

@@ -24,3 +24,29 @@ def test_ece():
     assert expected_calibration_error([0.9] * 10, [1] * 5 + [0] * 5) == pytest.approx(40.0)
     res = evaluate(_recs(), {"1": "yes"}, {"1": 0.8})
     assert res["ece"] == pytest.approx(20.0)
+
+
+def test_wilson_interval_matches_the_closed_form():
+    from medvqa.eval import wilson_interval
+
+    assert wilson_interval(0, 10) == [0.0, 27.75] and wilson_interval(10, 10) == [72.25, 100.0]
+    lo, hi = wilson_interval(328, 451)                        # 72.73 %: the interval is not centred on it
+    assert lo < 72.73 < hi and (hi - 72.73) < (72.73 - lo) and hi - lo == pytest.approx(8.19, abs=0.01)
+
+
+def test_paired_comparison_counts_discordant_questions():
+    from scipy.stats import binomtest
+
+    from medvqa.eval import paired_comparison
+
+    recs = [Record(str(i), "i", "q", "yes", "CLOSED") for i in range(40)]
+    a = {str(i): "yes" for i in range(30)}                    # right on 0..29
+    b = {str(i): "yes" for i in range(5, 20)} | {"39": "yes"}  # right on 5..19 and 39
+    c = paired_comparison(recs, a, b)
+    assert (c["a"], c["b"], c["difference"]) == (75.0, 40.0, 35.0)
+    assert (c["only_a_right"], c["only_b_right"]) == (15, 1)
+    assert c["mcnemar_p"] == pytest.approx(binomtest(1, 16).pvalue, rel=1e-3)
+    lo, hi = c["difference_ci95"]
+    assert lo < 35.0 < hi and lo > 0                          # 15 against 1 is not noise
+    same = paired_comparison(recs, a, a)
+    assert same["difference"] == 0.0 and same["difference_ci95"] == [0.0, 0.0] and same["mcnemar_p"] == 1.0

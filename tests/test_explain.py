@@ -96,7 +96,7 @@ def test_pointing_game_synthetic(tmp_path):
     import json
 
     from medvqa.data import Record
-    from medvqa.explain.pointing import center_hit, hit, pointing_cases, random_hit_probability
+    from medvqa.explain.pointing import center_hit, hit, pointing_cases, pointing_game, random_hit_probability
 
     d = tmp_path / "xmlab1"
     d.mkdir()
@@ -112,6 +112,16 @@ def test_pointing_game_synthetic(tmp_path):
     assert hit(cam, cases[0].boxes) and not hit(cam, cases[1].boxes)
     assert not center_hit(cases[0])                                # centre (50, 25) is in neither box
     assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
+
+    class PointsAtTheLiver:                                        # a map with its maximum in the liver box
+        def explain(self, image, question, method, layer):
+            return cam
+
+    res = pointing_game({"m": PointsAtTheLiver()}, cases, methods=("gradcam",), layers=(3,), progress=False)
+    r = res["results"][0]
+    assert (res["n"], r["hits"], r["hit_rate"], res["baseline_center"]) == (2, 1, 50.0, 0.0)
+    assert r["hit_rate_ci95"][0] < 50.0 < r["hit_rate_ci95"][1]
+    assert r["vs_centre"] == {"only_map": 1, "only_centre": 0, "mcnemar_p": 1.0}   # one question proves nothing
 
 
 def _folder_cases_and_second_checkpoint(tmp_path):

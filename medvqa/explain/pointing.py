@@ -73,11 +73,14 @@ def random_hit_probability(case: Case) -> float:
 
 def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), layers=(None,), progress: bool = True) -> dict:
     """predictors: name -> Predictor. Returns hit rates (percent) per model, method and CAM layer,
-    with baselines."""
+    with a 95 % interval and a paired test against the centre point (McNemar, on the questions only
+    one of the two hits), and the centre- and random-point baselines."""
     from tqdm.auto import tqdm
 
+    from medvqa.eval import mcnemar_exact, wilson_interval
     from medvqa.explain.gradcam import default_layer
 
+    centre = [center_hit(c) for c in cases]
     results = []
     for name, p in predictors.items():
         resolved = [default_layer(p.encoders) if layer is None else layer for layer in layers]  # reported as numbers
@@ -85,8 +88,13 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
             for layer in resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
-                results.append({"model": name, "method": method, "layer": layer,
-                                "hit_rate": round(100 * float(np.mean(hits)), 2) if hits else None})
+                only_map = sum(h and not c for h, c in zip(hits, centre))
+                only_centre = sum(c and not h for h, c in zip(hits, centre))
+                results.append({"model": name, "method": method, "layer": layer, "hits": sum(hits),
+                                "hit_rate": round(100 * float(np.mean(hits)), 2) if hits else None,
+                                "hit_rate_ci95": wilson_interval(sum(hits), len(hits)),
+                                "vs_centre": {"only_map": only_map, "only_centre": only_centre,
+                                              "mcnemar_p": mcnemar_exact(only_map, only_centre)}})
     return {"n": len(cases), "results": results,
-            "baseline_center": round(100 * float(np.mean([center_hit(c) for c in cases])), 2) if cases else None,
+            "baseline_center": round(100 * float(np.mean(centre)), 2) if cases else None,
             "baseline_random": round(100 * float(np.mean([random_hit_probability(c) for c in cases])), 2) if cases else None}
