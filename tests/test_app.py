@@ -217,3 +217,15 @@ def test_feature_points_follow_the_weights(tmp_path, monkeypatch):
     assert load_points(ck) == {"weights": weights_id(ck), "xy": [[0, 0]]}
     (ck / "model.safetensors").write_bytes(b"retrained weights")
     assert load_points(ck) is None            # stale, and no dataset to recompute from
+
+
+def test_about_shows_each_accuracy_with_its_interval():
+    import re
+
+    from medvqa.app.about import _overall, accuracy_table
+
+    assert _overall({"overall": 72.73, "n": 451}) == "72.73 (68.4–76.6)"
+    assert _overall({"overall": 50.0}) == "50.0" and _overall({}) == "–"     # older metrics without n
+    rows = accuracy_table().splitlines()
+    assert "overall (95 % interval)" in rows[0]
+    assert rows[2:] and all(re.search(r"\| \d+\.\d+ \(\d+\.\d–\d+\.\d\) \|", r) for r in rows[2:])   # every shipped row
