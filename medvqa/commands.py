@@ -395,8 +395,10 @@ def cmd_faithfulness(a):
     print(f"deletion / insertion AUC on {a.dataset} {a.split}: {res['n']} questions, {a.steps} steps "
           "(deletion: lower is better; insertion: higher is better)")
     for r in res["results"]:
-        print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} (random {r['deletion_random_auc']:.4f})"
-              f"  insertion {r['insertion_auc']:.4f} (random {r['insertion_random_auc']:.4f})")
+        (dl, dh), (il, ih) = r["deletion_vs_random_ci95"], r["insertion_vs_random_ci95"]
+        print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} (random {r['deletion_random_auc']:.4f};"
+              f" difference 95 % CI {dl:+.4f} to {dh:+.4f})  insertion {r['insertion_auc']:.4f}"
+              f" (random {r['insertion_random_auc']:.4f}; {il:+.4f} to {ih:+.4f})")
     return 0
 
 

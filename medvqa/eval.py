@@ -62,6 +62,14 @@ def mcnemar_exact(only_a: int, only_b: int) -> float:
     return float(f"{p:.3g}")
 
 
+def bootstrap_mean_ci(x, n_boot: int = 10000, seed: int = 0) -> list[float]:
+    """95 % percentile-bootstrap interval of the mean of x (per-question values or paired differences)."""
+    x = np.asarray(x, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(x), size=(n_boot, len(x)))     # (n_boot, n)
+    means = x[idx].mean(1)
+    return [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]
+
+
 def paired_comparison(records, preds_a: dict, preds_b: dict, n_boot: int = 10000, seed: int = 0) -> dict:
     """Model A against model B on the same questions: the accuracy difference A − B in points, its
     95 % paired-bootstrap interval (questions resampled together), and McNemar's exact test on the
@@ -72,11 +80,10 @@ def paired_comparison(records, preds_a: dict, preds_b: dict, n_boot: int = 10000
     if n == 0:
         raise ValueError("no questions to compare")
     only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
-    idx = np.random.default_rng(seed).integers(0, n, size=(n_boot, n))                 # (n_boot, n)
-    diffs = 100.0 * (a[idx] - b[idx]).mean(1)
+    lo, hi = bootstrap_mean_ci(100.0 * (a - b), n_boot, seed)
     return {"n": n, "a": round(100 * float(a.mean()), 2), "b": round(100 * float(b.mean()), 2),
             "difference": round(100 * float(a.mean() - b.mean()), 2),
-            "difference_ci95": [round(float(np.percentile(diffs, 2.5)), 2), round(float(np.percentile(diffs, 97.5)), 2)],
+            "difference_ci95": [round(lo, 2), round(hi, 2)],
             "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
 
 

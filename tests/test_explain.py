@@ -171,6 +171,28 @@ def test_deletion_insertion_rewards_the_right_map():
     assert r["deletion"] < r["deletion_random"] and r["insertion"] > r["insertion_random"]
 
 
+def test_deletion_insertion_interval_of_the_paired_difference(tmp_path):
+    """Over several questions the map-minus-random interval sits wholly below 0 for deletion and above 0
+    for insertion when the map marks what the model reads."""
+    from medvqa.data import Record
+    from medvqa.explain.faithfulness import deletion_insertion
+
+    class Reader(_RegionModel):
+        def explain(self, image, question, method):
+            cam = np.zeros((32, 32), np.float32)
+            cam[:16, :16] = 1.0
+            return cam
+
+    recs = []
+    for i in range(6):
+        a = np.full((32, 32), 20 * i, np.uint8)
+        a[:16, :16] = 255 - 10 * i
+        Image.fromarray(a).save(tmp_path / f"{i}.png")
+        recs.append(Record(str(i), str(tmp_path / f"{i}.png"), "q", "x", "OPEN"))
+    r = deletion_insertion({"m": Reader()}, recs, steps=8, progress=False)["results"][0]
+    assert r["deletion_vs_random_ci95"][1] < 0 < r["insertion_vs_random_ci95"][0]
+
+
 def test_faithfulness_cli(ckpt, tmp_path, capsys):
     import json
 
@@ -184,6 +206,7 @@ def test_faithfulness_cli(ckpt, tmp_path, capsys):
     r = res["results"][0]
     assert {"deletion_auc", "insertion_auc", "deletion_random_auc", "insertion_random_auc"} <= set(r)
     assert all(0 <= r[k] <= 1 for k in r if k.endswith("_auc"))
+    assert all(r[k][0] <= r[k][1] for k in ("deletion_vs_random_ci95", "insertion_vs_random_ci95"))
 
 
 def test_figures_cli_writes_every_file(ckpt, tmp_path, capsys):
