@@ -38,12 +38,14 @@ def _save(fig, out: Path, stem: str) -> list[str]:
 
 def accuracy_tables(results: dict) -> tuple[str, str]:
     """results: name -> evaluate() output -> (Markdown, LaTeX)."""
-    md = ["| model | open | closed | overall | ECE |", "|---|---|---|---|---|"]
-    tex = [r"\begin{tabular}{lrrrr}", r"\toprule", r"Model & Open & Closed & Overall & ECE \\", r"\midrule"]
+    md = ["| model | open | closed | overall | 95 % interval | ECE |", "|---|---|---|---|---|---|"]
+    tex = [r"\begin{tabular}{lrrrrr}", r"\toprule", r"Model & Open & Closed & Overall & 95\,\% interval & ECE \\", r"\midrule"]
     for name, r in results.items():
-        md.append(f"| {name} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {r.get('ece', float('nan')):.2f} |")
+        lo, hi = r["overall_ci95"]
+        md.append(f"| {name} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {lo:.2f}–{hi:.2f} | "
+                  f"{r.get('ece', float('nan')):.2f} |")
         tex.append(f"{name.replace('_', chr(92) + '_')} & {r['open']:.2f} & {r['closed']:.2f} & {r['overall']:.2f} & "
-                   f"{r.get('ece', float('nan')):.2f} \\\\")
+                   f"{lo:.2f}--{hi:.2f} & {r.get('ece', float('nan')):.2f} \\\\")
     tex += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(md) + "\n", "\n".join(tex) + "\n"
 

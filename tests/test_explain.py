@@ -222,6 +222,7 @@ def test_figures_cli_writes_every_file(ckpt, tmp_path, capsys):
         for p in paths:
             assert os.path.getsize(p) > 100, p
     assert "\\begin{tabular}" in (tmp_path / "fig" / "accuracy.tex").read_text()
+    assert "95 % interval" in (tmp_path / "fig" / "accuracy.md").read_text()
     assert len(res["accuracy"]) == 2
 
 
