@@ -90,7 +90,7 @@ def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
     assert "hold out the same slice or none" in capsys.readouterr().err
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft0"),
                  "--workdir", str(isolated_cache / "fw0"), "--val-fraction", "0"]) == 0
-    assert json.loads(capsys.readouterr().out)["selected_on"].startswith("nothing")
+    assert json.loads(capsys.readouterr().out)["selected_on"].startswith("none: all of train")
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-pool", "1"]) == 2
     assert "pretrained with 2" in capsys.readouterr().err
     assert main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft1"), "--image-size", "32"]) == 2
