@@ -104,16 +104,15 @@ def _read_predictions(path: Path) -> tuple[dict, dict | None]:
     return preds, (conf or None)
 
 
-def _answers(a, records, source, from_file: bool) -> tuple[dict, dict | None, AnswerVocab, str]:
-    """Answers to `records` from a predictions JSON file or a checkpoint (name or folder)."""
+def _answers(a, records, source, from_file: bool):
+    """Answers to `records` from a predictions JSON file or a checkpoint (name or folder)
+    -> (qid -> answer, qid -> confidence or None, the Predictor or None)."""
     if from_file:
-        preds, conf = _read_predictions(source)
-        return preds, conf, vocab_for(a.dataset, a.root, a.vocab), a.vocab
+        return *_read_predictions(source), None
     from medvqa.predict import Predictor
 
     p = Predictor.load(source)
-    preds, conf = p.predict_records(records, progress=not a.json)
-    return preds, conf, p.vocab, p.config.get("vocab_protocol", "?")
+    return *p.predict_records(records, progress=not a.json), p
 
 
 def cmd_eval(a):
@@ -121,7 +120,9 @@ def cmd_eval(a):
 
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
-    preds, conf, vocab, vocab_name = _answers(a, split.records, a.predictions or a.checkpoint, bool(a.predictions))
+    preds, conf, p = _answers(a, split.records, a.predictions or a.checkpoint, bool(a.predictions))
+    vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
+        else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     res = evaluate(split.records, preds, conf)
     res.update({"vocab": len(vocab), "vocab_protocol": vocab_name, "oov": vocab.oov(split.records),
                 "skipped": len(split.problems), "dataset": a.dataset, "split": a.split})

@@ -88,11 +88,12 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
             for layer in resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
+                n_hits = sum(hits)
                 only_map = sum(h and not c for h, c in zip(hits, centre))
                 only_centre = sum(c and not h for h, c in zip(hits, centre))
-                results.append({"model": name, "method": method, "layer": layer, "hits": sum(hits),
-                                "hit_rate": round(100 * float(np.mean(hits)), 2) if hits else None,
-                                "hit_rate_ci95": wilson_interval(sum(hits), len(hits)),
+                results.append({"model": name, "method": method, "layer": layer, "hits": n_hits,
+                                "hit_rate": round(100 * n_hits / len(hits), 2) if hits else None,
+                                "hit_rate_ci95": wilson_interval(n_hits, len(hits)),
                                 "vs_centre": {"only_map": only_map, "only_centre": only_centre,
                                               "mcnemar_p": mcnemar_exact(only_map, only_centre)}})
     return {"n": len(cases), "results": results,
