@@ -345,12 +345,13 @@ def cmd_explain(a):
         raise UserError(f"--out {a.out}: give a .png path (the raw map is written beside it as .npy)")
     p = Predictor.load(a.checkpoint)
     im = load_image(a.image)
-    cam = p.explain(im, a.question, method=a.method, target=a.target, layer=a.layer)
+    method = a.method or p.default_method
+    cam = p.explain(im, a.question, method=method, target=a.target, layer=a.layer)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     overlay(im, cam, a.opacity, a.colormap).save(a.out)
     np.save(a.out.with_suffix(".npy"), cam)
     ans = p.answer(im, a.question)
-    print(f"{a.method} for answer {a.target or ans.text!r}: wrote {a.out} and {a.out.with_suffix('.npy')}", file=sys.stderr)
+    print(f"{method} for answer {a.target or ans.text!r}: wrote {a.out} and {a.out.with_suffix('.npy')}", file=sys.stderr)
     return 0
 
 
@@ -371,10 +372,17 @@ def cmd_pointing_game(a):
     for r in res["results"]:
         lo, hi = r["hit_rate_ci95"]
         v = r["vs_centre"]
-        print(f"  {r['model']:24s} {r['method']:12s} layer {r['layer']:3d}  hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
+        layer = "–" if r["layer"] is None else r["layer"]
+        print(f"  {r['model']:24s} {r['method']:15s} layer {layer:>3}  hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
               f"  vs centre: {v['only_map']} only the map, {v['only_centre']} only the centre, McNemar p = {v['mcnemar_p']:.3g}")
     print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")
+    _print_skipped(res)
     return 0
+
+
+def _print_skipped(res):
+    for s in res["skipped"]:
+        print(f"  {s['model']:24s} {s['method']}: skipped (the model has no question-conditioned attention over the image)")
 
 
 def cmd_faithfulness(a):
@@ -399,6 +407,7 @@ def cmd_faithfulness(a):
         print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} (random {r['deletion_random_auc']:.4f};"
               f" difference 95 % CI {dl:+.4f} to {dh:+.4f})  insertion {r['insertion_auc']:.4f}"
               f" (random {r['insertion_random_auc']:.4f}; {il:+.4f} to {ih:+.4f})")
+    _print_skipped(res)
     return 0
 
 
@@ -589,15 +598,16 @@ def register(sub):
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
-    from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES as METHODS
+    from medvqa.explain import MODEL_DEFAULT_METHOD, DEFAULT_METHOD, METHOD_NAMES as METHODS
 
     ex = sub.add_parser("explain", help="saliency map of an answer (Grad-CAM family or attention rollout), as an overlay PNG + raw .npy")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--image", required=True, type=Path)
     ex.add_argument("--question", required=True)
-    ex.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS))
+    ex.add_argument("--method", choices=sorted(METHODS), help="default: the model's own, "
+                    + ", ".join(f"{v} for {k}" for k, v in MODEL_DEFAULT_METHOD.items()) + f", else {DEFAULT_METHOD}")
     ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
-    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout starts (default: a third of the way in; -1: the last)")
+    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout starts (default: a third of the way in; -1: the last; query-attention reads after the backbone)")
     ex.add_argument("--opacity", type=float, default=0.5)
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--out", required=True, type=Path)

@@ -18,7 +18,7 @@ import torch
 
 from medvqa.data import AnswerVocab, ImageError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
-from medvqa.explain import DEFAULT_METHOD
+from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, default_method, supports
 from medvqa.train.checkpoint import load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
@@ -170,10 +170,22 @@ class Predictor:
 
         return nearest(index, self.features(image, question)["fused"], k)
 
-    def explain(self, image, question, method: str = DEFAULT_METHOD, target: str | int | None = None, layer: int | None = None):
+    @property
+    def default_method(self) -> str:
+        """The saliency method that localised best for this kind of model (medvqa.explain)."""
+        m = default_method(self.config["model"])
+        return m if supports(self.model, m) else DEFAULT_METHOD
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The saliency methods this model supports (medvqa.explain.supports)."""
+        return tuple(m for m in METHOD_NAMES if supports(self.model, m))
+
+    def explain(self, image, question, method: str | None = None, target: str | int | None = None, layer: int | None = None):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
-        of the vocabulary, or its index), read at the input of image-backbone block `layer` (for
-        "rollout": the block it starts from; default: medvqa.explain.gradcam's choice)."""
+        of the vocabulary, or its index), by `method` (default: `default_method`), read at the input
+        of image-backbone block `layer` (for "rollout": the block it starts from; default:
+        medvqa.explain.gradcam's choice)."""
         from medvqa.explain.gradcam import explain
 
         im = load_image(image)
@@ -186,7 +198,7 @@ class Predictor:
                 raise ValueError(f"{target!r} is not an answer this model can give")
             target = idx
         with self._lock, torch.enable_grad():
-            return explain(self.encoders, self.model, im, q, method=method, target=target, layer=layer)
+            return explain(self.encoders, self.model, im, q, method=method or self.default_method, target=target, layer=layer)
 
     def _records_dataset(self, records, progress: bool):
         from medvqa.data.cache import FeatureCache

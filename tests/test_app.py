@@ -112,11 +112,29 @@ def test_browser_click_example(app_url, tmp_path):
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
         page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
         page.locator("text=Saliency").first.wait_for(timeout=60_000)
+        page.get_by_text("Saliency: query-attention").first.wait_for(timeout=60_000)   # each model's own map
+        page.get_by_text("Saliency: rollout").first.wait_for(timeout=60_000)
         assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("CMDPI").count() >= 1 and page.get_by_text("Baseline").count() >= 1
         page.wait_for_timeout(1500)
         page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
         browser.close()
     assert (tmp_path / "ask.png").stat().st_size > 20_000
+
+
+def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path):
+    """query-attention is CMI-MTL's and the baseline's, not CMDPI's: CMDPI's slot shows its own map
+    (the rollout), labelled so, instead of failing the whole answer."""
+    from medvqa.app.ask import OWN_METHOD, _cam
+    from medvqa.app.common import checkpoints_for
+
+    cks = {ck.name: ck for ck in checkpoints_for("vqa-rad")}
+    im = Image.open(_img(tmp_path / "s.png", 40)).convert("RGB")
+    q = "Is there a fracture?"
+    u = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5)
+    assert u["label"] == "Saliency: rollout (query-attention: not available for this model)"
+    assert u["value"].size == im.size
+    assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: query-attention"
+    assert _cam(cks["baseline-vqa-rad"], im, q, "query-attention", None, 0.5)["label"] == "Saliency: query-attention"
 
 
 def test_review_survives_restart_and_exports(app_url):

@@ -20,7 +20,8 @@ def _image():
     return Image.fromarray(a)
 
 
-@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout"])
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
+                                    "query-attention"])
 def test_cam_shape_range(ckpt, method):
     cam = Predictor.load(ckpt).explain(_image(), "Where is the lesion?", method=method)
     assert cam.shape == (70, 90) and cam.dtype == np.float32
@@ -43,10 +44,47 @@ def test_token_rollout_reads_more_than_the_cls_row(ckpt):
     assert np.abs(cls - tokens).mean() > 1e-3
 
 
+def test_query_attention_is_cmi_mtls_question_aware_reading(ckpt):
+    """CMI-MTL's own map is where its question-aware queries read the image: it moves with the
+    question, not with the answer asked about (no gradient), and it is the model's default."""
+    p = Predictor.load(ckpt)
+    q = "Where is the lesion?"
+    a = p.explain(_image(), q, method="query-attention")
+    assert np.array_equal(a, p.explain(_image(), q, method="query-attention", target=p.vocab.answers[-1]))
+    assert np.abs(a - p.explain(_image(), "Is this a CT scan of the chest?", method="query-attention")).mean() > 1e-3
+    assert p.default_method == "query-attention" and np.array_equal(a, p.explain(_image(), q))
+
+
+def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
+    """The baseline's map is its pooling weights over the patch grid; CMDPI has no such attention, so
+    the method is not offered for it and asking for it says what to use instead."""
+    import torch
+
+    from medvqa.explain.gradcam import ImageToLogits, query_attention
+
+    base = Predictor.load(tiny_checkpoint(tmp_path / "b", "baseline"))
+    assert "query-attention" in base.methods and base.default_method == "rollout"
+    w = ImageToLogits(base.encoders, base.model, base.encoders.question_inputs(["Is there a fracture?"]))
+    x = base.encoders.preprocess([_image().convert("RGB")])
+    g = base.encoders.grid
+    with torch.no_grad():
+        cls, patches = base.encoders.encode_image(x)
+        tokens = torch.cat([cls[:, None], patches], 1)
+        pooled = base.model.forward_features(w.batch(tokens))["fused"][:, :base.model.proj_v.out_features]
+        weights = base.model.image_attention(w.batch(tokens))                       # (1, 1+N)
+    assert torch.allclose(weights.sum(-1), torch.ones(1))
+    assert torch.allclose((weights[..., None] * base.model.proj_v(tokens)).sum(1), pooled, atol=1e-5)
+    np.testing.assert_allclose(query_attention(w, x, sigma=0), weights[0, -g * g:].reshape(g, g).numpy(), rtol=1e-6)
+    cmdpi = Predictor.load(tiny_checkpoint(tmp_path / "c", "cmdpi"))
+    assert "query-attention" not in cmdpi.methods and cmdpi.default_method == "rollout"
+    with pytest.raises(ValueError, match="use rollout"):
+        cmdpi.explain(_image(), "Is there a fracture?", method="query-attention")
+
+
 def test_cam_layer_choice(ckpt):
     """The map can be read at any backbone block's input; each block gives its own map."""
     p = Predictor.load(ckpt)
-    first, last = (p.explain(_image(), "Where is the lesion?", layer=k) for k in (0, -1))
+    first, last = (p.explain(_image(), "Where is the lesion?", method="rollout", layer=k) for k in (0, -1))
     assert first.shape == last.shape == (70, 90) and 0 <= first.min() and first.max() <= 1
     assert np.abs(first - last).mean() > 1e-3
     with pytest.raises(ValueError, match="blocks"):
@@ -114,10 +152,13 @@ def test_pointing_game_synthetic(tmp_path):
     assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
 
     class PointsAtTheLiver:                                        # a map with its maximum in the liver box
+        methods = ("gradcam",)
+
         def explain(self, image, question, method, layer):
             return cam
 
-    res = pointing_game({"m": PointsAtTheLiver()}, cases, methods=("gradcam",), layers=(3,), progress=False)
+    res = pointing_game({"m": PointsAtTheLiver()}, cases, methods=("gradcam", "query-attention"), layers=(3,), progress=False)
+    assert res["skipped"] == [{"model": "m", "method": "query-attention"}]      # a method the model lacks
     r = res["results"][0]
     assert (res["n"], r["hits"], r["hit_rate"], res["baseline_center"]) == (2, 1, 50.0, 0.0)
     assert r["hit_rate_ci95"][0] < 50.0 < r["hit_rate_ci95"][1]
@@ -148,6 +189,7 @@ def test_umap_cli_two_checkpoints(ckpt, tmp_path, capsys):
 
 class _RegionModel:
     """A stand-in predictor whose answer confidence is the brightness of the top-left quarter."""
+    methods = ("gradcam",)
 
     class preset:
         class encoders:

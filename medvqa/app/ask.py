@@ -1,6 +1,6 @@
 """Ask & compare: one image, one question, every shipped model for the chosen dataset side by
 side, with top-k confidences, the AHead's free-form answer, agreement, ground truth when known,
-and a Grad-CAM overlay per model."""
+and a saliency overlay per model (by default each model's own best-localising map)."""
 from __future__ import annotations
 
 import gradio as gr
@@ -8,10 +8,11 @@ from gradio import FileData
 
 from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
 from medvqa.data import ImageError, load_image, normalize_answer
-from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, SLOW_METHODS, overlay
+from medvqa.explain import METHOD_NAMES, SLOW_METHODS, overlay
 from medvqa.predict import Predictor
 
-FAST_METHODS = [m for m in METHOD_NAMES if m not in SLOW_METHODS]
+OWN_METHOD = "each model's own"   # Predictor.default_method: CMI-MTL's query attention, else the rollout
+FAST_METHODS = [OWN_METHOD] + [m for m in METHOD_NAMES if m not in SLOW_METHODS]
 
 
 def ask_json(image: FileData, question: str, dataset: str) -> dict:
@@ -34,9 +35,13 @@ def ask_json(image: FileData, question: str, dataset: str) -> dict:
 
 
 def _cam(ck, im, question, method, target, opacity):
+    """A slot's saliency overlay, labelled with the method shown: a method the model does not
+    support (query-attention on CMDPI) falls back to the model's own, and the label says so."""
     p = Predictor.load(ck)
+    m = method if method in p.methods else p.default_method
+    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD else f" ({method}: not available for this model)")
     tgt = target if target and target != "(predicted answer)" else None
-    return overlay(im, p.explain(im, question, method=method, target=tgt), opacity)
+    return gr.update(visible=True, value=overlay(im, p.explain(im, question, method=m, target=tgt), opacity), label=label)
 
 
 def _nearest(ck, im, question, dataset, k: int = 4):
@@ -82,7 +87,7 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
             lines.append(("✅ matches" if ok else "❌ differs from") + f" the ground truth: **{ground_truth}**")
         outs += [gr.update(visible=True, value="\n\n".join(lines)),
                  gr.update(visible=True, value={t: s for t, s in a["top_k"]}),
-                 gr.update(visible=True, value=_cam(ck, im, question, method, None, opacity)),
+                 _cam(ck, im, question, method, None, opacity),
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
         near = _nearest(ck, im, question, dataset)
@@ -113,7 +118,7 @@ def build_tab():
                 question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
                 dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
                 with gr.Row():
-                    method = gr.Dropdown(FAST_METHODS, value=DEFAULT_METHOD, label="Saliency method")
+                    method = gr.Dropdown(FAST_METHODS, value=OWN_METHOD, label="Saliency method")
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                 ground_truth = gr.Textbox(label="Ground truth (examples fill it)", interactive=False)
                 go = gr.Button("Ask", variant="primary")

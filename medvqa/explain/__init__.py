@@ -1,16 +1,32 @@
 """Explanations. pytorch-grad-cam takes seconds to import, so it loads only when a map is asked
 for: the CLI and the app can list the method names without it."""
 # "rollout": gradient-weighted attention rollout (Chefer et al., 2021) read from the CLS row;
-# "token-rollout": the same rollout read from every output token the head is sensitive to. Ours;
-# the rest pytorch-grad-cam's.
+# "token-rollout": the same rollout read from every output token the head is sensitive to;
+# "query-attention": the head's own question-conditioned attention over the image tokens (CMI-MTL's
+# QQ-Former, the baseline's pooling), gradient-free. Ours; the rest pytorch-grad-cam's.
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
-                "scorecam", "ablationcam")
-# The default everywhere a user does not choose: it localised best in the pointing game on SLAKE
-# validation (README, Decisions).
+                "query-attention", "scorecam", "ablationcam")
+# The default where a user does not choose: the map that localised best in the pointing game on
+# SLAKE validation, per model (README, Decisions): the rollout, except for CMI-MTL, whose head
+# reads the image only through the QQ-Former's question-aware queries.
 DEFAULT_METHOD = "rollout"
-SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
+MODEL_DEFAULT_METHOD = {"cmi-mtl": "query-attention"}
 
-__all__ = ["DEFAULT_METHOD", "METHOD_NAMES", "SLOW_METHODS", "explain", "overlay"]
+
+def default_method(model_name: str) -> str:
+    return MODEL_DEFAULT_METHOD.get(model_name, DEFAULT_METHOD)
+
+
+def supports(model, method: str) -> bool:
+    """Every method works on every model but `query-attention`, which needs a question-conditioned
+    attention over the image tokens: the baseline's pooling, CMI-MTL's QQ-Former (absent from its
+    w/o-QQ-Former ablation); CMDPI has none."""
+    return method != "query-attention" or (hasattr(model, "image_attention") and getattr(model, "use_qqformer", True))
+
+SLOW_METHODS = ("scorecam", "ablationcam")
+LAYER_FREE = ("query-attention",)             # read after the backbone: `layer` does not apply   # one forward per feature channel: seconds to minutes on CPU
+
+__all__ = ["DEFAULT_METHOD", "LAYER_FREE", "METHOD_NAMES", "SLOW_METHODS", "default_method", "explain", "supports", "overlay"]
 
 
 def __getattr__(name):

@@ -42,15 +42,18 @@ def curves(predictor, image: Image.Image, question: str, cam: np.ndarray, steps:
 def deletion_insertion(predictors: dict, records, methods=("gradcam",), steps: int = 10, progress: bool = True) -> dict:
     """Mean AUCs per model and method over the records, with the random-order baselines and a 95 %
     bootstrap interval of the paired difference map − random over the questions (deletion: below 0
-    is faithful; insertion: above 0)."""
+    is faithful; insertion: above 0). A method a model does not support is listed under "skipped"."""
     from tqdm.auto import tqdm
 
     from medvqa.data import load_image
     from medvqa.eval import bootstrap_mean_ci
 
-    results = []
+    results, skipped = [], []
     for name, p in predictors.items():
         for method in methods:
+            if method not in p.methods:
+                skipped.append({"model": name, "method": method})
+                continue
             rows = []
             for r in tqdm(records, desc=f"{name} {method}", disable=None if progress else True, leave=False):
                 im = load_image(r.image)
@@ -59,4 +62,4 @@ def deletion_insertion(predictors: dict, records, methods=("gradcam",), steps: i
             diff_ci = {f"{k}_vs_random_ci95": [round(v, 4) for v in bootstrap_mean_ci([x[k] - x[k + "_random"] for x in rows])]
                        for k in ("deletion", "insertion")} if rows else {}
             results.append({"model": name, "method": method, **{f"{k}_auc": v for k, v in mean.items()}, **diff_ci})
-    return {"n": len(records), "steps": steps, "results": results}
+    return {"n": len(records), "steps": steps, "results": results, "skipped": skipped}

@@ -22,7 +22,7 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, L
 from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, SLOW_METHODS
+from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, SLOW_METHODS, supports
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
                "eigencam": EigenCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
@@ -43,8 +43,12 @@ class ImageToLogits(nn.Module):
 
     def head(self, image_tokens):
         """(B, 1+N, Di) backbone tokens -> (B, C) logits."""
+        return self.model(self.batch(image_tokens))["logits"]
+
+    def batch(self, image_tokens):
+        """The model's input batch: the backbone tokens with the question repeated B times."""
         B = image_tokens.shape[0]
-        return self.model({"image_tokens": image_tokens, **{k: v.expand(B, *v.shape[1:]) for k, v in self.text.items()}})["logits"]
+        return {"image_tokens": image_tokens, **{k: v.expand(B, *v.shape[1:]) for k, v in self.text.items()}}
 
 
 def vit_reshape(grid: int):
@@ -81,6 +85,8 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     if method in ("rollout", "token-rollout"):
         m = gradient_rollout(wrapper, x, target, start=layer % len(blocks),
                              readout="tokens" if method == "token-rollout" else "cls")   # (grid, grid)
+    elif method == "query-attention":
+        m = query_attention(wrapper, x)                                                  # (grid, grid)
     else:
         kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
         with CAM_METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1],
@@ -137,6 +143,24 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
     row = R[0] if readout == "cls" else (h.grad * h)[0].sum(-1).abs().detach() @ R   # (T,)
     g = wrapper.encoders.grid
     m = row[-g * g:].reshape(g, g).numpy()
+    return gaussian_filter(m, sigma) if sigma > 0 else m
+
+
+def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA) -> np.ndarray:
+    """The head's own question-conditioned attention over the image tokens, on the patch grid:
+    CMI-MTL's QQ-Former cross-attention averaged over heads, layers and queries, or the baseline's
+    pooling weights. No gradient, so one map per question whatever the `target`. Smoothed like the
+    rollout (σ = 1 patch): unsmoothed, its maximum sits on single high-attention patches, and on
+    SLAKE validation CMI-MTL's map hit the named organ 24.29 % unsmoothed vs 29.05 % smoothed
+    (README, Decisions). -> (grid, grid) float32."""
+    if not supports(wrapper.model, "query-attention"):
+        raise ValueError("query-attention reads a question-conditioned attention over the image tokens, which "
+                         f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); use rollout")
+    with torch.no_grad():
+        g_, loc = wrapper.encoders.encode_image(x)
+        a = wrapper.model.image_attention(wrapper.batch(torch.cat([g_[:, None], loc], 1)))[0]   # (1+N,)
+    g = wrapper.encoders.grid
+    m = a[-g * g:].reshape(g, g).float().numpy()
     return gaussian_filter(m, sigma) if sigma > 0 else m
 
 

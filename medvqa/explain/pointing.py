@@ -74,18 +74,23 @@ def random_hit_probability(case: Case) -> float:
 def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), layers=(None,), progress: bool = True) -> dict:
     """predictors: name -> Predictor. Returns hit rates (percent) per model, method and CAM layer,
     with a 95 % interval and a paired test against the centre point (McNemar, on the questions only
-    one of the two hits), and the centre- and random-point baselines."""
+    one of the two hits), and the centre- and random-point baselines. A method a model does not
+    support (query-attention on CMDPI) is listed under "skipped"."""
     from tqdm.auto import tqdm
 
+    from medvqa.explain import LAYER_FREE
     from medvqa.eval import mcnemar_exact, wilson_interval
     from medvqa.explain.gradcam import default_layer
 
     centre = [center_hit(c) for c in cases]
-    results = []
+    results, skipped = [], []
     for name, p in predictors.items():
         resolved = [default_layer(p.encoders) if layer is None else layer for layer in layers]  # reported as numbers
         for method in methods:
-            for layer in resolved:
+            if method not in p.methods:
+                skipped.append({"model": name, "method": method})
+                continue
+            for layer in [None] if method in LAYER_FREE else resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
                 n_hits = sum(hits)
@@ -96,6 +101,6 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
                                 "hit_rate_ci95": wilson_interval(n_hits, len(hits)),
                                 "vs_centre": {"only_map": only_map, "only_centre": only_centre,
                                               "mcnemar_p": mcnemar_exact(only_map, only_centre)}})
-    return {"n": len(cases), "results": results,
+    return {"n": len(cases), "results": results, "skipped": skipped,
             "baseline_center": round(100 * float(np.mean(centre)), 2) if cases else None,
             "baseline_random": round(100 * float(np.mean([random_hit_probability(c) for c in cases])), 2) if cases else None}

@@ -17,10 +17,19 @@ class Baseline(nn.Module):
                                  nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, n_classes))
         self.loss_weights = {"cls": 1.0}
 
-    def forward_features(self, batch) -> dict:
+    def _attend(self, batch):
         v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
         q = self.proj_t(batch["text_pooled"])                                    # (B, d)
         att = torch.softmax(v @ q.unsqueeze(-1) / v.shape[-1] ** 0.5, dim=1)     # (B, 1+N, 1)
+        return v, q, att
+
+    def image_attention(self, batch):
+        """The question-conditioned pooling weights over the image tokens -> (B, 1+N) (the
+        `query-attention` saliency)."""
+        return self._attend(batch)[2][..., 0]
+
+    def forward_features(self, batch) -> dict:
+        v, q, att = self._attend(batch)
         pooled = (att * v).sum(1)                                                # (B, d)
         return {"fused": torch.cat([pooled, q, pooled * q], -1)}                 # (B, 3d)
 

@@ -20,8 +20,9 @@ class QQFormerLayer(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(d, ffn_mult * d), nn.GELU(), nn.Dropout(dropout), nn.Linear(ffn_mult * d, d))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, q, t, t_pad, v):
+    def forward(self, q, t, t_pad, v, need_weights: bool = False):
         # q: (B, K, d) queries; t: (B, L, d) question, t_pad: (B, L) True = padding, or t=None; v: (B, N, d)
+        # -> q, t and, with need_weights, the cross-attention (B, K, N) averaged over heads (else None)
         K = q.shape[1]
         x = q if t is None else torch.cat([q, t], 1)                                   # (B, K+L, d)
         pad = None if t is None else torch.cat([torch.zeros_like(t_pad[:, :1]).expand(-1, K), t_pad], 1)
@@ -29,9 +30,10 @@ class QQFormerLayer(nn.Module):
         x = x + self.drop(self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0])
         q, t = x[:, :K], (None if t is None else x[:, K:])
         h = self.norm_ca(q)
-        q = q + self.drop(self.cross_attn(h, v, v, need_weights=False)[0])
+        ca, w = self.cross_attn(h, v, v, need_weights=need_weights)
+        q = q + self.drop(ca)
         q = q + self.drop(self.ffn(self.norm_ff(q)))
-        return q, t
+        return q, t, w
 
 
 class QQFormer(nn.Module):
@@ -44,8 +46,18 @@ class QQFormer(nn.Module):
 
     def forward(self, v, t, t_pad):
         """v: (B, N, d) image tokens, t: (B, L, d) question tokens -> z: (B, K, d)."""
+        return self._run(v, t, t_pad)[0]
+
+    def image_attention(self, v, t, t_pad):
+        """Where the question-aware queries read the image: cross-attention averaged over heads,
+        layers and queries -> (B, N), each row summing to 1."""
+        return torch.stack(self._run(v, t, t_pad, need_weights=True)[1]).mean((0, 2))
+
+    def _run(self, v, t, t_pad, need_weights: bool = False):
         q = self.queries.expand(v.shape[0], -1, -1)
         t = t if self.use_text else None
+        weights = []
         for layer in self.layers:
-            q, t = layer(q, t, t_pad, v)
-        return self.norm(q)
+            q, t, w = layer(q, t, t_pad, v, need_weights)
+            weights.append(w)
+        return self.norm(q), weights
