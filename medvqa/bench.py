@@ -140,13 +140,16 @@ def answer_latency(checkpoints: list[str]) -> dict:
             backbone = _median_ms(lambda: enc.encode_image(enc.preprocess([im])), repeat=11)
         cam = _median_ms(lambda: p.explain(im, "Is there a fracture?", method="gradcam"), repeat=5, warmup=1)
         rollout = _median_ms(lambda: p.explain(im, "Is there a fracture?", method="rollout"), repeat=5, warmup=1)
+        query = (_median_ms(lambda: p.explain(im, "Is there a fracture?", method="query-attention"), repeat=5, warmup=1)
+                 if "query-attention" in p.methods else None)   # gradient-free: about one answer
         epoch = None
         if (p.path / "metrics.json").is_file():
             m = __import__("json").loads((p.path / "metrics.json").read_text())
             epoch = round(m["train_seconds"] / m["epochs"], 1) if m.get("train_seconds") and m.get("epochs") else None
         out[ck] = {"answer_ms": answer, "answer_open_question_ms": answer_open, "image_backbone_ms": backbone, "ratio": round(answer / backbone, 2),
                    "gradcam_ms": cam, "gradcam_ratio": round(cam / answer, 2),
-                   "rollout_ms": rollout, "rollout_ratio": round(rollout / answer, 2), "epoch_s": epoch}
+                   "rollout_ms": rollout, "rollout_ratio": round(rollout / answer, 2),
+                   "query_attention_ms": query, "default_method": p.default_method, "epoch_s": epoch}
     return out
 
 

@@ -23,10 +23,11 @@ def supports(model, method: str) -> bool:
     w/o-QQ-Former ablation); CMDPI has none."""
     return method != "query-attention" or (hasattr(model, "image_attention") and getattr(model, "use_qqformer", True))
 
-SLOW_METHODS = ("scorecam", "ablationcam")
-LAYER_FREE = ("query-attention",)             # read after the backbone: `layer` does not apply   # one forward per feature channel: seconds to minutes on CPU
 
-__all__ = ["DEFAULT_METHOD", "LAYER_FREE", "METHOD_NAMES", "SLOW_METHODS", "default_method", "explain", "supports", "overlay"]
+SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
+GRADIENT_FREE = ("query-attention",)         # read from the head's attention: no target answer, no backbone layer
+
+__all__ = ["DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "default_method", "explain", "supports", "overlay"]
 
 
 def __getattr__(name):

@@ -22,7 +22,7 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, L
 from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, SLOW_METHODS, supports
+from medvqa.explain import DEFAULT_METHOD, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, supports
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
                "eigencam": EigenCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
@@ -75,8 +75,8 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
         raise ValueError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     wrapper = ImageToLogits(encoders, model, encoders.question_inputs([question])).eval()
     x = encoders.preprocess([image])
-    with torch.no_grad():
-        if target is None:
+    if target is None and method not in GRADIENT_FREE:   # a gradient-free map needs no target: one forward less
+        with torch.no_grad():
             target = int(wrapper(x).argmax(-1))
     blocks = encoders.image.encoder.layer
     layer = default_layer(encoders) if layer is None else layer

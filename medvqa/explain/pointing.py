@@ -78,7 +78,7 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
     support (query-attention on CMDPI) is listed under "skipped"."""
     from tqdm.auto import tqdm
 
-    from medvqa.explain import LAYER_FREE
+    from medvqa.explain import GRADIENT_FREE
     from medvqa.eval import mcnemar_exact, wilson_interval
     from medvqa.explain.gradcam import default_layer
 
@@ -90,7 +90,7 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
             if method not in p.methods:
                 skipped.append({"model": name, "method": method})
                 continue
-            for layer in [None] if method in LAYER_FREE else resolved:
+            for layer in [None] if method in GRADIENT_FREE else resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
                 n_hits = sum(hits)
