@@ -338,7 +338,7 @@ def cmd_explain(a):
 
     from medvqa.cli import UserError
     from medvqa.data import load_image
-    from medvqa.explain import overlay
+    from medvqa.explain import GRADIENT_FREE, overlay
     from medvqa.predict import Predictor
 
     if a.out.suffix.lower() != ".png":
@@ -346,6 +346,8 @@ def cmd_explain(a):
     p = Predictor.load(a.checkpoint)
     im = load_image(a.image)
     method = a.method or p.default_method
+    if a.target and method in GRADIENT_FREE:
+        print(f"note: {method} is gradient-free, so --target does not change the map", file=sys.stderr)
     cam = p.explain(im, a.question, method=method, target=a.target, layer=a.layer)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     overlay(im, cam, a.opacity, a.colormap).save(a.out)

@@ -135,6 +135,7 @@ def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path)
     assert u["value"].size == im.size
     assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: query-attention"
     assert _cam(cks["baseline-vqa-rad"], im, q, "query-attention", None, 0.5)["label"] == "Saliency: query-attention"
+    assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, "yes", 0.5)["label"]
 
 
 def test_review_survives_restart_and_exports(app_url):

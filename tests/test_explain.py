@@ -128,6 +128,11 @@ def test_explain_cli(ckpt, tmp_path, capsys):
                "--out", str(tmp_path / "cam.png")])
     assert rc == 0 and Image.open(tmp_path / "cam.png").size == (90, 70)
     assert np.load(tmp_path / "cam.npy").shape == (70, 90)
+    assert capsys.readouterr().err.startswith("query-attention for answer")   # CMI-MTL's own map by default
+    p = Predictor.load(ckpt)
+    rc = main(["explain", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--question", "Is it normal?",
+               "--target", p.vocab.answers[0], "--out", str(tmp_path / "cam2.png")])
+    assert rc == 0 and "--target does not change the map" in capsys.readouterr().err
 
 
 def test_pointing_game_synthetic(tmp_path):

@@ -8,7 +8,7 @@ from gradio import FileData
 
 from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
 from medvqa.data import ImageError, load_image, normalize_answer
-from medvqa.explain import METHOD_NAMES, SLOW_METHODS, overlay
+from medvqa.explain import GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, overlay
 from medvqa.predict import Predictor
 
 OWN_METHOD = "each model's own"   # Predictor.default_method: CMI-MTL's query attention, else the rollout
@@ -39,8 +39,10 @@ def _cam(ck, im, question, method, target, opacity):
     support (query-attention on CMDPI) falls back to the model's own, and the label says so."""
     p = Predictor.load(ck)
     m = method if method in p.methods else p.default_method
-    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD else f" ({method}: not available for this model)")
     tgt = target if target and target != "(predicted answer)" else None
+    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD else f" ({method}: not available for this model)")
+    if tgt is not None and m in GRADIENT_FREE:
+        label += " (gradient-free: the same map for every answer)"
     return gr.update(visible=True, value=overlay(im, p.explain(im, question, method=m, target=tgt), opacity), label=label)
 
 
