@@ -197,13 +197,13 @@ class CMIMTL(nn.Module):
         return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
 
     def forward_head(self, fused):
-        return self.classifier(fused)
+        return self.classifier(fused)                                            # (B, C)
 
     def image_attention(self, batch):
         """The QQ-Former's question-conditioned attention over the image tokens -> (B, 1+N)
         (the `query-attention` saliency; needs the QQ-Former)."""
         v, t = self.proj_v(batch["image_tokens"]), self.proj_t(batch["text_tokens"])
-        return self.qqformer.image_attention(v, t, batch["text_mask"] == 0)                                            # (B, C)
+        return self.qqformer.image_attention(v, t, batch["text_mask"] == 0)
 
     # -- losses ---------------------------------------------------------------------------------
     def cmcl_loss(self, z, t_first, image_ids):
