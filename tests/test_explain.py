@@ -68,8 +68,7 @@ def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
     x = base.encoders.preprocess([_image().convert("RGB")])
     g = base.encoders.grid
     with torch.no_grad():
-        cls, patches = base.encoders.encode_image(x)
-        tokens = torch.cat([cls[:, None], patches], 1)
+        tokens = w.image_tokens(x)                                                   # (1, 1+N, Di)
         pooled = base.model.forward_features(w.batch(tokens))["fused"][:, :base.model.proj_v.out_features]
         weights = base.model.image_attention(w.batch(tokens))                       # (1, 1+N)
     assert torch.allclose(weights.sum(-1), torch.ones(1))

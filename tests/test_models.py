@@ -50,6 +50,8 @@ def test_each_ablation_builds_and_trains(data, off):
     if off == "qqformer":  # the fusion sees the pooled grid, ≈K tokens + CLS, not all patches
         z = model.forward_features(batch_of(ds))["x_seq"].shape[1] - batch_of(ds)["text_tokens"].shape[1]
         assert z == 1 + model.pool_size ** 2 < batch_of(ds)["image_tokens"].shape[1]
+    from medvqa.explain import supports   # the query-attention map reads the QQ-Former
+    assert supports(model, "query-attention") == (off != "qqformer")
     preset.cmi_mtl.ablate = ()
 
 

@@ -18,10 +18,10 @@ def default_method(model_name: str) -> str:
 
 
 def supports(model, method: str) -> bool:
-    """Every method works on every model but `query-attention`, which needs a question-conditioned
-    attention over the image tokens: the baseline's pooling, CMI-MTL's QQ-Former (absent from its
-    w/o-QQ-Former ablation); CMDPI has none."""
-    return method != "query-attention" or (hasattr(model, "image_attention") and getattr(model, "use_qqformer", True))
+    """Every method works on every model but `query-attention`, which needs the model's
+    `image_attention` (a question-conditioned attention over the image tokens: the baseline's
+    pooling, CMI-MTL's QQ-Former); CMDPI has none, CMI-MTL's w/o-QQ-Former ablation sets it to None."""
+    return method != "query-attention" or callable(getattr(model, "image_attention", None))
 
 
 SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU

@@ -38,8 +38,12 @@ class ImageToLogits(nn.Module):
     def forward(self, pixel_values):
         # The backbone is frozen; a leaf that requires grad gives the hooked activations a graph.
         px = pixel_values if pixel_values.requires_grad else pixel_values.detach().requires_grad_(True)
-        g, loc = self.encoders.encode_image(px)
-        return self.head(torch.cat([g[:, None], loc], 1))
+        return self.head(self.image_tokens(px))
+
+    def image_tokens(self, pixel_values):
+        """(B, 3, S, S) -> (B, 1+N, Di): the backbone's [CLS] then patch tokens, as the heads read them."""
+        g, loc = self.encoders.encode_image(pixel_values)
+        return torch.cat([g[:, None], loc], 1)
 
     def head(self, image_tokens):
         """(B, 1+N, Di) backbone tokens -> (B, C) logits."""
@@ -157,8 +161,7 @@ def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA) -> 
         raise ValueError("query-attention reads a question-conditioned attention over the image tokens, which "
                          f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); use rollout")
     with torch.no_grad():
-        g_, loc = wrapper.encoders.encode_image(x)
-        a = wrapper.model.image_attention(wrapper.batch(torch.cat([g_[:, None], loc], 1)))[0]   # (1+N,)
+        a = wrapper.model.image_attention(wrapper.batch(wrapper.image_tokens(x)))[0]      # (1+N,)
     g = wrapper.encoders.grid
     m = a[-g * g:].reshape(g, g).float().numpy()
     return gaussian_filter(m, sigma) if sigma > 0 else m

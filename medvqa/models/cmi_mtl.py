@@ -159,6 +159,8 @@ class CMIMTL(nn.Module):
         self.pool_size = round(math.sqrt(cfg.n_queries))
         if self.use_qqformer:
             self.qqformer = QQFormer(d, cfg.n_queries, cfg.qqformer_layers, cfg.n_heads, cfg.dropout, cfg.qqformer_text)
+        else:  # no question-aware reading of the image to show (medvqa.explain.supports)
+            self.image_attention = None
         if self.use_cmcl:  # FVTA contrastive: queries and question in a 256-d space, learnable τ
             self.vision_proj = nn.Linear(d, cfg.contrast_dim)
             self.text_proj = nn.Linear(d, cfg.contrast_dim)
@@ -201,7 +203,7 @@ class CMIMTL(nn.Module):
 
     def image_attention(self, batch):
         """The QQ-Former's question-conditioned attention over the image tokens -> (B, 1+N)
-        (the `query-attention` saliency; needs the QQ-Former)."""
+        (the `query-attention` saliency; None in the w/o-QQ-Former ablation)."""
         v, t = self.proj_v(batch["image_tokens"]), self.proj_t(batch["text_tokens"])
         return self.qqformer.image_attention(v, t, batch["text_mask"] == 0)
 
