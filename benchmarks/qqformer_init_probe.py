@@ -26,7 +26,6 @@ from pathlib import Path
 import torch
 
 from medvqa.config import get_preset
-from medvqa.eval import evaluate
 from medvqa.models.encoders import Encoders
 from medvqa.models.registry import build
 from medvqa.train import trainer
@@ -77,8 +76,7 @@ def main():
     t0 = time.time()
     res = trainer.fit(model, data.train, data.val, t, a.out, {"model": "cmi-mtl", "qqformer_init": a.init})
     load_weights(model, a.out / "best")
-    pred, _ = trainer.predict_dataset(model, data.test)
-    r = evaluate(data.test.records, {x.qid: data.vocab.answers[i] for x, i in zip(data.test.records, pred.tolist())})
+    r = trainer.accuracy(model, data.test)
     print(json.dumps({"init": a.init, "seed": a.seed, "d": c.d, "heads": c.n_heads, "best_epoch": res.best["epoch"],
                       "val": res.best["val_overall"], "test": {x: r[x] for x in ("open", "closed", "overall")},
                       "seconds": round(time.time() - t0)}))

@@ -23,7 +23,6 @@ import torch.nn as nn
 
 from medvqa.config import get_preset
 from medvqa.data.images import load_image
-from medvqa.eval import evaluate
 from medvqa.models.encoders import Encoders
 from medvqa.models.registry import build
 from medvqa.train import trainer
@@ -124,8 +123,7 @@ def main():
     res = trainer.fit(model, data.train, data.val, t, a.out, {"model": a.model, "k": a.k},
                       batch_sampler=ImageBatches(data.train.records, t.batch_size, t.seed))
     load_weights(model, a.out / "best")
-    pred, _ = trainer.predict_dataset(model, data.test)
-    r = evaluate(data.test.records, {x.qid: data.vocab.answers[i] for x, i in zip(data.test.records, pred.tolist())})
+    r = trainer.accuracy(model, data.test)
     print(json.dumps({"model": a.model, "k": a.k, "lr_pretrained": a.lr_pretrained, "best_epoch": res.best["epoch"],
                       "val": res.best["val_overall"], "test": {x: r[x] for x in ("open", "closed", "overall")},
                       "seconds": round(time.time() - t0)}))
