@@ -104,15 +104,22 @@ def _read_predictions(path: Path) -> tuple[dict, dict | None]:
     return preds, (conf or None)
 
 
-def _answers(a, records, source, from_file: bool):
-    """Answers to `records` from a predictions JSON file or a checkpoint (name or folder)
-    -> (qid -> answer, qid -> confidence or None, the Predictor or None)."""
+def _open_answers(source, from_file: bool):
+    """A predictions JSON (read now) or a checkpoint (name or folder, loaded now), so that a bad
+    source fails in one line before any model answers a question -> (preds, conf) or a Predictor."""
     if from_file:
-        return *_read_predictions(source), None
+        return _read_predictions(source)
     from medvqa.predict import Predictor
 
-    p = Predictor.load(source)
-    return *p.predict_records(records, progress=not a.json), p
+    return Predictor.load(source)
+
+
+def _answers(a, records, source):
+    """Answers of an opened source to `records` -> (qid -> answer, qid -> confidence or None,
+    the Predictor or None)."""
+    if isinstance(source, tuple):
+        return *source, None
+    return *source.predict_records(records, progress=not a.json), source
 
 
 def cmd_eval(a):
@@ -120,15 +127,17 @@ def cmd_eval(a):
 
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
-    preds, conf, p = _answers(a, split.records, a.predictions or a.checkpoint, bool(a.predictions))
+    main = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
+    other = _open_answers(a.against, Path(a.against).is_file()) if a.against else None
+    preds, conf, p = _answers(a, split.records, main)
     vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     res = evaluate(split.records, preds, conf)
     res.update({"vocab": len(vocab), "vocab_protocol": vocab_name, "oov": vocab.oov(split.records),
                 "skipped": len(split.problems), "dataset": a.dataset, "split": a.split})
-    if a.against:
+    if other is not None:
         res["against"] = {"source": str(a.against)} | paired_comparison(
-            split.records, preds, _answers(a, split.records, a.against, Path(a.against).is_file())[0])
+            split.records, preds, _answers(a, split.records, other)[0])
     if a.json:
         _print_json(res)
         return 0

@@ -194,3 +194,18 @@ def test_eval_against_a_second_model_is_a_paired_test(capsys, tmp_path):
     assert rc == 0 and "+25.00 points" in out and "McNemar exact p = 0.5" in out
     rc, out, err = run(capsys, *args, "--against", str(tmp_path / "no-such-model"))
     assert rc == 2 and err.startswith("error:") and err.strip().count("\n") == 0
+
+
+def test_a_bad_against_fails_before_the_model_answers(capsys, tmp_path, monkeypatch):
+    """A bad `--against` is one line at once, not after the main model has answered the split."""
+    from medvqa.predict import Predictor
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 8)
+    ck = tiny_checkpoint(tmp_path / "ck")
+    monkeypatch.setattr(Predictor, "predict_records", lambda *a, **k: pytest.fail("answered before --against was read"))
+    (tmp_path / "bad.json").write_text("{not json")
+    for bad in ("bad.json", "no-such-model"):
+        rc, out, err = run(capsys, "eval", "--checkpoint", str(ck), "--dataset", "folder", "--root", str(tmp_path / "data"),
+                           "--against", str(tmp_path / bad))
+        assert rc == 2 and err.startswith("error:") and err.strip().count("\n") == 0, err
