@@ -127,9 +127,9 @@ def cmd_eval(a):
 
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
-    main = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
+    mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
     other = _open_answers(a.against, Path(a.against).is_file()) if a.against else None
-    preds, conf, p = _answers(a, split.records, main)
+    preds, conf, p = _answers(a, split.records, mine)
     vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     res = evaluate(split.records, preds, conf)
