@@ -34,6 +34,7 @@ class CMIMTLConfig:
     cmm_blocks: int = 2
     cmm_align: str = "attention"      # "attention" | "pool" (public code)
     readout: str = "mean"             # x^f vector: "mean" over each stream | "first" token (public code)
+    cmcl_anchor: str = "first"        # CMCL's t: the question's "first"-token state | "pooled" (MiniLM's sentence vector)
     cls_loss: str = "bce"             # L_cls: "bce" over the vocabulary (paper) | "ce" softmax cross-entropy
     d_state: int = 16
     d_conv: int = 4

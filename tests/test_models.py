@@ -120,10 +120,9 @@ def test_cmcl_masks_same_image_pairs(data):
 def test_cmi_mtl_readout_ignores_question_padding(data, readout):
     """x^f must not change when the question is padded further with arbitrary token states."""
     preset, enc, recs, vocab, ds, av = data
-    preset.cmi_mtl.readout = readout
+    preset = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, readout=readout))
     torch.manual_seed(0)
-    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()
-    preset.cmi_mtl.readout = "mean"
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()   # the model keeps cfg: no reset after
     batch = batch_of(ds)
     longer = dict(batch)
     B, _, D = batch["text_tokens"].shape
@@ -132,6 +131,21 @@ def test_cmi_mtl_readout_ignores_question_padding(data, readout):
     with torch.no_grad():
         a, b = model.forward_features(batch)["fused"], model.forward_features(longer)["fused"]
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cmi_mtl_pooled_cmcl_anchor_is_the_sentence_vector(data):
+    """`pooled`: CMCL's t is the projection of the mean over the question's real tokens — the
+    frozen encoder's own sentence vector — so padding never enters; `first` is token 0's state."""
+    preset, enc, recs, vocab, ds, av = data
+    batch = batch_of(ds)
+    T, keep = batch["text_tokens"], batch["text_mask"].unsqueeze(-1).float()      # (B, L, Dt), (B, L, 1)
+    for anchor in ("pooled", "first"):
+        p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, cmcl_anchor=anchor))
+        model = build("cmi-mtl", p, len(vocab), ahead_vocab=av).eval()
+        with torch.no_grad():
+            t = model.forward_features(batch)["t_fvta"]                          # (B, d)
+            want = model.proj_t((T * keep).sum(1) / keep.sum(1)) if anchor == "pooled" else model.proj_t(T[:, 0])
+        torch.testing.assert_close(t, want, atol=1e-5, rtol=1e-5)
 
 
 def test_cmi_mtl_classifier_starts_at_the_prior(data):

@@ -5,7 +5,7 @@ open. The backbones stay outside (medvqa.models.encoders): this module takes the
 trains from the feature cache and runs behind Grad-CAM the same way.
 
     V (B, N, Di), T (B, L, Dt) ─proj→ QQ-Former → z (B, K, d) ──┐
-                                          CMCL(z, T[:, 0]) ─────┤  L_vtc
+                                 CMCL(z, T[:, 0] or mean T) ────┤  L_vtc
     z' = LN(z), t' = LN(T) → CrossMambaBlock ×2 → z'', t''      │
     x^f = [tanh(W_t mean t'') ; tanh(W_z mean z'')] → classifier │  L_cls
     [t'' ; z''] ⊙ M → T5 AHead (open questions only)             │  L_aux
@@ -185,7 +185,12 @@ class CMIMTL(nn.Module):
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
         z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
-        z_fvta, t_fvta = z, t[:, 0]
+        if self.cfg.cmcl_anchor == "pooled":  # a frozen sentence encoder's trained vector is its token mean
+            keep = (~t_pad).unsqueeze(-1).to(t.dtype)                            # (B, L, 1)
+            t_fvta = (t * keep).sum(1) / keep.sum(1).clamp(min=1)                # (B, d)
+        else:
+            t_fvta = t[:, 0]                                                     # (B, d)
+        z_fvta = z
         for block in self.fusion:
             z, t = block(z, t, t_pad)
         if self.cfg.readout == "first":  # the public code's first-token poolers
