@@ -67,7 +67,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
-    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "image_views", "weight_decay", "ema", "val_fraction"):
+    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "word_drop", "image_views", "weight_decay", "ema", "val_fraction"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
     sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
@@ -559,6 +559,8 @@ def register(sub):
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
         sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
+        sp.add_argument("--word-drop", type=float,
+                        help="word dropout on cached questions: each token but [CLS]/[SEP] is removed with this probability (default 0)")
         sp.add_argument("--weight-decay", type=float, help="AdamW weight decay of the matrices (default 0.01)")
         sp.add_argument("--ema", type=float, help="select and save an exponential moving average of the weights with this per-step decay, e.g. 0.995 (default 0: off)")
         sp.add_argument("--dropout", type=float, help="dropout of the model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0); baseline MLP (0.2)")

@@ -96,6 +96,7 @@ class TrainConfig:
     device: str = "cpu"
     amp: bool = True                  # only takes effect on CUDA
     feature_noise: float = 0.0        # Gaussian noise on cached tokens (feature augmentation)
+    word_drop: float = 0.0            # each question token but [CLS]/[SEP] removed with this probability
     image_views: int = 0              # cached augmented views per training image (crop, rotation, contrast)
     val_fraction: float = 0.1         # held-out slice of train when the dataset has no validation split
     holdout_seed: int | None = None   # draws that slice (None: `seed`); a CMDPI fine-tuning takes its pretraining's
