@@ -123,7 +123,7 @@ def _answers(a, records, source):
 
 
 def cmd_eval(a):
-    from medvqa.eval import evaluate, paired_comparison
+    from medvqa.eval import evaluate, paired_comparison, seen_in_train
 
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
@@ -132,7 +132,8 @@ def cmd_eval(a):
     preds, conf, p = _answers(a, split.records, mine)
     vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
-    res = evaluate(split.records, preds, conf)
+    seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None
+    res = evaluate(split.records, preds, conf, seen)
     res.update({"vocab": len(vocab), "vocab_protocol": vocab_name, "oov": vocab.oov(split.records),
                 "skipped": len(split.problems), "dataset": a.dataset, "split": a.split})
     if other is not None:
@@ -148,9 +149,10 @@ def cmd_eval(a):
     if "ece" in res:
         print(f"ECE of top-1 confidence: {res['ece']:.2f}")
     if a.by:
-        key = {"organ": "by_organ", "question_type": "by_question_type"}[a.by]
+        key = {"organ": "by_organ", "question_type": "by_question_type", "seen": "by_seen"}[a.by]
+        w = max(24, *map(len, res[key]))
         for k, v in res[key].items():
-            print(f"  {k:24s} {v['acc']:6.2f}  (n={v['n']})")
+            print(f"  {k:{w}s} {v['acc']:6.2f}  (n={v['n']})")
     if a.against:
         c = res["against"]
         print(f"against {a.against} ({c['b']:.2f}): {c['difference']:+.2f} points, paired bootstrap 95 % CI "
@@ -186,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     dataset_args(ev)
     ev.add_argument("--vocab", choices=("all", "train"), default="all",
                     help="vocabulary used to count out-of-vocabulary answers with --predictions")
-    ev.add_argument("--by", choices=("organ", "question_type"))
+    ev.add_argument("--by", choices=("organ", "question_type", "seen"),
+                    help="accuracy per group; seen: whether the question's image carries the same answer among the train questions")
     ev.add_argument("--against", metavar="CHECKPOINT_OR_JSON",
                     help="a second model (checkpoint, or predictions JSON) on the same questions: the accuracy "
                          "difference with a paired-bootstrap 95 %% CI and McNemar's exact test")

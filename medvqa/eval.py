@@ -87,12 +87,21 @@ def paired_comparison(records, preds_a: dict, preds_b: dict, n_boot: int = 10000
             "only_a_right": only_a, "only_b_right": only_b, "mcnemar_p": mcnemar_exact(only_a, only_b)}
 
 
-def evaluate(records, predictions: dict, confidences: dict | None = None) -> dict:
-    """`predictions`: qid -> answer text; `confidences`: qid -> top-1 probability (optional)."""
+def seen_in_train(records, train_records) -> list[bool]:
+    """Per question: does its image already carry the same answer among the train questions?
+    (In VQA-RAD every test image is a train image and 75 % of test questions are such repeats, so
+    a model's test accuracy is mostly recall of what it was shown; the rest asks for a new answer.)"""
+    seen = {(r.image, r.answer_norm) for r in train_records}
+    return [(r.image, r.answer_norm) in seen for r in records]
+
+
+def evaluate(records, predictions: dict, confidences: dict | None = None, seen: list[bool] | None = None) -> dict:
+    """`predictions`: qid -> answer text; `confidences`: qid -> top-1 probability (optional);
+    `seen`: per record, from `seen_in_train` (optional) -> a `by_seen` breakdown."""
     hits = {"OPEN": [], "CLOSED": []}
-    by_organ, by_qtype = defaultdict(list), defaultdict(list)
+    by_organ, by_qtype, by_seen = defaultdict(list), defaultdict(list), defaultdict(list)
     conf, ok_for_conf, missing = [], [], 0
-    for r in records:
+    for i, r in enumerate(records):
         pred = predictions.get(r.qid)
         missing += pred is None
         ok = _right(pred, r)
@@ -101,6 +110,8 @@ def evaluate(records, predictions: dict, confidences: dict | None = None) -> dic
         # VQA-RAD question types can be lists ("PRES, POS"): count the question under each.
         for qt in (r.question_type or "unknown").split(","):
             by_qtype[qt.strip()].append(ok)
+        if seen is not None:
+            by_seen["image+answer seen in train" if seen[i] else "new answer for its image"].append(ok)
         if confidences is not None and r.qid in confidences:
             conf.append(float(confidences[r.qid]))
             ok_for_conf.append(ok)
@@ -113,6 +124,9 @@ def evaluate(records, predictions: dict, confidences: dict | None = None) -> dic
         "by_organ": {k: {"acc": _pct(v), "n": len(v)} for k, v in sorted(by_organ.items())},
         "by_question_type": {k: {"acc": _pct(v), "n": len(v)} for k, v in sorted(by_qtype.items())},
     }
+    if seen is not None:
+        out["by_seen"] = {k: {"acc": _pct(by_seen[k]), "n": len(by_seen[k])}
+                          for k in ("image+answer seen in train", "new answer for its image") if k in by_seen}
     if conf:
         out["ece"] = round(expected_calibration_error(conf, ok_for_conf), 2)
     return out

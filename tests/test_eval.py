@@ -1,7 +1,7 @@
 import pytest
 
 from medvqa.data import Record
-from medvqa.eval import evaluate, expected_calibration_error
+from medvqa.eval import evaluate, expected_calibration_error, seen_in_train
 
 
 def _recs():
@@ -17,6 +17,16 @@ def test_open_closed_overall():
     assert (res["n"], res["n_open"], res["n_closed"], res["missing_predictions"]) == (4, 2, 2, 1)
     assert res["by_organ"]["CHEST"] == {"acc": 100.0, "n": 2}
     assert res["by_question_type"]["POS"] == {"acc": 50.0, "n": 2}          # "PRES, POS" counts under both
+
+
+def test_seen_in_train_matches_image_and_normalised_answer():
+    train = [Record("t1", "i", "other q", "yes", "CLOSED"), Record("t2", "j", "q", "Left lung", "OPEN")]
+    seen = seen_in_train(_recs(), train)
+    assert seen == [True, False, False, False]               # "Left lung" was seen on image j, not on i
+    res = evaluate(_recs(), {"1": "yes", "2": "yes", "3": "left lung"}, seen=seen)
+    assert res["by_seen"] == {"image+answer seen in train": {"acc": 100.0, "n": 1},
+                              "new answer for its image": {"acc": 33.33, "n": 3}}
+    assert "by_seen" not in evaluate(_recs(), {})
 
 
 def test_ece():

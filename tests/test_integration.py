@@ -22,9 +22,11 @@ def test_train_tiny_on_vqa_rad_then_eval(isolated_cache, capsys):
                "--out", str(out), "--workdir", str(isolated_cache / "run"), "--epochs", "1", "--limit", "64", "--json"])
     m = json.loads(capsys.readouterr().out)
     assert rc == 0 and m["best_epoch"] == 1 and m["test"]["n"] == 16
-    rc = main(["eval", "--checkpoint", str(out), "--dataset", "vqa-rad", "--root", str(root), "--split", "test", "--json"])
+    rc = main(["eval", "--checkpoint", str(out), "--dataset", "vqa-rad", "--root", str(root), "--split", "test",
+               "--by", "seen", "--json"])
     r = json.loads(capsys.readouterr().out)
     assert rc == 0 and r["n"] == 451 and r["vocab"] == 498 and r["vocab_protocol"] == "all"
+    assert [g["n"] for g in r["by_seen"].values()] == [340, 111]     # every test image is a train image
     assert 0 <= r["overall"] <= 100 and r["n_open"] == 179
 
 
