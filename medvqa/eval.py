@@ -89,8 +89,8 @@ def paired_comparison(records, preds_a: dict, preds_b: dict, n_boot: int = 10000
 
 def seen_in_train(records, train_records) -> list[bool]:
     """Per question: does its image already carry the same answer among the train questions?
-    (In VQA-RAD every test image is a train image and 75 % of test questions are such repeats, so
-    a model's test accuracy is mostly recall of what it was shown; the rest asks for a new answer.)"""
+    (VQA-RAD: every test image is a train image; 105 of 179 open and 235 of 272 closed test answers
+    were already given for their image in train. SLAKE: test images are new, so none.)"""
     seen = {(r.image, r.answer_norm) for r in train_records}
     return [(r.image, r.answer_norm) in seen for r in records]
 
