@@ -55,6 +55,8 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         raise UserError(f"--image-views {a.image_views}: use 0 (off) or a positive count")
     if a.dropout is not None and not 0 <= a.dropout < 1:
         raise UserError(f"--dropout {a.dropout}: use a probability in [0, 1)")
+    if a.word_drop is not None and not 0 <= a.word_drop <= 1:
+        raise UserError(f"--word-drop {a.word_drop}: use a probability in [0, 1]")
     if a.weight_decay is not None and a.weight_decay < 0:
         raise UserError(f"--weight-decay {a.weight_decay}: use 0 or more")
     if a.ema is not None and not 0 <= a.ema < 1:

@@ -63,7 +63,7 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
-    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1"),
+    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--word-drop", "-0.1"), ("--weight-decay", "-1"), ("--ema", "1"),
                       ("--image-size", "30"), ("--val-fraction", "1")):
         rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
@@ -134,10 +134,11 @@ def test_dropout_weight_decay_and_ema_flags_reach_the_checkpoint_config(tmp_path
         ck = tmp_path / model
         rc, out, err = run(capsys, "train", "--model", model, "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path / "data"), "--out", str(ck), "--workdir", str(tmp_path / f"run-{model}"),
-                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--ema", "0.99", "--json")
+                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--ema", "0.99",
+                           "--word-drop", "0.2", "--json")
         preset = json.loads((ck / "config.json").read_text())["preset"]
         assert rc == 0 and preset[key]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
-        assert preset["train"]["ema"] == 0.99
+        assert preset["train"]["ema"] == 0.99 and preset["train"]["word_drop"] == 0.2
 
 
 def test_val_fraction_zero_trains_on_all_of_train_and_keeps_the_last_epoch(tmp_path, capsys):
@@ -194,6 +195,18 @@ def test_eval_against_a_second_model_is_a_paired_test(capsys, tmp_path):
     assert rc == 0 and "+25.00 points" in out and "McNemar exact p = 0.5" in out
     rc, out, err = run(capsys, *args, "--against", str(tmp_path / "no-such-model"))
     assert rc == 2 and err.startswith("error:") and err.strip().count("\n") == 0
+
+
+def test_by_seen_needs_a_separate_train_split(capsys, tmp_path):
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 4)   # a folder CSV without a split column is one training split
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "folder",
+                       "--root", str(tmp_path / "data"), "--by", "seen")
+    assert rc == 2 and "needs separate 'train' and 'test' splits" in err and err.strip().count("\n") == 0
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "folder",
+                       "--root", str(tmp_path / "data"), "--split", "train", "--by", "seen")
+    assert rc == 2 and "give --split test" in err
 
 
 def test_a_bad_against_fails_before_the_model_answers(capsys, tmp_path, monkeypatch):
