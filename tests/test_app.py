@@ -216,6 +216,17 @@ def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
     assert (ck / "model.safetensors").read_bytes() == before
 
 
+def test_fine_tune_names_never_collide(tmp_path, monkeypatch):
+    """Two runs started within one second got one name, and the second wrote into the first's folder."""
+    from medvqa.app.finetune import _fresh_name
+
+    monkeypatch.setenv("MEDVQA_DATA", str(tmp_path))
+    assert _fresh_name("baseline-uploaded-ft-20261129-131850") == "baseline-uploaded-ft-20261129-131850"
+    (tmp_path / "checkpoints" / "baseline-uploaded-ft-20261129-131850").mkdir(parents=True)
+    (tmp_path / "runs" / "baseline-uploaded-ft-20261129-131850-2").mkdir(parents=True)   # a cancelled run's workdir
+    assert _fresh_name("baseline-uploaded-ft-20261129-131850") == "baseline-uploaded-ft-20261129-131850-3"
+
+
 def test_feature_points_follow_the_weights(tmp_path, monkeypatch):
     """A precomputed UMAP file is used only for the weights it was computed from: the shipped
     ones match the shipped checkpoints, and a retrained checkpoint never shows old points."""

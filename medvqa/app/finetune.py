@@ -66,6 +66,16 @@ def _argv(model, source, upload, preset, epochs, lr, ablate, name):
     return argv + (["--ablate", *ablate] if ablate else []), out
 
 
+def _fresh_name(stem: str) -> str:
+    """`stem`, or `stem-2`, `stem-3`, … whichever has neither a checkpoint nor a run folder yet: two
+    runs started within one second must not share a folder (the second would overwrite the first)."""
+    name, n = stem, 1
+    while (user_checkpoints_dir() / name).exists() or (user_checkpoints_dir().parent / "runs" / name).exists():
+        n += 1
+        name = f"{stem}-{n}"
+    return name
+
+
 def start(model, source, upload, preset, epochs, lr, ablate) -> str:
     """Start a run (raises ValueError when one is going or the settings are bad) -> checkpoint name."""
     import torch
@@ -80,7 +90,7 @@ def start(model, source, upload, preset, epochs, lr, ablate) -> str:
     with JOB.lock:
         if JOB.busy():
             raise ValueError("a fine-tuning run is already going: wait for it or cancel it")
-        name = f"{model}-{source.split()[0]}-ft-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = _fresh_name(f"{model}-{source.split()[0]}-ft-{time.strftime('%Y%m%d-%H%M%S')}")
         argv, out = _argv(model, source, upload, preset, epochs, lr, ablate, name)
         ns = build_parser().parse_args(argv)
         JOB.cancel.clear()
