@@ -125,10 +125,12 @@ def _answers(a, records, source):
 def cmd_eval(a):
     from medvqa.eval import evaluate, paired_comparison, seen_in_train
 
-    if a.by == "seen" and a.split == "train":
-        raise UserError("--by seen compares a split with the train split: give --split test (or validate)")
-    if a.by == "seen" and {"train", a.split} - set(dataset_splits(a.dataset, a.root)):
-        raise UserError(f"--by seen needs separate 'train' and '{a.split}' splits; {a.root} has {', '.join(dataset_splits(a.dataset, a.root))}")
+    if a.by == "seen":
+        if a.split == "train":
+            raise UserError("--by seen compares a split with the train split: give --split test (or validate)")
+        have = dataset_splits(a.dataset, a.root)
+        if {"train", a.split} - set(have):
+            raise UserError(f"--by seen needs separate 'train' and '{a.split}' splits; {a.root} has {', '.join(have)}")
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
     mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))

@@ -50,6 +50,11 @@ def estimate_seconds(model: str, dataset: str, preset: str, epochs: int) -> floa
     return m["train_seconds"] / max(1, m["epochs"]) * epochs if m.get("train_seconds") else None
 
 
+def _run_dir(name: str):
+    """A fine-tune's work folder (logs, resumable state), beside the user checkpoints."""
+    return user_checkpoints_dir().parent / "runs" / name
+
+
 def _argv(model, source, upload, preset, epochs, lr, ablate, name):
     if source == "uploaded zip":
         if not upload:
@@ -61,7 +66,7 @@ def _argv(model, source, upload, preset, epochs, lr, ablate, name):
         raise ValueError(f"unknown data source {source!r}")
     out = user_checkpoints_dir() / name
     argv = ["train", "--model", model, "--preset", preset, "--dataset", dataset, "--root", str(root),
-            "--out", str(out), "--workdir", str(user_checkpoints_dir().parent / "runs" / name),
+            "--out", str(out), "--workdir", str(_run_dir(name)),
             "--epochs", str(int(epochs)), "--lr", str(float(lr)), "--no-resume", "--json"]
     return argv + (["--ablate", *ablate] if ablate else []), out
 
@@ -70,7 +75,7 @@ def _fresh_name(stem: str) -> str:
     """`stem`, or `stem-2`, `stem-3`, … whichever has neither a checkpoint nor a run folder yet: two
     runs started within one second must not share a folder (the second would overwrite the first)."""
     name, n = stem, 1
-    while (user_checkpoints_dir() / name).exists() or (user_checkpoints_dir().parent / "runs" / name).exists():
+    while (user_checkpoints_dir() / name).exists() or _run_dir(name).exists():
         n += 1
         name = f"{stem}-{n}"
     return name

@@ -45,6 +45,12 @@ def align(src, q_this, k_other, other_pad=None, mode: str = "attention"):
     return att.softmax(-1) @ src                                                 # (B, Lt, E)
 
 
+def masked_mean(x, pad):
+    """Mean of x (B, L, d) over the positions where pad (B, L) is False -> (B, d)."""
+    keep = (~pad).unsqueeze(-1).to(x.dtype)                                      # (B, L, 1)
+    return (x * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+
 def _smoothed_ce(logits, valid, eps: float = 0.1):
     """Cross-entropy with the diagonal as target and label smoothing (0.1, as the reference code)
     spread over the valid entries only, so masked pairs get neither probability nor target mass."""
@@ -185,19 +191,14 @@ class CMIMTL(nn.Module):
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
         z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
-        if self.cfg.cmcl_anchor == "pooled":  # a frozen sentence encoder's trained vector is its token mean
-            keep = (~t_pad).unsqueeze(-1).to(t.dtype)                            # (B, L, 1)
-            t_fvta = (t * keep).sum(1) / keep.sum(1).clamp(min=1)                # (B, d)
-        else:
-            t_fvta = t[:, 0]                                                     # (B, d)
-        z_fvta = z
+        # a frozen sentence encoder's trained vector is its token mean ("pooled")
+        z_fvta, t_fvta = z, masked_mean(t, t_pad) if self.cfg.cmcl_anchor == "pooled" else t[:, 0]  # (B, K, d), (B, d)
         for block in self.fusion:
             z, t = block(z, t, t_pad)
         if self.cfg.readout == "first":  # the public code's first-token poolers
             t_vec, z_vec = t[:, 0], z[:, 0]
         else:  # a causal scan leaves position 0 blind to the rest of its stream: average all positions
-            keep = (~t_pad).unsqueeze(-1).to(t.dtype)                            # (B, L, 1)
-            t_vec, z_vec = (t * keep).sum(1) / keep.sum(1).clamp(min=1), z.mean(1)
+            t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
         x_vec = torch.cat([torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))], -1)  # (B, 2d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
