@@ -75,7 +75,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
     if hasattr(sub, "ablate"):
         sub.ablate = tuple(a.ablate or ())
-    for k in ("alpha", "beta", "cmm_align", "readout", "cmcl_anchor", "cls_loss", "dropout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
+    for k in ("alpha", "beta", "cmm_align", "readout", "cmcl_anchor", "head_input", "cls_loss", "dropout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
         if getattr(a, k, None) is not None and hasattr(sub, k):
             setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
@@ -575,6 +575,8 @@ def register(sub):
         sp.add_argument("--readout", choices=("mean", "first"), help="CMI-MTL x^f vector: mean over each stream (default) or first token (public code)")
         sp.add_argument("--cmcl-anchor", choices=("first", "pooled"),
                         help="CMI-MTL CMCL text side: the question's first-token state (default) or the mean over its tokens (MiniLM's trained sentence vector)")
+        sp.add_argument("--head-input", choices=("concat", "product"),
+                        help="CMI-MTL x^f: the two pooled streams concatenated (default) or with their elementwise product appended, as the baseline's head reads")
         sp.add_argument("--qqformer-text", choices=("on", "off"))
         sp.add_argument("--cls-loss", choices=("bce", "ce"), help="CMI-MTL L_cls: BCE over the vocabulary (paper, default) or softmax cross-entropy")
         sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")

@@ -35,6 +35,7 @@ class CMIMTLConfig:
     cmm_align: str = "attention"      # "attention" | "pool" (public code)
     readout: str = "mean"             # x^f vector: "mean" over each stream | "first" token (public code)
     cmcl_anchor: str = "first"        # CMCL's t: the question's "first"-token state | "pooled" (MiniLM's sentence vector)
+    head_input: str = "concat"        # x^f: "concat" [t̄ ; z̄] (public code) | "product" [t̄ ; z̄ ; t̄⊙z̄] (the baseline's bilinear term)
     cls_loss: str = "bce"             # L_cls: "bce" over the vocabulary (paper) | "ce" softmax cross-entropy
     d_state: int = 16
     d_conv: int = 4

@@ -148,6 +148,22 @@ def test_cmi_mtl_pooled_cmcl_anchor_is_the_sentence_vector(data):
         torch.testing.assert_close(t, want, atol=1e-5, rtol=1e-5)
 
 
+def test_cmi_mtl_product_head_input_appends_the_streams_product(data):
+    """`--head-input product`: x^f = [t̄ ; z̄ ; t̄⊙z̄], and the classifier reads all 3d of it."""
+    preset, enc, recs, vocab, ds, av = data
+    p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, head_input="product"))
+    model = build("cmi-mtl", p, len(vocab), ahead_vocab=av)
+    batch = batch_of(ds)
+    d = p.cmi_mtl.d
+    with torch.no_grad():
+        x = model.eval().forward_features(batch)["fused"]                          # (B, 3d)
+    assert x.shape[-1] == 3 * d
+    torch.testing.assert_close(x[:, 2 * d:], x[:, :d] * x[:, d:2 * d])
+    out = model.train()(batch)
+    sum(out["losses"].values()).backward()
+    assert model.classifier[0].weight.grad[:, 2 * d:].abs().sum() > 0
+
+
 def test_cmi_mtl_classifier_starts_at_the_prior(data):
     """Every answer's sigmoid starts near 1/C, so the summed BCE starts near 1 + log C, not C·log 2."""
     preset, enc, recs, vocab, ds, av = data

@@ -175,8 +175,9 @@ class CMIMTL(nn.Module):
             CrossMambaBlock(d, cfg.d_state, cfg.d_conv, cfg.expand, cfg.cmm_align) if self.use_cmm
             else TransformerFusionBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.cmm_blocks))
         self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # poolers of x^f (public code)
-        self.classifier = nn.Sequential(nn.Linear(2 * d, 2 * d), nn.LayerNorm(2 * d), nn.GELU(),
-                                        nn.Dropout(cfg.dropout), nn.Linear(2 * d, n_classes))
+        w = (3 if cfg.head_input == "product" else 2) * d                        # width of x^f
+        self.classifier = nn.Sequential(nn.Linear(w, w), nn.LayerNorm(w), nn.GELU(),
+                                        nn.Dropout(cfg.dropout), nn.Linear(w, n_classes))
         # Prior init (RetinaNet): every sigmoid starts at 1/C, so the summed BCE starts near
         # 1 + log C instead of C·log 2 (≈ 345 for VQA-RAD), which otherwise costs the first epochs.
         nn.init.constant_(self.classifier[-1].bias, -math.log(max(n_classes - 1, 1)))
@@ -199,7 +200,9 @@ class CMIMTL(nn.Module):
             t_vec, z_vec = t[:, 0], z[:, 0]
         else:  # a causal scan leaves position 0 blind to the rest of its stream: average all positions
             t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
-        x_vec = torch.cat([torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))], -1)  # (B, 2d)
+        t_vec, z_vec = torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))   # (B, d) each
+        # "product": the multiplicative question-image term the baseline's head reads (x^f is left open by the paper)
+        x_vec = torch.cat([t_vec, z_vec] + ([t_vec * z_vec] if self.cfg.head_input == "product" else []), -1)  # (B, 2d|3d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
         return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
