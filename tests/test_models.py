@@ -164,6 +164,25 @@ def test_cmi_mtl_product_head_input_appends_the_streams_product(data):
     assert model.classifier[0].weight.grad[:, 2 * d:].abs().sum() > 0
 
 
+def test_cmi_mtl_sentence_head_input_appends_the_unfused_sentence_vector(data):
+    """`--head-input sentence`: x^f = [t̄ ; z̄ ; tanh(W_s proj_t(mean T))], the question as MiniLM
+    pooled it, before any fusion (so it cannot depend on the image)."""
+    preset, enc, recs, vocab, ds, av = data
+    p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, head_input="sentence"))
+    model = build("cmi-mtl", p, len(vocab), ahead_vocab=av).eval()
+    batch = batch_of(ds)
+    d = p.cmi_mtl.d
+    T, keep = batch["text_tokens"], batch["text_mask"].unsqueeze(-1).float()
+    with torch.no_grad():
+        x = model.forward_features(batch)["fused"]                                 # (B, 3d)
+        want = torch.tanh(model.pool_s(model.proj_t((T * keep).sum(1) / keep.sum(1))))
+        other = model.forward_features({**batch, "image_tokens": batch["image_tokens"].flip(0)})["fused"]
+    assert x.shape[-1] == 3 * d
+    torch.testing.assert_close(x[:, 2 * d:], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other[:, 2 * d:], x[:, 2 * d:])                   # image-independent
+    assert not torch.allclose(other[:, d:2 * d], x[:, d:2 * d])                   # while z̄ is not
+
+
 def test_cmi_mtl_classifier_starts_at_the_prior(data):
     """Every answer's sigmoid starts near 1/C, so the summed BCE starts near 1 + log C, not C·log 2."""
     preset, enc, recs, vocab, ds, av = data

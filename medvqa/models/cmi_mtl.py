@@ -175,7 +175,9 @@ class CMIMTL(nn.Module):
             CrossMambaBlock(d, cfg.d_state, cfg.d_conv, cfg.expand, cfg.cmm_align) if self.use_cmm
             else TransformerFusionBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.cmm_blocks))
         self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # poolers of x^f (public code)
-        w = (3 if cfg.head_input == "product" else 2) * d                        # width of x^f
+        if cfg.head_input == "sentence":
+            self.pool_s = nn.Linear(d, d)
+        w = (2 if cfg.head_input == "concat" else 3) * d                         # width of x^f
         self.classifier = nn.Sequential(nn.Linear(w, w), nn.LayerNorm(w), nn.GELU(),
                                         nn.Dropout(cfg.dropout), nn.Linear(w, n_classes))
         # Prior init (RetinaNet): every sigmoid starts at 1/C, so the summed BCE starts near
@@ -191,9 +193,10 @@ class CMIMTL(nn.Module):
         v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
+        s_vec = masked_mean(t, t_pad)       # = proj_t(MiniLM's trained sentence vector), before any fusion
         z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
         # a frozen sentence encoder's trained vector is its token mean ("pooled")
-        z_fvta, t_fvta = z, masked_mean(t, t_pad) if self.cfg.cmcl_anchor == "pooled" else t[:, 0]  # (B, K, d), (B, d)
+        z_fvta, t_fvta = z, s_vec if self.cfg.cmcl_anchor == "pooled" else t[:, 0]  # (B, K, d), (B, d)
         for block in self.fusion:
             z, t = block(z, t, t_pad)
         if self.cfg.readout == "first":  # the public code's first-token poolers
@@ -201,8 +204,14 @@ class CMIMTL(nn.Module):
         else:  # a causal scan leaves position 0 blind to the rest of its stream: average all positions
             t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
         t_vec, z_vec = torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))   # (B, d) each
-        # "product": the multiplicative question-image term the baseline's head reads (x^f is left open by the paper)
-        x_vec = torch.cat([t_vec, z_vec] + ([t_vec * z_vec] if self.cfg.head_input == "product" else []), -1)  # (B, 2d|3d)
+        # x^f is left open by the paper. "product": the multiplicative question-image term the baseline's
+        # head reads; "sentence": the unfused sentence vector, which is paraphrase-invariant by training
+        x_vec = [t_vec, z_vec]
+        if self.cfg.head_input == "product":
+            x_vec.append(t_vec * z_vec)
+        elif self.cfg.head_input == "sentence":
+            x_vec.append(torch.tanh(self.pool_s(s_vec)))
+        x_vec = torch.cat(x_vec, -1)                                             # (B, 2d|3d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
         return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
