@@ -205,7 +205,7 @@ class CMIMTL(nn.Module):
             t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
         t_vec, z_vec = torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))   # (B, d) each
         # x^f is left open by the paper. "product": the multiplicative question-image term the baseline's
-        # head reads; "sentence": the unfused sentence vector, which is paraphrase-invariant by training
+        # head reads; "sentence": the unfused sentence vector, trained to be robust to paraphrase
         x_vec = [t_vec, z_vec]
         if self.cfg.head_input == "product":
             x_vec.append(t_vec * z_vec)
