@@ -193,9 +193,9 @@ class CMIMTL(nn.Module):
         v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
-        s_vec = masked_mean(t, t_pad)       # = proj_t(MiniLM's trained sentence vector), before any fusion
+        # a frozen sentence encoder's trained vector is its token mean: s = proj_t(MiniLM's pooled vector)
+        s_vec = masked_mean(t, t_pad)                                            # (B, d), before any fusion
         z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
-        # a frozen sentence encoder's trained vector is its token mean ("pooled")
         z_fvta, t_fvta = z, s_vec if self.cfg.cmcl_anchor == "pooled" else t[:, 0]  # (B, K, d), (B, d)
         for block in self.fusion:
             z, t = block(z, t, t_pad)
