@@ -123,7 +123,7 @@ def _answers(a, records, source):
 
 
 def cmd_eval(a):
-    from medvqa.eval import evaluate, paired_comparison, seen_in_train
+    from medvqa.eval import evaluate, paired_comparison, seen_in_train, swap_images
 
     if a.by == "seen":
         if a.split == "train":
@@ -131,6 +131,8 @@ def cmd_eval(a):
         have = dataset_splits(a.dataset, a.root)
         if {"train", a.split} - set(have):
             raise UserError(f"--by seen needs separate 'train' and '{a.split}' splits; {a.root} has {', '.join(have)}")
+    if a.swap_images and a.predictions:
+        raise UserError("--swap-images needs --checkpoint: a predictions file cannot answer other images")
     split = load_split(a.dataset, a.root, a.split)
     _warn_skipped(a.split, split)
     mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
@@ -140,6 +142,13 @@ def cmd_eval(a):
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None
     res = evaluate(split.records, preds, conf, seen)
+    if a.swap_images:  # the same questions, each with another image; scored against its own answer
+        swapped = p.predict_records(swap_images(split.records), progress=not a.json)[0]
+        blind = evaluate(split.records, swapped, None, seen)
+        changed = sum(swapped[r.qid] != preds[r.qid] for r in split.records)
+        keep = ("open", "closed", "overall", "by_organ", "by_question_type", "by_seen")
+        res["swapped_images"] = {k: blind[k] for k in keep if k in blind} | {
+            "answers_changed": round(100 * changed / len(split.records), 2)}
     res.update({"vocab": len(vocab), "vocab_protocol": vocab_name, "oov": vocab.oov(split.records),
                 "skipped": len(split.problems), "dataset": a.dataset, "split": a.split})
     if other is not None:
@@ -159,6 +168,13 @@ def cmd_eval(a):
         w = max(24, *map(len, res[key]))
         for k, v in res[key].items():
             print(f"  {k:{w}s} {v['acc']:6.2f}  (n={v['n']})")
+    if a.swap_images:
+        b = res["swapped_images"]
+        print(f"with another question's image: open {b['open']:.2f}  closed {b['closed']:.2f}  overall {b['overall']:.2f};"
+              f" {b['answers_changed']:.2f} % of answers changed")
+        if a.by:
+            for k, v in b[key].items():
+                print(f"  {k:{w}s} {v['acc']:6.2f}  (n={v['n']})")
     if a.against:
         c = res["against"]
         print(f"against {a.against} ({c['b']:.2f}): {c['difference']:+.2f} points, paired bootstrap 95 % CI "
@@ -199,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--against", metavar="CHECKPOINT_OR_JSON",
                     help="a second model (checkpoint, or predictions JSON) on the same questions: the accuracy "
                          "difference with a paired-bootstrap 95 %% CI and McNemar's exact test")
+    ev.add_argument("--swap-images", action="store_true",
+                    help="also answer every question with another image of the split (a fixed random draw, never its own): "
+                         "what is still right comes from the question alone; prints that accuracy and how many answers changed")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from dataclasses import replace
 
 import numpy as np
 
@@ -93,6 +94,22 @@ def seen_in_train(records, train_records) -> list[bool]:
     were already given for their image in train. SLAKE: test images are new, so none.)"""
     seen = {(r.image, r.answer_norm) for r in train_records}
     return [(r.image, r.answer_norm) in seen for r in records]
+
+
+def swap_images(records, seed: int = 0) -> list:
+    """Each question paired with another image of the same split, drawn at random (fixed by `seed`),
+    never its own: the blind-image control. What a model still gets right this way it answers
+    from the question alone (a language prior); what it loses rested on the image."""
+    images = sorted({r.image for r in records})
+    if len(images) < 2:
+        raise ValueError("swapping images needs at least two different images in the split")
+    rng = np.random.default_rng(seed)
+    out = []
+    for r in records:
+        while (im := images[rng.integers(len(images))]) == r.image:
+            pass
+        out.append(replace(r, image=im))
+    return out
 
 
 def evaluate(records, predictions: dict, confidences: dict | None = None, seen: list[bool] | None = None) -> dict:

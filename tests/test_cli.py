@@ -197,6 +197,29 @@ def test_eval_against_a_second_model_is_a_paired_test(capsys, tmp_path):
     assert rc == 2 and err.startswith("error:") and err.strip().count("\n") == 0
 
 
+def test_eval_swap_images_scores_the_same_questions_with_other_images(capsys, tmp_path):
+    """`--swap-images` answers each question again with another image: the result sits beside the
+    normal one and counts how many answers moved; a predictions file cannot do it (one line)."""
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 8)
+    ck = tiny_checkpoint(tmp_path / "ck")
+    args = ["eval", "--checkpoint", str(ck), "--dataset", "folder", "--root", str(tmp_path / "data"), "--split", "train"]
+    rc, out, err = run(capsys, *args, "--swap-images", "--json")
+    r = json.loads(out)
+    b = r["swapped_images"]
+    assert rc == 0 and set(b) == {"open", "closed", "overall", "by_organ", "by_question_type", "answers_changed"}
+    assert 0 <= b["answers_changed"] <= 100 and 0 <= b["overall"] <= 100
+    rc, plain, err = run(capsys, *args, "--json")
+    assert "swapped_images" not in json.loads(plain) and json.loads(plain)["overall"] == r["overall"]
+    rc, out, err = run(capsys, *args, "--swap-images")
+    assert rc == 0 and "with another question's image: open" in out and "% of answers changed" in out
+    (tmp_path / "p.json").write_text("{}")
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "folder",
+                       "--root", str(tmp_path / "data"), "--split", "train", "--swap-images")
+    assert rc == 2 and "--swap-images needs --checkpoint" in err and err.strip().count("\n") == 0
+
+
 def test_by_seen_needs_a_separate_train_split(capsys, tmp_path):
     from tests.helpers import make_cases_csv
 

@@ -1,7 +1,7 @@
 import pytest
 
 from medvqa.data import Record
-from medvqa.eval import evaluate, expected_calibration_error, seen_in_train
+from medvqa.eval import evaluate, expected_calibration_error, seen_in_train, swap_images
 
 
 def _recs():
@@ -27,6 +27,18 @@ def test_seen_in_train_matches_image_and_normalised_answer():
     assert res["by_seen"] == {"image+answer seen in train": {"acc": 100.0, "n": 1},
                               "new answer for its image": {"acc": 33.33, "n": 3}}
     assert "by_seen" not in evaluate(_recs(), {})
+
+
+def test_swap_images_never_keeps_a_question_on_its_own_image():
+    recs = [Record(str(i), f"img{i // 3}", "q", "yes", "CLOSED") for i in range(12)]   # 3 questions an image
+    swapped = swap_images(recs, seed=0)
+    assert [r.qid for r in swapped] == [r.qid for r in recs]                 # same questions, same order
+    assert all(s.image != r.image for s, r in zip(swapped, recs))
+    assert {s.image for s in swapped} <= {r.image for r in recs}             # images of the same split
+    assert [s.image for s in swap_images(recs, seed=0)] == [s.image for s in swapped]   # reproducible
+    assert recs[0].image == "img0"                                           # the input is left as it was
+    with pytest.raises(ValueError, match="two different images"):
+        swap_images(recs[:3])
 
 
 def test_ece():
