@@ -575,9 +575,10 @@ def register(sub):
         sp.add_argument("--readout", choices=("mean", "first"), help="CMI-MTL x^f vector: mean over each stream (default) or first token (public code)")
         sp.add_argument("--cmcl-anchor", choices=("first", "pooled"),
                         help="CMI-MTL CMCL text side: the question's first-token state (default) or the mean over its tokens (MiniLM's trained sentence vector)")
-        sp.add_argument("--head-input", choices=("concat", "product", "sentence"),
+        sp.add_argument("--head-input", choices=("concat", "product", "sentence", "image"),
                         help="CMI-MTL x^f: the two pooled streams concatenated (default), with their elementwise product appended "
-                             "(as the baseline's head reads), or with the question's unfused sentence vector appended")
+                             "(as the baseline's head reads), or with the question's unfused sentence vector or the image's unfused "
+                             "CLS token appended")
         sp.add_argument("--qqformer-text", choices=("on", "off"))
         sp.add_argument("--cls-loss", choices=("bce", "ce"), help="CMI-MTL L_cls: BCE over the vocabulary (paper, default) or softmax cross-entropy")
         sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")

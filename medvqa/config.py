@@ -37,6 +37,7 @@ class CMIMTLConfig:
     cmcl_anchor: str = "first"        # CMCL's t: the question's "first"-token state | "pooled" (MiniLM's sentence vector)
     head_input: str = "concat"        # x^f: "concat" [t̄ ; z̄] (public code) | "product" [t̄ ; z̄ ; t̄⊙z̄] (the baseline's bilinear term)
                                       # | "sentence" [t̄ ; z̄ ; tanh(W_s s)], s the unfused MiniLM sentence vector
+                                      # | "image" [t̄ ; z̄ ; tanh(W_g g)], g the unfused DINOv2 CLS token
     cls_loss: str = "bce"             # L_cls: "bce" over the vocabulary (paper) | "ce" softmax cross-entropy
     d_state: int = 16
     d_conv: int = 4

@@ -183,6 +183,25 @@ def test_cmi_mtl_sentence_head_input_appends_the_unfused_sentence_vector(data):
     assert not torch.allclose(other[:, d:2 * d], x[:, d:2 * d])                   # while z̄ is not
 
 
+def test_cmi_mtl_image_head_input_appends_the_unfused_image_cls(data):
+    """`--head-input image`: x^f = [t̄ ; z̄ ; tanh(W_g proj_v(CLS))], the image as DINOv2 summarised it,
+    before any fusion (so it cannot depend on the question)."""
+    preset, enc, recs, vocab, ds, av = data
+    p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, head_input="image"))
+    model = build("cmi-mtl", p, len(vocab), ahead_vocab=av).eval()
+    batch = batch_of(ds)
+    d = p.cmi_mtl.d
+    with torch.no_grad():
+        x = model.forward_features(batch)["fused"]                                 # (B, 3d)
+        want = torch.tanh(model.pool_g(model.proj_v(batch["image_tokens"][:, 0])))
+        other = model.forward_features({**batch, "text_tokens": batch["text_tokens"].flip(0),
+                                        "text_mask": batch["text_mask"].flip(0)})["fused"]
+    assert x.shape[-1] == 3 * d
+    torch.testing.assert_close(x[:, 2 * d:], want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(other[:, 2 * d:], x[:, 2 * d:])                   # question-independent
+    assert not torch.allclose(other[:, :d], x[:, :d])                             # while t̄ is not
+
+
 def test_cmi_mtl_classifier_starts_at_the_prior(data):
     """Every answer's sigmoid starts near 1/C, so the summed BCE starts near 1 + log C, not C·log 2."""
     preset, enc, recs, vocab, ds, av = data

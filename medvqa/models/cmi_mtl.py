@@ -177,6 +177,8 @@ class CMIMTL(nn.Module):
         self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # poolers of x^f (public code)
         if cfg.head_input == "sentence":
             self.pool_s = nn.Linear(d, d)
+        if cfg.head_input == "image":
+            self.pool_g = nn.Linear(d, d)
         w = (2 if cfg.head_input == "concat" else 3) * d                         # width of x^f
         self.classifier = nn.Sequential(nn.Linear(w, w), nn.LayerNorm(w), nn.GELU(),
                                         nn.Dropout(cfg.dropout), nn.Linear(w, n_classes))
@@ -205,12 +207,15 @@ class CMIMTL(nn.Module):
             t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
         t_vec, z_vec = torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))   # (B, d) each
         # x^f is left open by the paper. "product": the multiplicative question-image term the baseline's
-        # head reads; "sentence": the unfused sentence vector, trained to be robust to paraphrase
+        # head reads; "sentence": the unfused sentence vector, trained to be robust to paraphrase;
+        # "image": the unfused DINOv2 CLS, so the head sees which image it is without going through the fusion
         x_vec = [t_vec, z_vec]
         if self.cfg.head_input == "product":
             x_vec.append(t_vec * z_vec)
         elif self.cfg.head_input == "sentence":
             x_vec.append(torch.tanh(self.pool_s(s_vec)))
+        elif self.cfg.head_input == "image":
+            x_vec.append(torch.tanh(self.pool_g(v[:, 0])))                       # (B, d)
         x_vec = torch.cat(x_vec, -1)                                             # (B, 2d|3d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
