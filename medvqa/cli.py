@@ -163,18 +163,20 @@ def cmd_eval(a):
     print(f"vocabulary: {res['vocab']} answers ({vocab_name}); {res['oov']} test answers are out of vocabulary")
     if "ece" in res:
         print(f"ECE of top-1 confidence: {res['ece']:.2f}")
-    if a.by:
-        key = {"organ": "by_organ", "question_type": "by_question_type", "seen": "by_seen"}[a.by]
-        w = max(24, *map(len, res[key]))
-        for k, v in res[key].items():
-            print(f"  {k:{w}s} {v['acc']:6.2f}  (n={v['n']})")
+    key = {"organ": "by_organ", "question_type": "by_question_type", "seen": "by_seen"}.get(a.by)
+
+    def print_groups(r):  # one line per group of `--by`, in the same columns for both passes
+        if key:
+            w = max(24, *map(len, res[key]))
+            for k, v in r[key].items():
+                print(f"  {k:{w}s} {v['acc']:6.2f}  (n={v['n']})")
+
+    print_groups(res)
     if a.swap_images:
         b = res["swapped_images"]
         print(f"with another question's image: open {b['open']:.2f}  closed {b['closed']:.2f}  overall {b['overall']:.2f};"
               f" {b['answers_changed']:.2f} % of answers changed")
-        if a.by:
-            for k, v in b[key].items():
-                print(f"  {k:{w}s} {v['acc']:6.2f}  (n={v['n']})")
+        print_groups(b)
     if a.against:
         c = res["against"]
         print(f"against {a.against} ({c['b']:.2f}): {c['difference']:+.2f} points, paired bootstrap 95 % CI "
