@@ -100,7 +100,7 @@ def test_module_entry_point_json_only():
 def test_every_sweep_config_parses(config):
     """A typo in a variant would otherwise surface an hour into a sweep."""
     from medvqa.cli import build_parser
-    from medvqa.commands import variant_stages
+    from medvqa.cli.train import variant_stages
 
     cfg = json.loads((Path(__file__).parents[1] / "configs" / config).read_text())
     data = ["--dataset", cfg["dataset"], "--root", cfg["root"], "--out", "x"]

@@ -1,13 +1,13 @@
-"""Model subcommands: train, predict. Registered onto the CLI parser by `medvqa.cli`."""
+"""`train`, `pretrain` and `sweep`: fitting models on the feature cache and writing checkpoint folders."""
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
+from medvqa.cli.common import UserError, print_json
 from medvqa.models.cmi_mtl import ABLATIONS
 
 
@@ -37,7 +37,6 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
     import torch
 
-    from medvqa.cli import UserError
     from medvqa.config import get_preset, image_grid, image_patch, preset_from_dict
     from medvqa.data import dataset_splits
     from medvqa.models import cmdpi
@@ -147,7 +146,6 @@ def _load_init(model, init: Path, quiet: bool):
 
 
 def cmd_train(a):
-    from medvqa.cli import UserError, _print_json
     from medvqa.eval import evaluate
     from medvqa.models.registry import build
     from medvqa.train.checkpoint import load_checkpoint, read_config, save_checkpoint
@@ -203,7 +201,7 @@ def cmd_train(a):
         return 130
     save_checkpoint(Path(a.out), best, config, metrics)
     if a.json:
-        _print_json(metrics)
+        print_json(metrics)
     else:
         chosen = f"best epoch {metrics['best_epoch']} on {data.selection}" if data.val else f"epoch {metrics['best_epoch']}, the last: no validation"
         print(f"saved {a.out} ({chosen}; {res.seconds:.0f} s)")
@@ -216,7 +214,6 @@ def cmd_train(a):
 def cmd_pretrain(a):
     """CMDPI co-regularised pretraining on the training split's questions (reconstruction) and
     captions (reconstruction + contrast): built-in pseudo-captions and/or --captions JSONL files."""
-    from medvqa.cli import UserError, _print_json
     from medvqa.data.captions import pseudo_captions, read_captions_jsonl
     from medvqa.models.registry import build
     from medvqa.train.checkpoint import save_checkpoint
@@ -255,206 +252,9 @@ def cmd_pretrain(a):
                "n_captions": len(captions), "n_questions": len(data.train), **{k: v for k, v in last.items() if k.startswith("train_")}}
     save_checkpoint(Path(a.out), model, config, metrics)   # the last epoch: pretraining has no selection split
     if a.json:
-        _print_json(metrics)
+        print_json(metrics)
     else:
         print(f"saved {a.out} ({len(captions)} captions + {len(data.train)} questions, {t.epochs} epochs, {res.seconds:.0f} s)")
-    return 0
-
-
-def _predict_one(p, a):
-    from medvqa.cli import _print_json
-
-    ans = p.answer(a.image, a.question, top_k=a.top_k)
-    if a.json:
-        _print_json({k: v for k, v in ans.to_dict().items() if k in ("answer", "score", "top_k", "free_text", "kind")})
-        return 0
-    print(f"answer: {ans.text}  ({ans.score:.1%})")
-    for t, s in ans.top_k[1:]:
-        print(f"        {t}  ({s:.1%})")
-    if ans.free_text is not None:
-        print(f"free-form (AHead, generated): {ans.free_text or '(empty)'}")
-    return 0
-
-
-def _predict_csv(p, a):
-    import csv
-
-    from tqdm.auto import tqdm
-
-    from medvqa.cli import UserError
-    from medvqa.data import ImageError
-
-    src = Path(a.csv)
-    if not src.is_file():
-        raise UserError(f"{src}: CSV file not found")
-    with open(src, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
-    if rows and not {"image", "question"} <= set(rows[0]):
-        raise UserError(f"{src}: CSV needs the columns image, question[, answer]")
-    out_rows, bad = [], 0
-    for i in tqdm(range(0, len(rows), 16), desc="answering", disable=a.json):
-        chunk = rows[i:i + 16]
-        images, good = [], []
-        for j, r in enumerate(chunk):
-            try:
-                from medvqa.data import load_image
-
-                images.append(load_image(src.parent / r["image"]))
-                good.append(r)
-            except ImageError as e:
-                print(f"warning: {src.name} row {i + j + 1}: {e}", file=sys.stderr)
-                out_rows.append({**r, "prediction": "", "score": "", "error": str(e)})
-                bad += 1
-        if good:
-            for r, ans in zip(good, p.answer_batch(images, [r["question"] for r in good], top_k=a.top_k)):
-                out_rows.append({**r, "prediction": ans.text, "score": f"{ans.score:.4f}",
-                                 "free_text": ans.free_text or "", "error": ""})
-    keys = list(dict.fromkeys(k for r in out_rows for k in r))
-    tmp = Path(a.out).with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, keys)
-        w.writeheader()
-        w.writerows(out_rows)
-    shutil.move(tmp, a.out)
-    print(f"wrote {len(out_rows)} answers to {a.out}" + (f" ({bad} rows with unreadable images)" if bad else ""),
-          file=sys.stderr)
-    return 0
-
-
-def cmd_predict(a):
-    from medvqa.cli import UserError
-    from medvqa.predict import Predictor
-
-    p = Predictor.load(a.checkpoint)
-    if a.csv:
-        if not a.out:
-            raise UserError("--csv needs --out ANSWERS.csv")
-        return _predict_csv(p, a)
-    if not (a.image and a.question is not None):
-        raise UserError("give --image and --question, or --csv CASES.csv --out ANSWERS.csv")
-    return _predict_one(p, a)
-
-
-def cmd_explain(a):
-    import numpy as np
-
-    from medvqa.cli import UserError
-    from medvqa.data import load_image
-    from medvqa.explain import GRADIENT_FREE, overlay
-    from medvqa.predict import Predictor
-
-    if a.out.suffix.lower() != ".png":
-        raise UserError(f"--out {a.out}: give a .png path (the raw map is written beside it as .npy)")
-    p = Predictor.load(a.checkpoint)
-    im = load_image(a.image)
-    method = a.method or p.default_method
-    if a.target and method in GRADIENT_FREE:
-        print(f"note: {method} is gradient-free, so --target does not change the map", file=sys.stderr)
-    cam = p.explain(im, a.question, method=method, target=a.target, layer=a.layer)
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    overlay(im, cam, a.opacity, a.colormap).save(a.out)
-    np.save(a.out.with_suffix(".npy"), cam)
-    ans = p.answer(im, a.question)
-    print(f"{method} for answer {a.target or ans.text!r}: wrote {a.out} and {a.out.with_suffix('.npy')}", file=sys.stderr)
-    return 0
-
-
-def cmd_pointing_game(a):
-    from medvqa.cli import _print_json
-    from medvqa.data import load_split
-    from medvqa.explain.pointing import pointing_cases, pointing_game
-    from medvqa.predict import Predictor
-
-    records = load_split("slake", a.root, a.split).records
-    cases = pointing_cases(records)[: a.limit or None]
-    preds = {Path(str(c)).name: Predictor.load(c) for c in a.checkpoint}
-    res = pointing_game(preds, cases, a.methods, a.layers, progress=not a.json)
-    if a.json:
-        _print_json(res)
-        return 0
-    print(f"pointing game on SLAKE {a.split}: {res['n']} questions naming a boxed organ or lesion")
-    for r in res["results"]:
-        lo, hi = r["hit_rate_ci95"]
-        v = r["vs_centre"]
-        layer = "–" if r["layer"] is None else r["layer"]
-        print(f"  {r['model']:24s} {r['method']:15s} layer {layer:>3}  hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
-              f"  vs centre: {v['only_map']} only the map, {v['only_centre']} only the centre, McNemar p = {v['mcnemar_p']:.3g}")
-    print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")
-    _print_skipped(res)
-    return 0
-
-
-def _print_skipped(res):
-    for s in res["skipped"]:
-        print(f"  {s['model']:24s} {s['method']}: skipped (the model has no question-conditioned attention over the image)")
-
-
-def cmd_faithfulness(a):
-    import random
-
-    from medvqa.cli import _print_json
-    from medvqa.data import load_split
-    from medvqa.explain.faithfulness import deletion_insertion
-    from medvqa.predict import Predictor
-
-    records = load_split(a.dataset, a.root, a.split).records
-    records = random.Random(a.seed).sample(records, min(a.limit, len(records)))   # a fixed, spread-out sample
-    preds = {Path(str(c)).name: Predictor.load(c) for c in a.checkpoint}
-    res = deletion_insertion(preds, records, a.methods, a.steps, progress=not a.json)
-    if a.json:
-        _print_json(res)
-        return 0
-    print(f"deletion / insertion AUC on {a.dataset} {a.split}: {res['n']} questions, {a.steps} steps "
-          "(deletion: lower is better; insertion: higher is better)")
-    for r in res["results"]:
-        (dl, dh), (il, ih) = r["deletion_vs_random_ci95"], r["insertion_vs_random_ci95"]
-        print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} (random {r['deletion_random_auc']:.4f};"
-              f" difference 95 % CI {dl:+.4f} to {dh:+.4f})  insertion {r['insertion_auc']:.4f}"
-              f" (random {r['insertion_random_auc']:.4f}; {il:+.4f} to {ih:+.4f})")
-    _print_skipped(res)
-    return 0
-
-
-def cmd_figures(a):
-    from medvqa.cli import _print_json
-    from medvqa.figures import make_all
-
-    res = make_all(a.checkpoint, a.dataset, a.root, a.split, a.out, a.cam_cases, not a.no_umap, progress=not a.json)
-    if a.json:
-        _print_json(res)
-    else:
-        print((Path(a.out) / "accuracy.md").read_text(), end="")
-        print(f"wrote {sum(len(v) for v in res['files'].values())} files to {a.out}")
-    return 0
-
-
-def cmd_umap(a):
-    from medvqa.cli import UserError, _print_json
-    from medvqa.data import load_split
-    from medvqa.explain.umap import COLORINGS, embed, labels_for, plot, silhouette
-    from medvqa.predict import Predictor
-
-    if len(a.checkpoint) > 2:
-        raise UserError("give one or two --checkpoint")
-    records = load_split(a.dataset, a.root, a.split).records
-    panels, out = [], {"n": len(records), "checkpoints": {}}
-    for ck in a.checkpoint:
-        p = Predictor.load(ck)
-        feats, correct = p.features_records(records, progress=not a.json)
-        xy = embed(feats, seed=a.seed)
-        sil = {c: silhouette(xy, labels_for(records, correct, c)) for c in COLORINGS}
-        name = Path(str(ck)).name
-        out["checkpoints"][name] = {"silhouette": sil, "accuracy": round(100 * float(correct.mean()), 2)}
-        panels.append({"title": name, "xy": xy, "labels": labels_for(records, correct, a.color), "silhouette": sil[a.color]})
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    plot(panels, a.color, a.out)
-    out["out"] = str(a.out)
-    if a.json:
-        _print_json(out)
-    else:
-        for name, v in out["checkpoints"].items():
-            print(f"{name}: silhouette " + ", ".join(f"{k} {s}" for k, s in v["silhouette"].items()))
-        print(f"wrote {a.out}")
     return 0
 
 
@@ -468,8 +268,6 @@ def cmd_sweep(a):
     the results as a Markdown and a CSV table."""
     import hashlib
 
-    from medvqa.cli import UserError, build_parser
-
     try:
         cfg = json.loads(Path(a.config).read_text())
     except (OSError, json.JSONDecodeError) as e:
@@ -479,7 +277,7 @@ def cmd_sweep(a):
 
     def run(argv):
         print(f"[sweep] python -m medvqa {shlex.join(argv)}", file=sys.stderr)
-        ns = build_parser().parse_args(argv)
+        ns = _stage_parser().parse_args(argv)
         ns.func(ns)
 
     data_args = ["--dataset", cfg["dataset"], "--root", str(a.root or cfg["root"])]
@@ -524,22 +322,24 @@ def _write_sweep_tables(rows: list[dict], out: Path) -> str:
     return "\n".join(md)
 
 
-def cmd_bench(a):
-    from medvqa.bench import run
-    from medvqa.cli import _print_json
-
-    res = run()
-    if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(res, indent=1))
-    if a.json:
-        _print_json(res)
-    else:
-        print(json.dumps(res, indent=1))
-    return 0
+def _stage_parser() -> argparse.ArgumentParser:
+    """The `train` and `pretrain` commands alone: what a sweep variant's arguments are parsed by."""
+    p = argparse.ArgumentParser(prog="medvqa")
+    _register_fit(p.add_subparsers(dest="cmd", required=True))
+    return p
 
 
 def register(sub):
+    _register_fit(sub)
+    sw = sub.add_parser("sweep", help="run a config of train variants (ablations) and tabulate test results")
+    sw.add_argument("--config", required=True, type=Path)
+    sw.add_argument("--out", required=True, type=Path)
+    sw.add_argument("--root", type=Path, help="override the dataset root in the config")
+    sw.add_argument("--extra", nargs=argparse.REMAINDER, help="extra train arguments for every variant")
+    sw.set_defaults(func=cmd_sweep)
+
+
+def _register_fit(sub):
     from medvqa.config import PRESETS
     from medvqa.data.datasets import DATASETS
     from medvqa.models.cmdpi import ABLATIONS as CMDPI_ABLATIONS
@@ -599,85 +399,3 @@ def register(sub):
     pt.add_argument("--no-pseudo-captions", action="store_true", help="leave out the built-in pseudo-caption corpus")
     pt.set_defaults(func=cmd_pretrain)
     tr.set_defaults(func=cmd_train)
-
-    pr = sub.add_parser("predict", help="answer one question, or a CSV of cases")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("--image", type=Path)
-    pr.add_argument("--question")
-    pr.add_argument("--csv", type=Path, help="image,question[,answer] rows; images relative to the CSV")
-    pr.add_argument("--out", type=Path)
-    pr.add_argument("--top-k", type=int, default=5)
-    pr.add_argument("--json", action="store_true")
-    pr.set_defaults(func=cmd_predict)
-
-    from medvqa.explain import MODEL_DEFAULT_METHOD, DEFAULT_METHOD, METHOD_NAMES as METHODS
-
-    ex = sub.add_parser("explain", help="saliency map of an answer (Grad-CAM family or attention rollout), as an overlay PNG + raw .npy")
-    ex.add_argument("--checkpoint", required=True)
-    ex.add_argument("--image", required=True, type=Path)
-    ex.add_argument("--question", required=True)
-    ex.add_argument("--method", choices=sorted(METHODS), help="default: the model's own, "
-                    + ", ".join(f"{v} for {k}" for k, v in MODEL_DEFAULT_METHOD.items()) + f", else {DEFAULT_METHOD}")
-    ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
-    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout starts (default: a third of the way in; -1: the last; query-attention reads after the backbone)")
-    ex.add_argument("--opacity", type=float, default=0.5)
-    ex.add_argument("--colormap", default="jet")
-    ex.add_argument("--out", required=True, type=Path)
-    ex.set_defaults(func=cmd_explain)
-
-    pg = sub.add_parser("pointing-game", help="does the saliency maximum fall in the named organ's box? (SLAKE)")
-    pg.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
-    pg.add_argument("--root", required=True, type=Path, help="the SLAKE folder")
-    pg.add_argument("--split", default="test")
-    pg.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
-    pg.add_argument("--layers", type=int, nargs="+", default=[None], help="image-backbone blocks whose input the CAM reads (default: a third of the way in)")
-    pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
-    pg.add_argument("--json", action="store_true")
-    pg.set_defaults(func=cmd_pointing_game)
-
-    fa = sub.add_parser("faithfulness", help="deletion / insertion AUC of saliency maps vs a random order")
-    fa.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
-    fa.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    fa.add_argument("--root", required=True, type=Path)
-    fa.add_argument("--split", default="test")
-    fa.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
-    fa.add_argument("--limit", type=int, default=50, help="questions sampled from the split (seeded)")
-    fa.add_argument("--steps", type=int, default=10)
-    fa.add_argument("--seed", type=int, default=0)
-    fa.add_argument("--json", action="store_true")
-    fa.set_defaults(func=cmd_faithfulness)
-
-    fg = sub.add_parser("figures", help="paper tables and figures: accuracy (md/tex), per-organ / question-type "
-                                        "bars, reliability, CAM grid, UMAP pair")
-    fg.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
-    fg.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    fg.add_argument("--root", required=True, type=Path)
-    fg.add_argument("--split", default="test")
-    fg.add_argument("--out", required=True, type=Path, help="folder for the PNG (300 dpi) / SVG / PDF files")
-    fg.add_argument("--cam-cases", type=int, default=4, help="cases in the CAM grid (0: none)")
-    fg.add_argument("--no-umap", action="store_true")
-    fg.add_argument("--json", action="store_true")
-    fg.set_defaults(func=cmd_figures)
-
-    um = sub.add_parser("umap", help="UMAP of fused features of one or two checkpoints, with silhouette scores")
-    um.add_argument("--checkpoint", required=True, action="append")
-    um.add_argument("--dataset", required=True, choices=sorted(DATASETS))
-    um.add_argument("--root", required=True, type=Path)
-    um.add_argument("--split", default="test")
-    um.add_argument("--color", default="question_type", choices=("question_type", "organ", "answer_type", "correct"))
-    um.add_argument("--seed", type=int, default=0)
-    um.add_argument("--out", required=True, type=Path, help=".png, .svg or .pdf")
-    um.add_argument("--json", action="store_true")
-    um.set_defaults(func=cmd_umap)
-
-    sw = sub.add_parser("sweep", help="run a config of train variants (ablations) and tabulate test results")
-    sw.add_argument("--config", required=True, type=Path)
-    sw.add_argument("--out", required=True, type=Path)
-    sw.add_argument("--root", type=Path, help="override the dataset root in the config")
-    sw.add_argument("--extra", nargs=argparse.REMAINDER, help="extra train arguments for every variant")
-    sw.set_defaults(func=cmd_sweep)
-
-    be = sub.add_parser("bench", help="sizes, FLOPs, scan speed-up and answer latency (JSON)")
-    be.add_argument("--out", type=Path, help="also write the JSON here")
-    be.add_argument("--json", action="store_true")
-    be.set_defaults(func=cmd_bench)

@@ -1,36 +1,12 @@
-"""`python -m medvqa …` — the command-line contract of DESIGN §9.
-
-Errors a user can cause (bad arguments, missing files, bad input) print one line on stderr and
-exit 2; other failures exit 1. `--json` prints exactly one JSON object on stdout.
-"""
+"""`data stats` and `eval`: what a dataset holds, and how well a checkpoint or a predictions file answers it."""
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import sys
 from pathlib import Path
 
-from medvqa.data import AnswerVocab, DataError, ImageError, dataset_splits, load_split
-
-
-class UserError(Exception):
-    """Bad input from the user: reported as one line, exit status 2."""
-
-
-USER_ERRORS = (UserError, DataError, ImageError, FileNotFoundError, ValueError)
-
-
-def _print_json(obj):
-    def clean(x):  # NaN is not JSON
-        if isinstance(x, float) and math.isnan(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-    print(json.dumps(clean(obj)))
+from medvqa.cli.common import UserError, print_json
+from medvqa.data import AnswerVocab, dataset_splits, load_split
 
 
 def _warn_skipped(split_name: str, split, quiet=False):
@@ -45,8 +21,6 @@ def vocab_for(dataset: str, root, protocol: str) -> AnswerVocab:
     splits = dataset_splits(dataset, root) if protocol == "all" else ("train",)
     return AnswerVocab.build(*[load_split(dataset, root, s).records for s in splits])
 
-
-# ---------------------------------------------------------------------------------------------
 
 def cmd_data_stats(a):
     out = {"dataset": a.dataset, "root": str(a.root), "splits": {}}
@@ -70,7 +44,7 @@ def cmd_data_stats(a):
             s: {"n": v_train.oov(sp.records), "open": v_train.oov([r for r in sp.records if r.answer_type == "OPEN"])}
             for s, sp in loaded.items() if s != "train"}
     if a.json:
-        _print_json(out)
+        print_json(out)
         return 0
     print(f"{a.dataset} at {a.root}")
     for s, st in out["splits"].items():
@@ -155,7 +129,7 @@ def cmd_eval(a):
         res["against"] = {"source": str(a.against)} | paired_comparison(
             split.records, preds, _answers(a, split.records, other)[0])
     if a.json:
-        _print_json(res)
+        print_json(res)
         return 0
     lo, hi = res["overall_ci95"]
     print(f"{a.dataset} {a.split}: open {res['open']:.2f}  closed {res['closed']:.2f}  overall {res['overall']:.2f}"
@@ -185,13 +159,8 @@ def cmd_eval(a):
     return 0
 
 
-# ---------------------------------------------------------------------------------------------
-
-def build_parser() -> argparse.ArgumentParser:
+def register(sub):
     from medvqa.data.datasets import DATASETS
-
-    p = argparse.ArgumentParser(prog="medvqa", description="Medical VQA: CMI-MTL and CMDPI, with explanations.")
-    sub = p.add_subparsers(dest="cmd", required=True)
 
     def dataset_args(sp, split=True):
         sp.add_argument("--dataset", required=True, choices=sorted(DATASETS))
@@ -222,33 +191,3 @@ def build_parser() -> argparse.ArgumentParser:
                          "what is still right comes from the question alone; prints that accuracy and how many answers changed")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)
-
-    from medvqa import commands  # the model commands (train, predict, …) plug in here
-    commands.register(sub)
-    return p
-
-
-
-def main(argv=None) -> int:
-    parser = build_parser()
-    # argparse exits 2 with its own one-line message for bad arguments: that is the contract.
-    a = parser.parse_args(argv)
-    try:
-        return a.func(a) or 0
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except Exception as e:  # never a traceback for a user; MEDVQA_DEBUG=1 shows it
-        import os
-
-        if os.environ.get("MEDVQA_DEBUG"):
-            raise
-        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
-        return 1
-    finally:  # under torchrun: tear gloo/NCCL down while the interpreter is whole (else a rank can abort at exit)
-        dist = sys.modules.get("torch.distributed")
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()

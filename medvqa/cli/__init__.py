@@ -1,0 +1,46 @@
+"""`python -m medvqa …` — the command-line contract of DESIGN §9.
+
+Errors a user can cause (bad arguments, missing files, bad input) print one line on stderr and
+exit 2; other failures exit 1. `--json` prints exactly one JSON object on stdout.
+One module per command family registers its subcommands here.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from medvqa.cli import analysis, data, predict, train
+from medvqa.cli.common import USER_ERRORS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medvqa", description="Medical VQA: CMI-MTL and CMDPI, with explanations.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for family in (data, train, predict, analysis):
+        family.register(sub)
+    return p
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    # argparse exits 2 with its own one-line message for bad arguments: that is the contract.
+    a = parser.parse_args(argv)
+    try:
+        return a.func(a) or 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # never a traceback for a user; MEDVQA_DEBUG=1 shows it
+        import os
+
+        if os.environ.get("MEDVQA_DEBUG"):
+            raise
+        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
+        return 1
+    finally:  # under torchrun: tear gloo/NCCL down while the interpreter is whole (else a rank can abort at exit)
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
