@@ -1,7 +1,7 @@
 """Probe: pointing-game hit rates of several readouts of one gradient-weighted rollout per question
 (CLS row vs output-token gradient × activation, signed or its magnitude, propagated through R, gradient-free rollout, start
 blocks 2/4/6, each with and without σ = 1 patch smoothing), on a SLAKE split. Chose the default
-smoothing on validation (README, Decisions). For a model with a QQ-Former (CMI-MTL) also the
+smoothing on validation (docs/decisions.md). For a model with a QQ-Former (CMI-MTL) also the
 head's own reading: its cross-attention from the K queries to the image tokens, gradient-weighted
 ((∇A ⊙ A)⁺, mean over heads, summed over layers), summed over queries ("q") or weighted by each
 query's |∇z·z| ("qw"), taken through the ViT rollout R or read directly ("…direct"), and the

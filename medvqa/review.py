@@ -1,5 +1,5 @@
 """Radiologist review records: one row per (reviewer, case, model), in SQLite (WAL) under the
-user data dir ($MEDVQA_DATA overrides), so a review survives restarts and many app sessions
+user data dir ($MEDVQA_DATA overrides), so a review survives restarts and several app processes
 can write at once. Agreement per model, Cohen's κ between two reviewers, CSV export."""
 from __future__ import annotations
 

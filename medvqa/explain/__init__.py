@@ -7,7 +7,7 @@ for: the CLI and the app can list the method names without it."""
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
                 "query-attention", "scorecam", "ablationcam")
 # The default where a user does not choose: the map that localised best in the pointing game on
-# SLAKE validation, per model (README, Decisions): the rollout, except for CMI-MTL, whose head
+# SLAKE validation, per model (docs/decisions.md): the rollout, except for CMI-MTL, whose head
 # reads the image only through the QQ-Former's question-aware queries.
 DEFAULT_METHOD = "rollout"
 MODEL_DEFAULT_METHOD = {"cmi-mtl": "query-attention"}

@@ -129,7 +129,7 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
     classifier on [CLS]). "tokens": the rows of every output token h_t, weighted by |∇h_t · h_t|,
     since no head here reads only the CLS token (CMI-MTL's QQ-Former cross-attends to all of them);
     the magnitude, because a token that argues against the answer is read as much as one that
-    argues for it (on SLAKE validation the signed weights localised worse: README, Decisions).
+    argues for it (on SLAKE validation the signed weights localised worse: docs/decisions.md).
     The grid is then Gaussian-smoothed (σ = 1 patch): a single patch's peak is noise, a region's
     is not. -> (grid, grid) float32."""
     vit = wrapper.encoders.image
@@ -156,7 +156,7 @@ def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA) -> 
     pooling weights. No gradient, so one map per question whatever the `target`. Smoothed like the
     rollout (σ = 1 patch): unsmoothed, its maximum sits on single high-attention patches, and on
     SLAKE validation CMI-MTL's map hit the named organ 24.29 % unsmoothed vs 29.05 % smoothed
-    (README, Decisions). -> (grid, grid) float32."""
+    (docs/decisions.md). -> (grid, grid) float32."""
     if not supports(wrapper.model, "query-attention"):
         raise ValueError("query-attention reads a question-conditioned attention over the image tokens, which "
                          f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); use rollout")

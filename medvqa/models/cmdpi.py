@@ -1,8 +1,8 @@
 """CMDPI (Cross-Modality Discriminative Pattern Identification): co-regularised pretraining,
 difference reconstruction and head mixup, reading next to `../shared/papers/cmdpi.md`.
 
-DESIGN §4 records the decisions the paper leaves open; the ones taken here are in README
-"Decisions". The frozen backbones stay outside (medvqa.models.encoders): the image and text
+DESIGN §4 records the decisions the paper leaves open; the ones taken here are in
+docs/decisions.md. The frozen backbones stay outside (medvqa.models.encoders): the image and text
 "encoders" of the paper are here the backbone tokens plus a trainable adapter (projection + one
 Transformer layer), so masking, momentum copies and contrast act on what is trained.
 

