@@ -33,12 +33,6 @@ class CMIMTLConfig:
     contrast_dim: int = 256
     cmm_blocks: int = 2
     cmm_align: str = "attention"      # "attention" | "pool" (public code)
-    readout: str = "mean"             # x^f vector: "mean" over each stream | "first" token (public code)
-    cmcl_anchor: str = "first"        # CMCL's t: the question's "first"-token state | "pooled" (MiniLM's sentence vector)
-    head_input: str = "concat"        # x^f: "concat" [t̄ ; z̄] (public code) | "product" [t̄ ; z̄ ; t̄⊙z̄] (the baseline's bilinear term)
-                                      # | "sentence" [t̄ ; z̄ ; tanh(W_s s)], s the unfused MiniLM sentence vector
-                                      # | "image" [t̄ ; z̄ ; tanh(W_g g)], g the unfused DINOv2 CLS token
-    cls_loss: str = "bce"             # L_cls: "bce" over the vocabulary (paper) | "ce" softmax cross-entropy
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
@@ -98,8 +92,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     amp: bool = True                  # only takes effect on CUDA
-    feature_noise: float = 0.0        # Gaussian noise on cached tokens (feature augmentation)
-    word_drop: float = 0.0            # each question token but [CLS]/[SEP] removed with this probability
     image_views: int = 0              # cached augmented views per training image (crop, rotation, contrast)
     val_fraction: float = 0.1         # held-out slice of train when the dataset has no validation split
     holdout_seed: int | None = None   # draws that slice (None: `seed`); a CMDPI fine-tuning takes its pretraining's
@@ -171,16 +163,33 @@ def get_preset(name: str) -> Preset:
     return PRESETS[name]()
 
 
+# Options that were tried and removed (their runs: commit 30cbeca), with the one value this code still builds.
+# Checkpoints written before the removal carry them at that value; any other value is a model this code cannot rebuild.
+REMOVED_OPTIONS = {
+    "cmi_mtl": {"readout": "mean", "cmcl_anchor": "first", "head_input": "concat", "cls_loss": "bce"},
+    "train": {"feature_noise": 0.0, "word_drop": 0.0},
+}
+
+
 def preset_from_dict(d: dict) -> Preset:
-    """Rebuild a Preset from `Preset.to_dict()` output (checkpoint config.json)."""
+    """Rebuild a Preset from `Preset.to_dict()` output (checkpoint config.json); raises ValueError on a
+    key this code does not know, or on a removed option away from the value it still builds."""
     p = Preset(name=d["name"])
     for f in ("encoders", "cmi_mtl", "cmdpi", "baseline", "train"):
         cls = type(getattr(p, f))
-        known = {k: v for k, v in d.get(f, {}).items() if k in {x.name for x in dataclasses.fields(cls)}}
+        fields = {x.name for x in dataclasses.fields(cls)}
+        known = {}
+        for k, v in d.get(f, {}).items():
+            removed = REMOVED_OPTIONS.get(f, {})
+            if k in fields:
+                known[k] = v
+            elif k not in removed:
+                raise ValueError(f"preset option {f}.{k} is unknown to this version of medvqa")
+            elif v != removed[k]:
+                raise ValueError(f"preset option {f}.{k} = {v!r} was removed (only {removed[k]!r} is built; "
+                                 "the runs that used it are at commit 30cbeca)")
         if "ablate" in known:
             known["ablate"] = tuple(known["ablate"])
-        if f == "cmi_mtl" and f in d and "readout" not in known:  # written before the option existed
-            known["readout"] = "first"
         setattr(p, f, cls(**known))
     return p
 

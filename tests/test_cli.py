@@ -63,8 +63,8 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
-    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--word-drop", "-0.1"), ("--weight-decay", "-1"), ("--ema", "1"),
-                      ("--image-size", "30"), ("--val-fraction", "1")):
+    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1"),
+                      ("--val-fraction", "1")):
         rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
         assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
@@ -134,11 +134,10 @@ def test_dropout_weight_decay_and_ema_flags_reach_the_checkpoint_config(tmp_path
         ck = tmp_path / model
         rc, out, err = run(capsys, "train", "--model", model, "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path / "data"), "--out", str(ck), "--workdir", str(tmp_path / f"run-{model}"),
-                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--ema", "0.99",
-                           "--word-drop", "0.2", "--json")
+                           "--epochs", "1", "--dropout", "0.25", "--weight-decay", "0.05", "--ema", "0.99", "--json")
         preset = json.loads((ck / "config.json").read_text())["preset"]
         assert rc == 0 and preset[key]["dropout"] == 0.25 and preset["train"]["weight_decay"] == 0.05
-        assert preset["train"]["ema"] == 0.99 and preset["train"]["word_drop"] == 0.2
+        assert preset["train"]["ema"] == 0.99
 
 
 def test_val_fraction_zero_trains_on_all_of_train_and_keeps_the_last_epoch(tmp_path, capsys):
@@ -158,22 +157,33 @@ def test_val_fraction_zero_trains_on_all_of_train_and_keeps_the_last_epoch(tmp_p
     assert rc == 0 and json.loads(out)["selected_on"] == "a held-out 25% of train questions (seed 0)"
 
 
-def test_image_size_flag_reaches_the_checkpoint_and_the_predictor(tmp_path, capsys):
-    """A model trained at another backbone resolution answers at that resolution after loading."""
-    from medvqa.predict import Predictor
-    from tests.helpers import make_cases_csv
+def test_removed_options_load_at_their_default_and_are_refused_otherwise(tmp_path, capsys):
+    """Checkpoints written before an option was removed carry it at its default; any other value is
+    a model this code cannot rebuild: one line, exit 2, never a silently different model."""
+    ck = tiny_checkpoint(tmp_path)
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.png")
+    cfg = json.loads((ck / "config.json").read_text())
+    ask = ["predict", "--checkpoint", str(ck), "--image", str(tmp_path / "a.png"), "--question", "Is it?", "--json"]
+    for section, key, value, rc_want in (("cmi_mtl", "head_input", "concat", 0), ("train", "word_drop", 0.0, 0),
+                                         ("cmi_mtl", "head_input", "product", 2), ("train", "word_drop", 0.2, 2),
+                                         ("cmi_mtl", "no_such_option", 1, 2)):
+        changed = json.loads(json.dumps(cfg))
+        changed["preset"][section][key] = value
+        (ck / "config.json").write_text(json.dumps(changed))
+        from medvqa.predict import Predictor
 
-    make_cases_csv(tmp_path / "data", 16)
-    ck = tmp_path / "ck"
-    rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
-                       "--root", str(tmp_path / "data"), "--out", str(ck), "--workdir", str(tmp_path / "run"),
-                       "--epochs", "1", "--image-size", "48", "--json")
-    assert rc == 0, err
-    assert json.loads((ck / "config.json").read_text())["preset"]["encoders"]["image_size"] == 48
-    p = Predictor.load(ck)
-    assert p.preset.encoders.image_size == 48
-    a = p.answer(Image.new("RGB", (100, 80)), "Is this normal?")
-    assert a.text in json.loads((ck / "config.json").read_text())["answers"]
+        Predictor._cache.clear()
+        rc, out, err = run(capsys, *ask)
+        assert rc == rc_want, (key, value, err)
+        if rc_want:
+            assert f"{section}.{key}" in err and err.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "assets" / "checkpoints").iterdir()))
+def test_every_shipped_checkpoint_config_loads(name):
+    from medvqa.train.checkpoint import read_config
+
+    read_config(Path(__file__).parents[1] / "assets" / "checkpoints" / name)
 
 
 def test_eval_against_a_second_model_is_a_paired_test(capsys, tmp_path):

@@ -4,7 +4,7 @@ import torch
 
 from medvqa.models.registry import build
 from medvqa.train.checkpoint import load_checkpoint
-from medvqa.train.trainer import Callbacks, drop_words, fit
+from medvqa.train.trainer import Callbacks, fit
 from tests.helpers import tiny_data
 
 
@@ -100,30 +100,3 @@ def test_ema_is_what_is_selected_saved_and_resumed(tmp_path):
     fit(build("baseline", preset, len(vocab)), ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
     st2 = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert st2["ema"]["n"] == 2 * st["ema"]["n"]
-
-
-def _question_batch():
-    ids = torch.tensor([[101, 5, 6, 7, 8, 9, 102, 0], [101, 11, 102, 0, 0, 0, 0, 0]])
-    return {"input_ids": ids, "text_mask": (ids > 0).long(), "text_tokens": ids[..., None].float().expand(-1, -1, 3).clone()}
-
-
-def _kept(batch):
-    return [row[m.bool()].tolist() for row, m in zip(batch["input_ids"], batch["text_mask"])]
-
-
-def test_word_drop_keeps_cls_and_sep_and_closes_up_in_order():
-    b = _question_batch()
-    drop_words(b, 1.0)                                                   # every inner token goes
-    assert _kept(b) == [[101, 102], [101, 102]]
-    b = _question_batch()
-    drop_words(b, 0.0)
-    assert _kept(b) == _kept(_question_batch())
-    torch.manual_seed(0)
-    for _ in range(20):
-        b = _question_batch()
-        drop_words(b, 0.5)
-        row = _kept(b)[0]
-        assert row[0] == 101 and row[-1] == 102 and row[1:-1] == [t for t in [5, 6, 7, 8, 9] if t in row]
-        n = len(row)                                                     # kept tokens at the front, states with them
-        assert b["text_mask"][0, :n].all() and not b["text_mask"][0, n:].any()
-        assert b["text_tokens"][0, :n, 0].tolist() == row

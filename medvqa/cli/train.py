@@ -37,7 +37,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
     import torch
 
-    from medvqa.config import get_preset, image_grid, image_patch, preset_from_dict
+    from medvqa.config import get_preset, image_grid, preset_from_dict
     from medvqa.data import dataset_splits
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
@@ -54,8 +54,6 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         raise UserError(f"--image-views {a.image_views}: use 0 (off) or a positive count")
     if a.dropout is not None and not 0 <= a.dropout < 1:
         raise UserError(f"--dropout {a.dropout}: use a probability in [0, 1)")
-    if a.word_drop is not None and not 0 <= a.word_drop <= 1:
-        raise UserError(f"--word-drop {a.word_drop}: use a probability in [0, 1]")
     if a.weight_decay is not None and a.weight_decay < 0:
         raise UserError(f"--weight-decay {a.weight_decay}: use 0 or more")
     if a.ema is not None and not 0 <= a.ema < 1:
@@ -68,22 +66,17 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
-    for k in ("epochs", "lr", "batch_size", "seed", "device", "feature_noise", "word_drop", "image_views", "weight_decay", "ema", "val_fraction"):
+    for k in ("epochs", "lr", "batch_size", "seed", "device", "image_views", "weight_decay", "ema", "val_fraction"):
         if getattr(a, k) is not None:
             setattr(t, k, getattr(a, k))
     sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
     if hasattr(sub, "ablate"):
         sub.ablate = tuple(a.ablate or ())
-    for k in ("alpha", "beta", "cmm_align", "readout", "cmcl_anchor", "head_input", "cls_loss", "dropout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
+    for k in ("alpha", "beta", "cmm_align", "dropout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
         if getattr(a, k, None) is not None and hasattr(sub, k):
             setattr(sub, k, getattr(a, k))
     if a.qqformer_text:
         preset.cmi_mtl.qqformer_text = a.qqformer_text == "on"
-    if a.image_size is not None:
-        patch = image_patch(preset.encoders)
-        if a.image_size < patch or a.image_size % patch:
-            raise UserError(f"--image-size {a.image_size}: use a multiple of the backbone's {patch}-pixel patch")
-        preset.encoders.image_size = a.image_size
     if a.queries is not None:
         if a.queries < 1:
             raise UserError(f"--queries {a.queries}: use a positive count")
@@ -98,10 +91,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
             raise UserError(f"--image-pool {a.image_pool}: the --init checkpoint was pretrained with {pre['image_pool']}")
         for k in CMDPI_ARCH:
             setattr(preset.cmdpi, k, pre[k])
-        size = init_cfg["preset"]["encoders"]["image_size"]
-        if a.image_size is not None and a.image_size != size:
-            raise UserError(f"--image-size {a.image_size}: the --init checkpoint was pretrained at {size}")
-        preset.encoders.image_size = size
+        preset.encoders.image_size = init_cfg["preset"]["encoders"]["image_size"]
         # The pretraining learned answers (FFN_A) on every question outside its held-out slice: the fine-tuning
         # must select on that same slice, whatever its own --seed, or its validation questions were trained on.
         # It may also hold out nothing (--val-fraction 0: no selection, so nothing to leak into).
@@ -360,9 +350,6 @@ def _register_fit(sub):
         sp.add_argument("--batch-size", type=int)
         sp.add_argument("--seed", type=int)
         sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
-        sp.add_argument("--feature-noise", type=float, help="Gaussian noise std on cached tokens")
-        sp.add_argument("--word-drop", type=float,
-                        help="word dropout on cached questions: each token but [CLS]/[SEP] is removed with this probability (default 0)")
         sp.add_argument("--weight-decay", type=float, help="AdamW weight decay of the matrices (default 0.01)")
         sp.add_argument("--ema", type=float, help="select and save an exponential moving average of the weights with this per-step decay, e.g. 0.995 (default 0: off)")
         sp.add_argument("--dropout", type=float, help="dropout of the model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0); baseline MLP (0.2)")
@@ -372,17 +359,8 @@ def _register_fit(sub):
         sp.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")
         sp.add_argument("--beta", type=float, help="weight of L_aux (CMI-MTL, default 0.3)")
         sp.add_argument("--cmm-align", choices=("attention", "pool"))
-        sp.add_argument("--readout", choices=("mean", "first"), help="CMI-MTL x^f vector: mean over each stream (default) or first token (public code)")
-        sp.add_argument("--cmcl-anchor", choices=("first", "pooled"),
-                        help="CMI-MTL CMCL text side: the question's first-token state (default) or the mean over its tokens (MiniLM's trained sentence vector)")
-        sp.add_argument("--head-input", choices=("concat", "product", "sentence", "image"),
-                        help="CMI-MTL x^f: the two pooled streams concatenated (default), with their elementwise product appended "
-                             "(as the baseline's head reads), or with the question's unfused sentence vector or the image's unfused "
-                             "CLS token appended")
         sp.add_argument("--qqformer-text", choices=("on", "off"))
-        sp.add_argument("--cls-loss", choices=("bce", "ce"), help="CMI-MTL L_cls: BCE over the vocabulary (paper, default) or softmax cross-entropy")
         sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")
-        sp.add_argument("--image-size", type=int, help="backbone input side in pixels, a multiple of its patch (offline default 224; DINOv2 was trained up to 518)")
         sp.add_argument("--val-fraction", type=float, help="held-out slice of train for selection when the dataset has no validation split (default 0.1; 0: train on all of train and keep the last epoch)")
         sp.add_argument("--image-pool", type=int, help="CMDPI: average-pool the patch grid by this factor before RecNet (offline default 4)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",

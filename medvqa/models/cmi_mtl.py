@@ -5,7 +5,7 @@ open. The backbones stay outside (medvqa.models.encoders): this module takes the
 trains from the feature cache and runs behind Grad-CAM the same way.
 
     V (B, N, Di), T (B, L, Dt) ─proj→ QQ-Former → z (B, K, d) ──┐
-                                 CMCL(z, T[:, 0] or mean T) ────┤  L_vtc
+                                 CMCL(z, T[:, 0]) ──────────────┤  L_vtc
     z' = LN(z), t' = LN(T) → CrossMambaBlock ×2 → z'', t''      │
     x^f = [tanh(W_t mean t'') ; tanh(W_z mean z'')] → classifier │  L_cls
     [t'' ; z''] ⊙ M → T5 AHead (open questions only)             │  L_aux
@@ -175,11 +175,7 @@ class CMIMTL(nn.Module):
             CrossMambaBlock(d, cfg.d_state, cfg.d_conv, cfg.expand, cfg.cmm_align) if self.use_cmm
             else TransformerFusionBlock(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.cmm_blocks))
         self.pool_t, self.pool_z = nn.Linear(d, d), nn.Linear(d, d)   # poolers of x^f (public code)
-        if cfg.head_input == "sentence":
-            self.pool_s = nn.Linear(d, d)
-        if cfg.head_input == "image":
-            self.pool_g = nn.Linear(d, d)
-        w = (2 if cfg.head_input == "concat" else 3) * d                         # width of x^f
+        w = 2 * d                                                                # width of x^f
         self.classifier = nn.Sequential(nn.Linear(w, w), nn.LayerNorm(w), nn.GELU(),
                                         nn.Dropout(cfg.dropout), nn.Linear(w, n_classes))
         # Prior init (RetinaNet): every sigmoid starts at 1/C, so the summed BCE starts near
@@ -195,28 +191,15 @@ class CMIMTL(nn.Module):
         v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
-        # a frozen sentence encoder's trained vector is its token mean: s = proj_t(MiniLM's pooled vector)
-        s_vec = masked_mean(t, t_pad)                                            # (B, d), before any fusion
         z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
-        z_fvta, t_fvta = z, s_vec if self.cfg.cmcl_anchor == "pooled" else t[:, 0]  # (B, K, d), (B, d)
+        z_fvta, t_fvta = z, t[:, 0]                                              # (B, K, d), (B, d)
         for block in self.fusion:
             z, t = block(z, t, t_pad)
-        if self.cfg.readout == "first":  # the public code's first-token poolers
-            t_vec, z_vec = t[:, 0], z[:, 0]
-        else:  # a causal scan leaves position 0 blind to the rest of its stream: average all positions
-            t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
+        # not the public code's first-token poolers: a causal scan leaves position 0 blind to the rest
+        # of its stream, so x^f averages all positions
+        t_vec, z_vec = masked_mean(t, t_pad), z.mean(1)
         t_vec, z_vec = torch.tanh(self.pool_t(t_vec)), torch.tanh(self.pool_z(z_vec))   # (B, d) each
-        # x^f is left open by the paper. "product": the multiplicative question-image term the baseline's
-        # head reads; "sentence": the unfused sentence vector, trained to be robust to paraphrase;
-        # "image": the unfused DINOv2 CLS, so the head sees which image it is without going through the fusion
-        x_vec = [t_vec, z_vec]
-        if self.cfg.head_input == "product":
-            x_vec.append(t_vec * z_vec)
-        elif self.cfg.head_input == "sentence":
-            x_vec.append(torch.tanh(self.pool_s(s_vec)))
-        elif self.cfg.head_input == "image":
-            x_vec.append(torch.tanh(self.pool_g(v[:, 0])))                       # (B, d)
-        x_vec = torch.cat(x_vec, -1)                                             # (B, 2d|3d)
+        x_vec = torch.cat([t_vec, z_vec], -1)                                    # (B, 2d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
         return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
@@ -251,13 +234,11 @@ class CMIMTL(nn.Module):
         if "label" not in batch:
             return out
         y = batch["label"]
-        if self.cfg.cls_loss == "ce":  # the baseline's and CMDPI's loss: one softmax over the answers
-            out["losses"]["cls"] = F.cross_entropy(logits, y, ignore_index=-1)
-        else:  # BCE over the answer vocabulary, summed over classes (the reference's BCE × C)
-            known = y >= 0
-            onehot = F.one_hot(y.clamp(min=0), logits.shape[-1]).float()
-            bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
-            out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
+        # BCE over the answer vocabulary, summed over classes (the reference's BCE × C)
+        known = y >= 0
+        onehot = F.one_hot(y.clamp(min=0), logits.shape[-1]).float()
+        bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
+        out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
         if self.use_cmcl and self.training and len(y) > 1:
             out["losses"]["vtc"] = self.cmcl_loss(f["z_fvta"], f["t_fvta"], batch["image_id"])
         if self.use_ahead and self.training:

@@ -59,10 +59,19 @@ def read_config(ckpt: Path) -> dict:
     ckpt = Path(ckpt)
     if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
         raise CheckpointError(f"{ckpt}: not a checkpoint folder (needs model.safetensors and config.json)")
+    from medvqa.config import preset_from_dict
+
     try:
-        return json.loads((ckpt / "config.json").read_text())
+        cfg = json.loads((ckpt / "config.json").read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{ckpt}/config.json: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("preset"), dict):
+        raise CheckpointError(f"{ckpt}/config.json: no preset")
+    try:  # here, so that every reader of a checkpoint refuses a preset this code cannot rebuild
+        preset_from_dict(cfg["preset"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{ckpt}/config.json: {e}") from None
+    return cfg
 
 
 def load_weights(model: torch.nn.Module, ckpt: Path):

@@ -129,22 +129,6 @@ def accuracy(model, ds, device="cpu") -> dict:
     return evaluate(ds.records, {r.qid: answers[i] for r, i in zip(ds.records, pred.tolist())})
 
 
-def drop_words(batch: dict, p: float) -> None:
-    """Word dropout on cached question states, in place: each real token but the first ([CLS])
-    and the last ([SEP]) is removed with probability p and the rest close up in order, so the
-    model sees a shorter question (a pad mask alone would leave the token in CMI-MTL's scan).
-    The pooled sentence vector is cached whole and stays as it is."""
-    m = batch["text_mask"].bool()                                                 # (B, L)
-    drop = (torch.rand(m.shape, device=m.device) < p) & m
-    drop[:, 0] = False
-    drop[torch.arange(len(m), device=m.device), m.sum(1) - 1] = False
-    keep = m & ~drop
-    order = torch.sort((~keep).to(torch.uint8), dim=1, stable=True).indices       # (B, L): kept tokens first
-    batch["text_tokens"] = batch["text_tokens"].gather(1, order[..., None].expand_as(batch["text_tokens"]))
-    batch["input_ids"] = batch["input_ids"].gather(1, order) * keep.gather(1, order)
-    batch["text_mask"] = keep.gather(1, order).to(batch["text_mask"].dtype)
-
-
 def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callbacks: Callbacks | None = None,
         resume: bool = True, batch_sampler=None) -> FitResult:
     """batch_sampler: a model's own batching (CMDPI's group sampler), with `set_epoch` and
@@ -201,11 +185,6 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
                 res.cancelled = True
                 break
             batch = to_device(batch, device)
-            if cfg.feature_noise > 0:  # the only augmentation cached features allow
-                for k in ("image_tokens", "text_tokens"):
-                    batch[k] = batch[k] + cfg.feature_noise * torch.randn_like(batch[k])
-            if cfg.word_drop > 0:
-                drop_words(batch, cfg.word_drop)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 out = net(batch)
             losses = out["losses"]
