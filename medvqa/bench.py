@@ -124,13 +124,14 @@ def answer_latency(checkpoints: list[str]) -> dict:
     from PIL import Image
 
     from medvqa.predict import Predictor
+    from medvqa.train.checkpoint import CheckpointError
 
     im = Image.new("RGB", (224, 224), (90, 90, 90))
     out = {}
     for ck in checkpoints:
         try:
             p = Predictor.load(ck)
-        except FileNotFoundError:
+        except CheckpointError:   # not installed here
             continue
         enc = p.encoders
         answer = _median_ms(lambda: p.answer(im, "Is there a fracture?"), repeat=11)

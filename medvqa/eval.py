@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from medvqa.data.datasets import normalize_answer
+from medvqa.data.datasets import InputError, normalize_answer
 
 
 def expected_calibration_error(confidence, correct, n_bins: int = 15) -> float:
@@ -79,7 +79,7 @@ def paired_comparison(records, preds_a: dict, preds_b: dict, n_boot: int = 10000
     b = np.array([_right(preds_b.get(r.qid), r) for r in records], dtype=np.float64)
     n = len(a)
     if n == 0:
-        raise ValueError("no questions to compare")
+        raise InputError("no questions to compare")
     only_a, only_b = int(((a == 1) & (b == 0)).sum()), int(((a == 0) & (b == 1)).sum())
     lo, hi = bootstrap_mean_ci(100.0 * (a - b), n_boot, seed)
     return {"n": n, "a": round(100 * float(a.mean()), 2), "b": round(100 * float(b.mean()), 2),
@@ -102,7 +102,7 @@ def swap_images(records, seed: int = 0) -> list:
     from the question alone (a language prior); what it loses rested on the image."""
     images = sorted({r.image for r in records})
     if len(images) < 2:
-        raise ValueError("swapping images needs at least two different images in the split")
+        raise InputError("swapping images needs at least two different images in the split")
     rng = np.random.default_rng(seed)
     out = []
     for r in records:

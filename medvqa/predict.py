@@ -16,10 +16,10 @@ from pathlib import Path
 
 import torch
 
-from medvqa.data import AnswerVocab, ImageError, load_image
+from medvqa.data import AnswerVocab, ImageError, InputError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
 from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, default_method, supports
-from medvqa.train.checkpoint import load_checkpoint
+from medvqa.train.checkpoint import CheckpointError, load_checkpoint
 
 SHIPPED = Path(__file__).resolve().parents[1] / "assets" / "checkpoints"
 
@@ -61,8 +61,8 @@ def resolve_checkpoint(name_or_dir) -> Path:
         return p
     if (checkpoints_dir() / str(name_or_dir)).is_dir():
         return checkpoints_dir() / str(name_or_dir)
-    raise FileNotFoundError(f"{name_or_dir}: no such checkpoint folder (installed ones: "
-                            f"{', '.join(sorted(x.name for x in checkpoints_dir().glob('*'))) or 'none'})")
+    raise CheckpointError(f"{name_or_dir}: no such checkpoint folder (installed ones: "
+                          f"{', '.join(sorted(x.name for x in checkpoints_dir().glob('*'))) or 'none'})")
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,7 +76,7 @@ def _encoders(enc_key: tuple):
 
 class Predictor:
     _cache: dict = {}
-    _lock = threading.Lock()
+    _cache_lock = threading.Lock()   # one load at a time fills the cache of loaded checkpoints
 
     def __init__(self, model, config: dict, metrics: dict, path: Path):
         from medvqa.config import preset_from_dict
@@ -85,12 +85,12 @@ class Predictor:
         self.name = config["model"]
         self.preset = preset_from_dict(config["preset"])
         self.vocab = AnswerVocab(config["answers"])
-        self._lock = threading.Lock()   # one forward at a time per model; answers never mix
+        self._forward_lock = threading.Lock()   # one forward at a time per model; answers never mix
 
     @classmethod
     def load(cls, name_or_dir) -> "Predictor":
         path = resolve_checkpoint(name_or_dir).resolve()
-        with cls._lock:
+        with cls._cache_lock:
             if path not in cls._cache:
                 set_cpu_threads()
                 cls._cache[path] = cls(*load_checkpoint(path), path)
@@ -117,16 +117,16 @@ class Predictor:
     def _check_question(q) -> str:
         q = str(q or "").strip()
         if not q:
-            raise ValueError("the question is empty")
+            raise InputError("the question is empty")
         if len(q) > MAX_QUESTION_CHARS:
-            raise ValueError(f"the question is too long ({len(q)} characters; at most {MAX_QUESTION_CHARS})")
+            raise InputError(f"the question is too long ({len(q)} characters; at most {MAX_QUESTION_CHARS})")
         return q
 
     def _forward(self, images, questions, free_text: bool):
         ims = [im if hasattr(im, "mode") and im.mode == "RGB" else load_image(im) for im in images]
         qs = [self._check_question(q) for q in questions]
         free = [None] * len(qs)
-        with self._lock, torch.inference_mode():
+        with self._forward_lock, torch.inference_mode():
             batch = self._tokens(ims, qs)
             probs = self.model(batch)["logits"].float().softmax(-1)
             # The AHead learnt from open questions only: it writes free text where the classifier's
@@ -157,7 +157,7 @@ class Predictor:
         """Named vectors for one case: the fused feature the classifier reads, and the backbones'
         global image and question vectors."""
         im, q = load_image(image), self._check_question(question)
-        with self._lock, torch.inference_mode():
+        with self._forward_lock, torch.inference_mode():
             batch = self._tokens([im], [q])
             fused = self.model(batch)["fused"][0]
         return {"fused": fused.numpy(), "image_global": batch["image_tokens"][0, 0].numpy(),
@@ -195,9 +195,9 @@ class Predictor:
 
             idx = self.vocab.encode(normalize_answer(target))
             if idx < 0:
-                raise ValueError(f"{target!r} is not an answer this model can give")
+                raise InputError(f"{target!r} is not an answer this model can give")
             target = idx
-        with self._lock, torch.enable_grad():
+        with self._forward_lock, torch.enable_grad():
             return explain(self.encoders, self.model, im, q, method=method or self.default_method, target=target, layer=layer)
 
     def _records_dataset(self, records, progress: bool):
@@ -218,7 +218,7 @@ class Predictor:
 
         ds = self._records_dataset(records, progress)
         feats, correct = [], []
-        with self._lock, torch.inference_mode():
+        with self._forward_lock, torch.inference_mode():
             for b in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
                 out = self.model({k: v for k, v in b.items() if k != "label"})
                 feats.append(out["fused"].float().numpy())
@@ -230,7 +230,7 @@ class Predictor:
         from medvqa.train.trainer import predict_dataset
 
         ds = self._records_dataset(records, progress)
-        with self._lock:
+        with self._forward_lock:
             pred, conf = predict_dataset(self.model, ds, batch_size=batch_size)
         return ({r.qid: self.vocab.answers[i] for r, i in zip(records, pred.tolist())},
                 {r.qid: float(c) for r, c in zip(records, conf.tolist())})

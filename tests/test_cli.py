@@ -63,9 +63,11 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
-    for flag, bad in (("--queries", "0"), ("--image-pool", "5"), ("--dropout", "1.5"), ("--weight-decay", "-1"), ("--ema", "1"),
-                      ("--val-fraction", "1")):
-        rc, out, err = run(capsys, "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder",
+    for model, flag, bad in (("cmi-mtl", "--queries", "0"), ("cmdpi", "--image-pool", "5"), ("cmi-mtl", "--dropout", "1.5"),
+                             ("baseline", "--weight-decay", "-1"), ("baseline", "--ema", "1"),
+                             ("baseline", "--val-fraction", "1"), ("cmdpi", "--lam", "gauss"),
+                             ("baseline", "--epochs", "0")):
+        rc, out, err = run(capsys, "train", "--model", model, "--preset", "tiny", "--dataset", "folder",
                            "--root", str(tmp_path), "--out", str(tmp_path / "ck"), flag, bad)
         assert rc == 2 and f"{flag} {bad}" in err and err.strip().count("\n") == 0
 
@@ -255,3 +257,112 @@ def test_a_bad_against_fails_before_the_model_answers(capsys, tmp_path, monkeypa
         rc, out, err = run(capsys, "eval", "--checkpoint", str(ck), "--dataset", "folder", "--root", str(tmp_path / "data"),
                            "--against", str(tmp_path / bad))
         assert rc == 2 and err.startswith("error:") and err.strip().count("\n") == 0, err
+
+
+def test_a_model_flag_given_to_another_model_is_refused(capsys, tmp_path):
+    """Each model's flags are its own: given to another model they are refused in one line, before any data is read."""
+    base = ["--preset", "tiny", "--dataset", "folder", "--root", str(tmp_path / "nope"), "--out", str(tmp_path / "ck")]
+    for model, flag, value, owner in (("baseline", "--queries", "64", "CMI-MTL"), ("cmdpi", "--alpha", "0.5", "CMI-MTL"),
+                                      ("cmi-mtl", "--image-pool", "2", "CMDPI"), ("baseline", "--lam", "uniform", "CMDPI"),
+                                      ("cmi-mtl", "--init", str(tmp_path), "CMDPI")):
+        rc, out, err = run(capsys, "train", "--model", model, *base, flag, value)
+        assert rc == 2 and err == f"error: {flag} is a {owner} option: --model {model} does not take it\n"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    cmi = help_text.split("CMI-MTL options (--model cmi-mtl):")[1].split("\n\n")[0]
+    cmdpi = help_text.split("CMDPI options (--model cmdpi):")[1].split("\n\n")[0]
+    assert "--queries" in cmi and "--alpha" in cmi and "--image-pool" not in cmi
+    assert "--image-pool" in cmdpi and "--init" in cmdpi and "--queries" not in cmdpi
+
+
+def test_flags_set_the_config_fields_they_name(tmp_path):
+    """Overrides come from the config dataclasses: each given flag sets its field, the rest keep the preset's."""
+    from medvqa.cli import build_parser
+    from medvqa.cli.options import apply_options
+    from medvqa.config import get_preset
+
+    data = ["--dataset", "folder", "--root", str(tmp_path), "--out", "x"]
+    a = build_parser().parse_args(["train", "--model", "cmi-mtl", *data, "--queries", "16", "--qqformer-text", "off",
+                                   "--dropout", "0.3", "--epochs", "5", "--alpha", "0.4"])
+    p = get_preset("offline")
+    apply_options(a, p)
+    assert (p.cmi_mtl.n_queries, p.cmi_mtl.qqformer_text, p.cmi_mtl.dropout, p.cmi_mtl.alpha) == (16, False, 0.3, 0.4)
+    assert p.train.epochs == 5 and p.train.lr == get_preset("offline").train.lr and p.cmdpi.alpha == 0.5
+    # pretrain: CMDPI's inter-modal weight is --inter-weight; --alpha (CMI-MTL's L_vtc weight) is not a pretrain flag
+    a = build_parser().parse_args(["pretrain", "--model", "cmdpi", *data, "--inter-weight", "0.7"])
+    p = get_preset("offline")
+    apply_options(a, p)
+    assert p.cmdpi.alpha == 0.7 and p.cmi_mtl.alpha == get_preset("offline").cmi_mtl.alpha
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["pretrain", "--model", "cmdpi", *data, "--alpha", "0.7"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit):   # a fine-tuning weight is no pretraining flag, and the other way round
+        build_parser().parse_args(["pretrain", "--model", "cmdpi", *data, "--mix-weight", "2"])
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--model", "cmdpi", *data, "--inter-weight", "2"])
+
+
+def test_train_reports_the_test_split_only_when_asked(tmp_path, capsys):
+    from tests.helpers import make_cases_csv
+
+    make_cases_csv(tmp_path / "data", 16, n_test=4)
+    args = ["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder", "--root", str(tmp_path / "data"),
+            "--epochs", "1"]
+    rc, out, err = run(capsys, *args, "--out", str(tmp_path / "a"), "--workdir", str(tmp_path / "ra"))
+    assert rc == 0 and "test:" not in out and "saved" in out
+    assert "test" not in json.loads((tmp_path / "a" / "metrics.json").read_text())
+    rc, out, err = run(capsys, *args, "--out", str(tmp_path / "b"), "--workdir", str(tmp_path / "rb"), "--report-test")
+    assert rc == 0 and "test: open" in out
+    assert json.loads((tmp_path / "b" / "metrics.json").read_text())["test"]["n"] == 4
+
+
+def test_sweep_config_errors_are_one_line_and_missing_test_metrics_read_as_a_dash(tmp_path, capsys):
+    cfg = tmp_path / "sweep.json"
+    for bad, says in (({"dataset": "folder", "root": "r"}, "no variants"), ({"root": "r", "variants": {"a": []}}, "no dataset"),
+                      ({"dataset": "folder", "root": "r", "variants": {}}, "non-empty"),
+                      ({"dataset": "folder", "root": "r", "variants": {"a": "--model baseline"}}, "variant 'a'"),
+                      ([1, 2], "expected a JSON object")):
+        cfg.write_text(json.dumps(bad))
+        rc, out, err = run(capsys, "sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"))
+        assert rc == 2 and says in err and err.strip().count("\n") == 0, err
+    # a variant already trained, without test metrics (no --report-test, or no test split): reused, shown as –
+    cfg.write_text(json.dumps({"dataset": "folder", "root": str(tmp_path), "variants": {"Base line": ["--model", "baseline"]}}))
+    ck = tmp_path / "sw" / "checkpoints" / "base-line"
+    ck.mkdir(parents=True)
+    (ck / "metrics.json").write_text(json.dumps({"val_overall": None, "best_epoch": 3, "train_seconds": 12.3}))
+    rc, out, err = run(capsys, "sweep", "--config", str(cfg), "--out", str(tmp_path / "sw"))
+    assert rc == 0 and "| Base line | – | – | – | – | 3 | 12 |" in out
+
+
+def test_internal_errors_exit_1_and_user_errors_exit_2(tmp_path, capsys, monkeypatch):
+    """Only the user's input exits 2; a fault of ours (any ValueError too) exits 1 in one line, and
+    MEDVQA_DEBUG=1 shows its traceback."""
+    from medvqa.cli import analysis
+
+    def fails_with(e):
+        def cmd(a):
+            raise e
+        return cmd
+
+    monkeypatch.setattr(analysis, "cmd_bench", fails_with(ValueError("shapes do not match\nsecond line")))
+    rc, out, err = run(capsys, "bench")
+    assert rc == 1 and err.startswith("error: ValueError: shapes do not match") and err.count("\n") == 1
+    monkeypatch.setattr(analysis, "cmd_bench", fails_with(FileNotFoundError(2, "No such file", "/tmp/ours")))
+    assert run(capsys, "bench")[0] == 1                                  # not a path the user gave
+    given = tmp_path / "b.json"
+    monkeypatch.setattr(analysis, "cmd_bench", fails_with(FileNotFoundError(2, "No such file", str(given))))
+    assert run(capsys, "bench", "--out", str(given))[0] == 2             # the user's --out
+    monkeypatch.setenv("MEDVQA_DEBUG", "1")
+    monkeypatch.setattr(analysis, "cmd_bench", fails_with(ValueError("boom")))
+    with pytest.raises(ValueError, match="boom"):
+        main(["bench"])
+    monkeypatch.delenv("MEDVQA_DEBUG")
+    ck = tiny_checkpoint(tmp_path)                                        # the user's bad inputs, from the library
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.png")
+    for args, says in ((["predict", "--checkpoint", str(tmp_path / "none"), "--image", "a.png", "--question", "q"],
+                        "no such checkpoint"),
+                       (["explain", "--checkpoint", str(ck), "--image", str(tmp_path / "a.png"), "--question", "Is it?",
+                         "--layer", "99", "--out", str(tmp_path / "m.png")], "layer 99")):
+        rc, out, err = run(capsys, *args)
+        assert rc == 2 and says in err and err.strip().count("\n") == 0, err

@@ -19,7 +19,8 @@ def test_train_tiny_on_vqa_rad_then_eval(isolated_cache, capsys):
     root = data_root("vqa_rad")
     out = isolated_cache / "ck"
     rc = main(["train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "vqa-rad", "--root", str(root),
-               "--out", str(out), "--workdir", str(isolated_cache / "run"), "--epochs", "1", "--limit", "64", "--json"])
+               "--out", str(out), "--workdir", str(isolated_cache / "run"), "--epochs", "1", "--limit", "64", "--json",
+               "--report-test"])
     m = json.loads(capsys.readouterr().out)
     assert rc == 0 and m["best_epoch"] == 1 and m["test"]["n"] == 16
     rc = main(["eval", "--checkpoint", str(out), "--dataset", "vqa-rad", "--root", str(root), "--split", "test",
@@ -56,7 +57,8 @@ def test_torchrun_two_cpu_processes(tmp_path):
     env = {**os.environ, "MEDVQA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533", "-m", "medvqa",
            "train", "--model", "cmi-mtl", "--preset", "tiny", "--dataset", "folder", "--root", str(tmp_path / "data"),
-           "--out", str(tmp_path / "ck"), "--workdir", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "4", "--json"]
+           "--out", str(tmp_path / "ck"), "--workdir", str(tmp_path / "run"), "--epochs", "2", "--batch-size", "4", "--json",
+           "--report-test"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(r.stdout.strip().splitlines()[-1])
@@ -74,7 +76,7 @@ def test_cmdpi_pretrain_then_finetune_tiny(isolated_cache, capsys):
     m = json.loads(capsys.readouterr().out)
     assert m["stage"] == "pretrain" and m["n_captions"] > 0 and m["train_inter"] > 0
     rc = main(["train", *common, "--init", str(pre), "--out", str(isolated_cache / "ft"),
-               "--workdir", str(isolated_cache / "fw")])
+               "--workdir", str(isolated_cache / "fw"), "--report-test"])
     m = json.loads(capsys.readouterr().out)
     assert rc == 0 and m["best_epoch"] == 1 and 0 <= m["test"]["overall"] <= 100
     cfg = json.loads((isolated_cache / "ft" / "config.json").read_text())

@@ -49,7 +49,7 @@ def test_each_ablation_builds_and_trains(data, off):
         z = model.forward_features(batch_of(ds))["x_seq"].shape[1] - batch_of(ds)["text_tokens"].shape[1]
         assert z == 1 + model.pool_size ** 2 < batch_of(ds)["image_tokens"].shape[1]
     from medvqa.explain import supports   # the query-attention map reads the QQ-Former
-    assert supports(model, "query-attention") == (off != "qqformer")
+    assert model.has_query_attention == supports(model, "query-attention") == (off != "qqformer")
     preset.cmi_mtl.ablate = ()
 
 
@@ -137,3 +137,10 @@ def test_cmi_mtl_classifier_starts_at_the_prior(data):
         p = model(batch_of(ds))["logits"].sigmoid()
     C = len(vocab)
     assert abs(p.mean().item() - 1 / C) < 0.25 / C
+
+
+def test_build_refuses_a_misspelt_keyword(data):
+    preset, enc, recs, vocab, ds, av = data
+    with pytest.raises(TypeError, match="ahead_vocb"):
+        build("cmi-mtl", preset, len(vocab), ahead_vocb=av)
+    assert build("baseline", preset, len(vocab), ahead_vocab=av, text_vocab=[0, 1]).has_query_attention

@@ -6,6 +6,7 @@ from PIL import Image
 
 from medvqa.data import ImageError
 from medvqa.predict import Predictor
+from medvqa.train.checkpoint import CheckpointError
 from tests.helpers import tiny_checkpoint
 
 
@@ -42,7 +43,7 @@ def test_bad_inputs_clear_errors(ckpt, tmp_path):
         p.answer(im, "why " * 200)
     with pytest.raises(ImageError, match="not a readable image"):
         p.answer(b"garbage", "Is it?")
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(CheckpointError, match="no such checkpoint"):
         Predictor.load(tmp_path / "missing")
 
 

@@ -1,7 +1,8 @@
 """`python -m medvqa …` — the command-line contract of DESIGN §9.
 
 Errors a user can cause (bad arguments, missing files, bad input) print one line on stderr and
-exit 2; other failures exit 1. `--json` prints exactly one JSON object on stdout.
+exit 2; other failures (ours) print one line and exit 1, with the traceback under MEDVQA_DEBUG=1.
+`--json` prints exactly one JSON object on stdout.
 One module per command family registers its subcommands here.
 """
 from __future__ import annotations
@@ -10,7 +11,7 @@ import argparse
 import sys
 
 from medvqa.cli import analysis, data, predict, train
-from medvqa.cli.common import USER_ERRORS
+from medvqa.cli.common import is_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,18 +28,20 @@ def main(argv=None) -> int:
     a = parser.parse_args(argv)
     try:
         return a.func(a) or 0
-    except USER_ERRORS as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as e:  # never a traceback for a user; MEDVQA_DEBUG=1 shows it
+    except Exception as e:  # never a traceback for a user; MEDVQA_DEBUG=1 shows it for our own faults
         import os
 
+        if is_user_error(e, a):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         if os.environ.get("MEDVQA_DEBUG"):
             raise
-        print(f"error: {e.__class__.__name__}: {e}", file=sys.stderr)
+        first = str(e).strip().splitlines()[:1]   # one line, whatever the exception's message holds
+        print(f"error: {e.__class__.__name__}" + (f": {first[0]}" if first else "")
+              + " (an internal error; MEDVQA_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 1
     finally:  # under torchrun: tear gloo/NCCL down while the interpreter is whole (else a rank can abort at exit)
         dist = sys.modules.get("torch.distributed")

@@ -1,4 +1,5 @@
-"""`pointing-game`, `faithfulness`, `figures`, `umap` and `bench`: how the explanations, features and speed measure up."""
+"""`pointing-game`, `faithfulness`, `figures`, `umap` and `bench`: how the explanations, the features
+and the speed measure up."""
 from __future__ import annotations
 
 import json
@@ -25,7 +26,8 @@ def cmd_pointing_game(a):
         v = r["vs_centre"]
         layer = "–" if r["layer"] is None else r["layer"]
         print(f"  {r['model']:24s} {r['method']:15s} layer {layer:>3}  hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
-              f"  vs centre: {v['only_map']} only the map, {v['only_centre']} only the centre, McNemar p = {v['mcnemar_p']:.3g}")
+              f"  vs centre: {v['only_map']} only the map, {v['only_centre']} only the centre, "
+              f"McNemar p = {v['mcnemar_p']:.3g}")
     print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")
     _print_skipped(res)
     return 0
@@ -33,7 +35,8 @@ def cmd_pointing_game(a):
 
 def _print_skipped(res):
     for s in res["skipped"]:
-        print(f"  {s['model']:24s} {s['method']}: skipped (the model has no question-conditioned attention over the image)")
+        print(f"  {s['model']:24s} {s['method']}: skipped "
+              "(the model has no question-conditioned attention over the image)")
 
 
 def cmd_faithfulness(a):
@@ -54,7 +57,8 @@ def cmd_faithfulness(a):
           "(deletion: lower is better; insertion: higher is better)")
     for r in res["results"]:
         (dl, dh), (il, ih) = r["deletion_vs_random_ci95"], r["insertion_vs_random_ci95"]
-        print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} (random {r['deletion_random_auc']:.4f};"
+        print(f"  {r['model']:24s} {r['method']:10s} deletion {r['deletion_auc']:.4f} "
+              f"(random {r['deletion_random_auc']:.4f};"
               f" difference 95 % CI {dl:+.4f} to {dh:+.4f})  insertion {r['insertion_auc']:.4f}"
               f" (random {r['insertion_random_auc']:.4f}; {il:+.4f} to {ih:+.4f})")
     _print_skipped(res)
@@ -89,7 +93,8 @@ def cmd_umap(a):
         sil = {c: silhouette(xy, labels_for(records, correct, c)) for c in COLORINGS}
         name = Path(str(ck)).name
         out["checkpoints"][name] = {"silhouette": sil, "accuracy": round(100 * float(correct.mean()), 2)}
-        panels.append({"title": name, "xy": xy, "labels": labels_for(records, correct, a.color), "silhouette": sil[a.color]})
+        panels.append({"title": name, "xy": xy, "labels": labels_for(records, correct, a.color),
+                       "silhouette": sil[a.color]})
     a.out.parent.mkdir(parents=True, exist_ok=True)
     plot(panels, a.color, a.out)
     out["out"] = str(a.out)
@@ -125,7 +130,8 @@ def register(sub):
     pg.add_argument("--root", required=True, type=Path, help="the SLAKE folder")
     pg.add_argument("--split", default="test")
     pg.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
-    pg.add_argument("--layers", type=int, nargs="+", default=[None], help="image-backbone blocks whose input the CAM reads (default: a third of the way in)")
+    pg.add_argument("--layers", type=int, nargs="+", default=[None],
+                    help="image-backbone blocks whose input the CAM reads (default: a third of the way in)")
     pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
     pg.add_argument("--json", action="store_true")
     pg.set_defaults(func=cmd_pointing_game)

@@ -3,15 +3,29 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
-from medvqa.data import DataError, ImageError
+from medvqa.data import DataError, ImageError, InputError
+from medvqa.train.checkpoint import CheckpointError
 
 
 class UserError(Exception):
     """Bad input from the user: reported as one line, exit status 2."""
 
 
-USER_ERRORS = (UserError, DataError, ImageError, FileNotFoundError, ValueError)
+# What a user's input causes: one line and exit 2. Anything else is a fault of ours: exit 1.
+USER_ERRORS = (UserError, DataError, ImageError, InputError, CheckpointError)
+
+
+def is_user_error(e: BaseException, a) -> bool:
+    """A user error, or a file the command line names that is not there (a missing file of
+    our own, a cache entry say, is an internal error)."""
+    if isinstance(e, USER_ERRORS):
+        return True
+    if isinstance(e, FileNotFoundError) and e.filename is not None:
+        given = [v for v in vars(a).values() for v in (v if isinstance(v, list) else [v]) if isinstance(v, Path)]
+        return any(Path(e.filename).absolute() == p.absolute() for p in given)
+    return False
 
 
 def print_json(obj):

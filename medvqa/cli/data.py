@@ -31,7 +31,8 @@ def cmd_data_stats(a):
         _warn_skipped(s, sp)
         recs = sp.records
         out["splits"][s] = {
-            "n": len(recs) + len(sp.problems), "usable": len(recs), "n_open": sum(r.answer_type == "OPEN" for r in recs),
+            "n": len(recs) + len(sp.problems), "usable": len(recs),
+            "n_open": sum(r.answer_type == "OPEN" for r in recs),
             "n_closed": sum(r.answer_type == "CLOSED" for r in recs),
             "n_images": len({r.image for r in recs}), "skipped": len(sp.problems),
         }
@@ -148,13 +149,15 @@ def cmd_eval(a):
     print_groups(res)
     if a.swap_images:
         b = res["swapped_images"]
-        print(f"with another question's image: open {b['open']:.2f}  closed {b['closed']:.2f}  overall {b['overall']:.2f};"
+        print(f"with another question's image: open {b['open']:.2f}  closed {b['closed']:.2f}  "
+              f"overall {b['overall']:.2f};"
               f" {b['answers_changed']:.2f} % of answers changed")
         print_groups(b)
     if a.against:
         c = res["against"]
         print(f"against {a.against} ({c['b']:.2f}): {c['difference']:+.2f} points, paired bootstrap 95 % CI "
-              f"{c['difference_ci95'][0]:+.2f} to {c['difference_ci95'][1]:+.2f}; only this one right on {c['only_a_right']}, "
+              f"{c['difference_ci95'][0]:+.2f} to {c['difference_ci95'][1]:+.2f}; "
+              f"only this one right on {c['only_a_right']}, "
               f"only the other on {c['only_b_right']}: McNemar exact p = {c['mcnemar_p']:.3g}")
     return 0
 
@@ -182,12 +185,14 @@ def register(sub):
     ev.add_argument("--vocab", choices=("all", "train"), default="all",
                     help="vocabulary used to count out-of-vocabulary answers with --predictions")
     ev.add_argument("--by", choices=("organ", "question_type", "seen"),
-                    help="accuracy per group; seen: whether the question's image carries the same answer among the train questions")
+                    help="accuracy per group; seen: whether the question's image carries the same answer "
+                         "among the train questions")
     ev.add_argument("--against", metavar="CHECKPOINT_OR_JSON",
                     help="a second model (checkpoint, or predictions JSON) on the same questions: the accuracy "
                          "difference with a paired-bootstrap 95 %% CI and McNemar's exact test")
     ev.add_argument("--swap-images", action="store_true",
-                    help="also answer every question with another image of the split (a fixed random draw, never its own): "
-                         "what is still right comes from the question alone; prints that accuracy and how many answers changed")
+                    help="also answer every question with another image of the split (a fixed random draw, "
+                         "never its own): what is still right comes from the question alone; prints that "
+                         "accuracy and how many answers changed")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_eval)

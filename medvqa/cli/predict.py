@@ -98,7 +98,8 @@ def cmd_explain(a):
     overlay(im, cam, a.opacity, a.colormap).save(a.out)
     np.save(a.out.with_suffix(".npy"), cam)
     ans = p.answer(im, a.question)
-    print(f"{method} for answer {a.target or ans.text!r}: wrote {a.out} and {a.out.with_suffix('.npy')}", file=sys.stderr)
+    print(f"{method} for answer {a.target or ans.text!r}: wrote {a.out} and {a.out.with_suffix('.npy')}",
+          file=sys.stderr)
     return 0
 
 
@@ -115,14 +116,16 @@ def register(sub):
 
     from medvqa.explain import MODEL_DEFAULT_METHOD, DEFAULT_METHOD, METHOD_NAMES as METHODS
 
-    ex = sub.add_parser("explain", help="saliency map of an answer (Grad-CAM family or attention rollout), as an overlay PNG + raw .npy")
+    ex = sub.add_parser("explain", help="saliency map of an answer (Grad-CAM family or attention rollout), "
+                                        "as an overlay PNG + raw .npy")
     ex.add_argument("--checkpoint", required=True)
     ex.add_argument("--image", required=True, type=Path)
     ex.add_argument("--question", required=True)
     ex.add_argument("--method", choices=sorted(METHODS), help="default: the model's own, "
                     + ", ".join(f"{v} for {k}" for k, v in MODEL_DEFAULT_METHOD.items()) + f", else {DEFAULT_METHOD}")
     ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
-    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout starts (default: a third of the way in; -1: the last; query-attention reads after the backbone)")
+    ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout "
+                    "starts (default: a third of the way in; -1: the last; query-attention reads after the backbone)")
     ex.add_argument("--opacity", type=float, default=0.5)
     ex.add_argument("--colormap", default="jet")
     ex.add_argument("--out", required=True, type=Path)

@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 from medvqa.cli.common import UserError, print_json
+from medvqa.cli.options import SECTIONS, add_options, apply_options, given
 from medvqa.models.cmi_mtl import ABLATIONS
 
 
-def _init_distributed(a):
+def _init_distributed(t):
     """Under `torchrun` (RANK/WORLD_SIZE set) join the process group: NCCL on CUDA, gloo on CPU.
-    Each rank takes its own GPU; nothing here runs for a plain single-process launch."""
+    Each rank takes its own GPU (t.device becomes cuda:LOCAL_RANK); nothing here runs for a plain
+    single-process launch."""
     import os
 
     import torch
@@ -21,10 +23,10 @@ def _init_distributed(a):
 
     if "RANK" not in os.environ or dist.is_initialized():
         return
-    cuda = (a.device or "cpu") == "cuda"
+    cuda = t.device == "cuda"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        a.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+        t.device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
@@ -37,58 +39,32 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
     import torch
 
-    from medvqa.config import get_preset, image_grid, preset_from_dict
+    from medvqa.config import get_preset, preset_from_dict
     from medvqa.data import dataset_splits
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train.data import prepare
 
-    if a.device == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available here")
     known = {"cmdpi": cmdpi.ABLATIONS, "cmi-mtl": ABLATIONS}.get(a.model, ())
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
         raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} "
                         + (f"(choose from {', '.join(known)})" if known else "(it has no parts to switch off)"))
-    if a.image_views is not None and a.image_views < 0:
-        raise UserError(f"--image-views {a.image_views}: use 0 (off) or a positive count")
-    if a.dropout is not None and not 0 <= a.dropout < 1:
-        raise UserError(f"--dropout {a.dropout}: use a probability in [0, 1)")
-    if a.weight_decay is not None and a.weight_decay < 0:
-        raise UserError(f"--weight-decay {a.weight_decay}: use 0 or more")
-    if a.ema is not None and not 0 <= a.ema < 1:
-        raise UserError(f"--ema {a.ema}: use a decay in [0, 1) (0: off)")
-    if a.val_fraction is not None:
-        if not 0 <= a.val_fraction < 1:
-            raise UserError(f"--val-fraction {a.val_fraction}: use a fraction in [0, 1) (0: no validation)")
-        if "validate" in dataset_splits(a.dataset, a.root):
-            raise UserError(f"--val-fraction: {a.dataset} has its own validation split, which selection uses")
-    _init_distributed(a)
     preset = get_preset(a.preset)
     t = preset.train
-    for k in ("epochs", "lr", "batch_size", "seed", "device", "image_views", "weight_decay", "ema", "val_fraction"):
-        if getattr(a, k) is not None:
-            setattr(t, k, getattr(a, k))
-    sub = {"cmdpi": preset.cmdpi, "cmi-mtl": preset.cmi_mtl, "baseline": preset.baseline}[a.model]
-    if hasattr(sub, "ablate"):
-        sub.ablate = tuple(a.ablate or ())
-    for k in ("alpha", "beta", "cmm_align", "dropout", "sim_threshold", "lam", "diff_weight", "mix_weight"):
-        if getattr(a, k, None) is not None and hasattr(sub, k):
-            setattr(sub, k, getattr(a, k))
-    if a.qqformer_text:
-        preset.cmi_mtl.qqformer_text = a.qqformer_text == "on"
-    if a.queries is not None:
-        if a.queries < 1:
-            raise UserError(f"--queries {a.queries}: use a positive count")
-        preset.cmi_mtl.n_queries = a.queries
-    if a.image_pool is not None:
-        if a.image_pool < 1 or image_grid(preset.encoders) % a.image_pool:
-            raise UserError(f"--image-pool {a.image_pool}: use a divisor of the {image_grid(preset.encoders)}-patch grid side")
-        preset.cmdpi.image_pool = a.image_pool
+    apply_options(a, preset)
+    if t.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available here")
+    val_fraction = given(a, "train", "val_fraction")
+    if val_fraction is not None and "validate" in dataset_splits(a.dataset, a.root):
+        raise UserError(f"--val-fraction: {a.dataset} has its own validation split, which selection uses")
+    if a.model in ("cmdpi", "cmi-mtl"):
+        getattr(preset, SECTIONS[a.model]).ablate = tuple(a.ablate or ())
     if init_cfg:
         pre = init_cfg["preset"]["cmdpi"]
-        if a.image_pool is not None and a.image_pool != pre["image_pool"]:
-            raise UserError(f"--image-pool {a.image_pool}: the --init checkpoint was pretrained with {pre['image_pool']}")
+        pool = given(a, "cmdpi", "image_pool")
+        if pool is not None and pool != pre["image_pool"]:
+            raise UserError(f"--image-pool {pool}: the --init checkpoint was pretrained with {pre['image_pool']}")
         for k in CMDPI_ARCH:
             setattr(preset.cmdpi, k, pre[k])
         preset.encoders.image_size = init_cfg["preset"]["encoders"]["image_size"]
@@ -96,16 +72,15 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         # must select on that same slice, whatever its own --seed, or its validation questions were trained on.
         # It may also hold out nothing (--val-fraction 0: no selection, so nothing to leak into).
         pre_train = preset_from_dict(init_cfg["preset"]).train
-        if a.val_fraction is None:
+        if val_fraction is None:
             t.val_fraction = pre_train.val_fraction
-        elif a.val_fraction and a.val_fraction != pre_train.val_fraction:
-            raise UserError(f"--val-fraction {a.val_fraction}: the --init checkpoint was pretrained holding out "
+        elif val_fraction and val_fraction != pre_train.val_fraction:
+            raise UserError(f"--val-fraction {val_fraction}: the --init checkpoint was pretrained holding out "
                             f"{pre_train.val_fraction:.0%} of train; hold out the same slice or none (0)")
         t.holdout_seed = pre_train.slice_seed
     if stage:
         preset.cmdpi.stage = stage
-    if preset.cmdpi.lam.partition(":")[0] not in ("uniform", "beta", "fixed"):
-        raise UserError(f"--lam {preset.cmdpi.lam}: use uniform, beta:A,B or fixed:X")
+    _init_distributed(t)
     torch.manual_seed(t.seed)
     enc = Encoders(preset.encoders)
     data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit)
@@ -143,9 +118,11 @@ def cmd_train(a):
     from medvqa.train.samplers import GroupBatchSampler
     from medvqa.train.trainer import fit, predict_dataset
 
+    if a.init and a.model != "cmdpi":
+        raise UserError(f"--init is a CMDPI option: --model {a.model} does not take it")
     init_cfg = read_config(a.init) if a.init else None
-    if init_cfg and (a.model != "cmdpi" or init_cfg.get("model") != "cmdpi"):
-        raise UserError("--init takes a CMDPI pretraining checkpoint, for --model cmdpi")
+    if init_cfg and init_cfg.get("model") != "cmdpi":
+        raise UserError(f"--init {a.init}: not a CMDPI pretraining checkpoint")
     preset, enc, data = _setup(a, stage="finetune" if a.model == "cmdpi" else None, init_cfg=init_cfg)
     t, extra, sampler, train_ds = preset.train, {}, None, data.train
     if a.model == "cmdpi":
@@ -158,7 +135,8 @@ def cmd_train(a):
         c = preset.cmdpi
         similar = None
         if "diff" not in c.ablate:
-            similar, extra["similar_images"] = similar_images(model, data.train, c.sim_threshold, pretrained=bool(a.init))
+            similar, extra["similar_images"] = similar_images(model, data.train, c.sim_threshold,
+                                                              pretrained=bool(a.init))
         train_ds, groups = cmdpi_finetune_set(data, preset, enc, similar, progress=not a.json)
         if "mixup" not in c.ablate:
             sampler = GroupBatchSampler(groups, t.batch_size, pairs=True, seed=t.seed)
@@ -180,7 +158,7 @@ def cmd_train(a):
     metrics = {"selected_on": data.selection, "best_epoch": res.best.get("epoch"),
                "val_overall": res.best.get("val_overall"), "train_seconds": round(res.seconds, 1),
                "epochs": t.epochs, "skipped_records": len(data.problems)}
-    if data.test is not None:
+    if a.report_test and data.test is not None:   # only when asked: whatever selects a recipe must not see it
         pred, conf = predict_dataset(best, data.test)
         ans = data.vocab.answers
         r = evaluate(data.test.records, {x.qid: ans[i] for x, i in zip(data.test.records, pred.tolist())},
@@ -193,7 +171,8 @@ def cmd_train(a):
     if a.json:
         print_json(metrics)
     else:
-        chosen = f"best epoch {metrics['best_epoch']} on {data.selection}" if data.val else f"epoch {metrics['best_epoch']}, the last: no validation"
+        chosen = (f"best epoch {metrics['best_epoch']} on {data.selection}" if data.val
+                  else f"epoch {metrics['best_epoch']}, the last: no validation")
         print(f"saved {a.out} ({chosen}; {res.seconds:.0f} s)")
         if "test" in metrics:
             m = metrics["test"]
@@ -239,12 +218,14 @@ def cmd_pretrain(a):
         raise UserError("pretraining stopped before the first epoch finished; nothing to save")
     last = res.history[-1]
     metrics = {"stage": "pretrain", "epochs": t.epochs, "train_seconds": round(res.seconds, 1),
-               "n_captions": len(captions), "n_questions": len(data.train), **{k: v for k, v in last.items() if k.startswith("train_")}}
+               "n_captions": len(captions), "n_questions": len(data.train),
+               **{k: v for k, v in last.items() if k.startswith("train_")}}
     save_checkpoint(Path(a.out), model, config, metrics)   # the last epoch: pretraining has no selection split
     if a.json:
         print_json(metrics)
     else:
-        print(f"saved {a.out} ({len(captions)} captions + {len(data.train)} questions, {t.epochs} epochs, {res.seconds:.0f} s)")
+        print(f"saved {a.out} ({len(captions)} captions + {len(data.train)} questions, {t.epochs} epochs, "
+              f"{res.seconds:.0f} s)")
     return 0
 
 
@@ -253,42 +234,72 @@ def variant_stages(spec) -> dict:
     return spec if isinstance(spec, dict) else {"train": spec}
 
 
+def _read_sweep_config(path: Path, root) -> dict:
+    """The sweep config, checked whole before any training starts (a typo must not surface an hour in)."""
+    try:
+        cfg = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: cannot read the sweep config ({e})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object with dataset, root and variants")
+    missing = [k for k in ("dataset", "variants") + (() if root else ("root",)) if k not in cfg]
+    if missing:
+        raise UserError(f"{path}: the sweep config has no {', '.join(missing)}")
+    if not isinstance(cfg["variants"], dict) or not cfg["variants"]:
+        raise UserError(f"{path}: variants must be a non-empty object of name -> train arguments")
+
+    def args_ok(x):
+        return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+    for name, spec in cfg["variants"].items():
+        stages = variant_stages(spec)
+        if not args_ok(stages.get("train")) or set(stages) - {"train", "pretrain"} \
+                or not args_ok(stages.get("pretrain", [])):
+            raise UserError(f"{path}: variant {name!r} must be a list of train arguments, "
+                            'or {"pretrain": [...], "train": [...]}')
+    if not args_ok(cfg.get("common", [])):
+        raise UserError(f"{path}: common must be a list of arguments")
+    return cfg
+
+
 def cmd_sweep(a):
-    """Run a config's variants with `train` (resumable: a finished variant is reused) and write
-    the results as a Markdown and a CSV table."""
+    """Run a config's variants with `train --report-test` (resumable: a finished variant is reused)
+    and write the results as a Markdown and a CSV table."""
     import hashlib
 
-    try:
-        cfg = json.loads(Path(a.config).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UserError(f"{a.config}: cannot read the sweep config ({e})") from None
+    cfg = _read_sweep_config(a.config, a.root)
     out = Path(a.out)
-    rows = []
-
-    def run(argv):
-        print(f"[sweep] python -m medvqa {shlex.join(argv)}", file=sys.stderr)
-        ns = _stage_parser().parse_args(argv)
-        ns.func(ns)
-
     data_args = ["--dataset", cfg["dataset"], "--root", str(a.root or cfg["root"])]
+    plan = []   # (variant, [(command, the checkpoint it writes)]: its pretraining if any, then its training)
     for name, spec in cfg["variants"].items():
-        # variants with the same pretraining arguments share one pretrained checkpoint
         spec = variant_stages(spec)
-        args = list(spec["train"])
-        if "pretrain" in spec:
+        args, steps = list(spec["train"]), []
+        if "pretrain" in spec:   # variants with the same pretraining arguments share one pretrained checkpoint
             pre_args = cfg.get("common", []) + spec["pretrain"]
             key = hashlib.sha1(json.dumps(pre_args).encode()).hexdigest()[:10]
             pre = out / "pretrained" / key
-            if not (pre / "metrics.json").is_file():
-                run(["pretrain", *data_args, "--out", str(pre), "--workdir", str(out / "runs" / f"pretrain-{key}")] + pre_args)
+            steps.append((["pretrain", *data_args, "--out", str(pre),
+                           "--workdir", str(out / "runs" / f"pretrain-{key}"), *pre_args], pre))
             args += ["--init", str(pre)]
         slug = "".join(c if c.isalnum() else "-" for c in name.lower()).strip("-")
         ck = out / "checkpoints" / slug
-        if not (ck / "metrics.json").is_file():
-            run(["train", *data_args, "--out", str(ck), "--workdir", str(out / "runs" / slug)]
-                + cfg.get("common", []) + args + (a.extra or []))
+        steps.append((["train", *data_args, "--out", str(ck), "--workdir", str(out / "runs" / slug), "--report-test",
+                       *cfg.get("common", []), *args, *(a.extra or [])], ck))
+        plan.append((name, steps))
+    parser = _stage_parser()
+    for _, steps in plan:   # every command line parses before the first training starts
+        for argv, _ in steps:
+            parser.parse_args(argv)
+    rows = []
+    for name, steps in plan:
+        ck = steps[-1][1]
+        for argv, done in steps:
+            if not (done / "metrics.json").is_file():
+                print(f"[sweep] python -m medvqa {shlex.join(argv)}", file=sys.stderr)
+                ns = parser.parse_args(argv)
+                ns.func(ns)
         m = json.loads((ck / "metrics.json").read_text())
-        t = m.get("test", {})
+        t = m.get("test", {})   # none: a dataset without a test split, or a checkpoint trained without --report-test
         rows.append({"variant": name, "open": t.get("open"), "closed": t.get("closed"), "overall": t.get("overall"),
                      "val_overall": m.get("val_overall"), "best_epoch": m.get("best_epoch"),
                      "train_s": m.get("train_seconds")})
@@ -300,14 +311,17 @@ def cmd_sweep(a):
 def _write_sweep_tables(rows: list[dict], out: Path) -> str:
     import csv
 
+    def cell(v, spec):   # a value a run did not produce (no test split, no validation) reads as a dash
+        return "–" if v is None else format(v, spec)
+
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
     md = ["| variant | open | closed | overall | val overall | best epoch | train s |", "|---|---|---|---|---|---|---|"]
-    md += [f"| {r['variant']} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {r['val_overall']:.2f} | "
-           f"{r['best_epoch']} | {r['train_s']:.0f} |" for r in rows]
+    md += [f"| {r['variant']} | " + " | ".join(cell(r[k], ".2f") for k in ("open", "closed", "overall", "val_overall"))
+           + f" | {cell(r['best_epoch'], '')} | {cell(r['train_s'], '.0f')} |" for r in rows]
     (out / "results.md").write_text("\n".join(md) + "\n")
     return "\n".join(md)
 
@@ -339,40 +353,27 @@ def _register_fit(sub):
     pt = sub.add_parser("pretrain", help="CMDPI co-regularised pretraining (then: train --model cmdpi --init)")
     tr.add_argument("--model", required=True, choices=sorted(MODELS))
     pt.add_argument("--model", required=True, choices=["cmdpi"])
-    for sp in (tr, pt):
+    for sp, stage, models in ((tr, "train", MODELS), (pt, "pretrain", ("cmdpi",))):
         sp.add_argument("--preset", default="offline", choices=sorted(PRESETS))
         sp.add_argument("--dataset", required=True, choices=sorted(DATASETS))
         sp.add_argument("--root", required=True, type=Path)
         sp.add_argument("--out", required=True, type=Path, help="checkpoint folder to write")
         sp.add_argument("--workdir", type=Path, help="logs, per-epoch state for resume (default runs/<out name>)")
-        sp.add_argument("--epochs", type=int)
-        sp.add_argument("--lr", type=float)
-        sp.add_argument("--batch-size", type=int)
-        sp.add_argument("--seed", type=int)
-        sp.add_argument("--device", choices=("cpu", "cuda"), help="cuda: AMP (bf16) on; under torchrun one GPU per rank")
-        sp.add_argument("--weight-decay", type=float, help="AdamW weight decay of the matrices (default 0.01)")
-        sp.add_argument("--ema", type=float, help="select and save an exponential moving average of the weights with this per-step decay, e.g. 0.995 (default 0: off)")
-        sp.add_argument("--dropout", type=float, help="dropout of the model: CMI-MTL QQ-Former, fusion, classifier (default 0.1); CMDPI encoders and RecNet (offline 0); baseline MLP (0.2)")
-        sp.add_argument("--image-views", type=int, help="augmented views cached per training image (crop, rotation, contrast; default 0)")
-        sp.add_argument("--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,
-                        help="parts to switch off: CMI-MTL modules (Table 2) or CMDPI terms (Figs. 7–8)")
-        sp.add_argument("--alpha", type=float, help="weight of L_vtc (CMI-MTL, default 0.2)")
-        sp.add_argument("--beta", type=float, help="weight of L_aux (CMI-MTL, default 0.3)")
-        sp.add_argument("--cmm-align", choices=("attention", "pool"))
-        sp.add_argument("--qqformer-text", choices=("on", "off"))
-        sp.add_argument("--queries", type=int, help="CMI-MTL: K learnable QQ-Former queries (default 32)")
-        sp.add_argument("--val-fraction", type=float, help="held-out slice of train for selection when the dataset has no validation split (default 0.1; 0: train on all of train and keep the last epoch)")
-        sp.add_argument("--image-pool", type=int, help="CMDPI: average-pool the patch grid by this factor before RecNet (offline default 4)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",
                         help="answer vocabulary: all splits (published protocol) or train only")
         sp.add_argument("--limit", type=int, help="use only the first N training records (smoke tests)")
         sp.add_argument("--no-resume", action="store_true", help="ignore an earlier run's state in --workdir")
         sp.add_argument("--json", action="store_true")
-        sp.add_argument("--lam", help="CMDPI head-mixup λ: uniform (default), beta:A,B or fixed:X (Table 5)")
-        sp.add_argument("--sim-threshold", type=float, help="CMDPI similar-image cosine threshold (default 0.75)")
-        sp.add_argument("--diff-weight", type=float, help="CMDPI weight of L_diff (default 1)")
-        sp.add_argument("--mix-weight", type=float, help="CMDPI weight of L_mix (default 1)")
-    tr.add_argument("--init", type=Path, help="CMDPI: the pretraining checkpoint to fine-tune from")
+        groups = add_options(sp, stage, models)
+        groups["model"].add_argument(
+            "--ablate", nargs="*", choices=ABLATIONS + CMDPI_ABLATIONS,
+            help="parts to switch off: CMI-MTL modules (Table 2) or CMDPI terms (Figs. 7–8)")
+        if stage == "train":
+            groups["train"].add_argument(
+                "--report-test", action="store_true",
+                help="also score the saved checkpoint on the test split (in metrics.json and the output); "
+                     "off by default, so that choosing a recipe cannot see the test split")
+            groups["cmdpi"].add_argument("--init", type=Path, help="the pretraining checkpoint to fine-tune from")
     pt.add_argument("--captions", type=Path, action="append", help="JSONL of {image, caption} (ROCO-style); repeatable")
     pt.add_argument("--no-pseudo-captions", action="store_true", help="leave out the built-in pseudo-caption corpus")
     pt.set_defaults(func=cmd_pretrain)

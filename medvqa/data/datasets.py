@@ -16,6 +16,11 @@ class DataError(ValueError):
     """A dataset that cannot be read at all (missing root, unreadable split file)."""
 
 
+class InputError(ValueError):
+    """A question, answer or setting a caller passed that a model or a metric cannot take (an empty
+    question, an answer outside the vocabulary, a layer the backbone lacks): the caller's to fix."""
+
+
 # The VQA evaluation's answer normalisation (punctuation, number words, articles). With it the
 # VQA-RAD train+test vocabulary has M3AE's 498 classes and 44 test answers fall outside the
 # train-only vocabulary, matching the published protocol; plain lower-casing gives 517 / 47.

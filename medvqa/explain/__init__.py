@@ -18,10 +18,11 @@ def default_method(model_name: str) -> str:
 
 
 def supports(model, method: str) -> bool:
-    """Every method works on every model but `query-attention`, which needs the model's
-    `image_attention` (a question-conditioned attention over the image tokens: the baseline's
-    pooling, CMI-MTL's QQ-Former); CMDPI has none, CMI-MTL's w/o-QQ-Former ablation sets it to None."""
-    return method != "query-attention" or callable(getattr(model, "image_attention", None))
+    """Every method works on every model but `query-attention`, which needs a model whose
+    `has_query_attention` is true (a question-conditioned attention over the image tokens, read by
+    its `image_attention`: the baseline's pooling, CMI-MTL's QQ-Former); CMDPI has none, nor
+    CMI-MTL's w/o-QQ-Former ablation."""
+    return method != "query-attention" or model.has_query_attention
 
 
 SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU

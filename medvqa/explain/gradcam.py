@@ -22,6 +22,7 @@ from pytorch_grad_cam import (AblationCAM, EigenCAM, GradCAM, GradCAMPlusPlus, L
 from pytorch_grad_cam.ablation_layer import AblationLayerVit
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
+from medvqa.data import InputError
 from medvqa.explain import DEFAULT_METHOD, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, supports
 
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
@@ -76,7 +77,7 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     the way in, block 4 of DINOv2-S's 12, chosen on SLAKE validation by the pointing game); for
     "rollout", the block the rollout starts from."""
     if method not in METHOD_NAMES:
-        raise ValueError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
+        raise InputError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     wrapper = ImageToLogits(encoders, model, encoders.question_inputs([question])).eval()
     x = encoders.preprocess([image])
     if target is None and method not in GRADIENT_FREE:   # a gradient-free map needs no target: one forward less
@@ -85,7 +86,7 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     blocks = encoders.image.encoder.layer
     layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
-        raise ValueError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
+        raise InputError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
     if method in ("rollout", "token-rollout"):
         m = gradient_rollout(wrapper, x, target, start=layer % len(blocks),
                              readout="tokens" if method == "token-rollout" else "cls")   # (grid, grid)
@@ -158,7 +159,7 @@ def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA) -> 
     SLAKE validation CMI-MTL's map hit the named organ 24.29 % unsmoothed vs 29.05 % smoothed
     (docs/decisions.md). -> (grid, grid) float32."""
     if not supports(wrapper.model, "query-attention"):
-        raise ValueError("query-attention reads a question-conditioned attention over the image tokens, which "
+        raise InputError("query-attention reads a question-conditioned attention over the image tokens, which "
                          f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); use rollout")
     with torch.no_grad():
         a = wrapper.model.image_attention(wrapper.batch(wrapper.image_tokens(x)))[0]      # (1+N,)

@@ -8,6 +8,8 @@ import torch.nn.functional as F
 
 
 class Baseline(nn.Module):
+    has_query_attention = True   # its pooling weights are a question-conditioned attention over the image
+
     def __init__(self, cfg, enc_cfg, n_classes: int):
         super().__init__()
         d = cfg.d

@@ -101,6 +101,8 @@ class RecNet(nn.Module):
 
 
 class CMDPI(nn.Module):
+    has_query_attention = False   # RecNet mixes image and question tokens in one self-attention: no such map
+
     def __init__(self, cfg, enc_cfg, n_classes: int, grid: int, text_vocab: list[int] | None = None):
         super().__init__()
         self.cfg, d = cfg, cfg.d

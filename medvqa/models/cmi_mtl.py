@@ -165,8 +165,6 @@ class CMIMTL(nn.Module):
         self.pool_size = round(math.sqrt(cfg.n_queries))
         if self.use_qqformer:
             self.qqformer = QQFormer(d, cfg.n_queries, cfg.qqformer_layers, cfg.n_heads, cfg.dropout, cfg.qqformer_text)
-        else:  # no question-aware reading of the image to show (medvqa.explain.supports)
-            self.image_attention = None
         if self.use_cmcl:  # FVTA contrastive: queries and question in a 256-d space, learnable τ
             self.vision_proj = nn.Linear(d, cfg.contrast_dim)
             self.text_proj = nn.Linear(d, cfg.contrast_dim)
@@ -206,6 +204,12 @@ class CMIMTL(nn.Module):
 
     def forward_head(self, fused):
         return self.classifier(fused)                                            # (B, C)
+
+    @property
+    def has_query_attention(self) -> bool:
+        """Whether `image_attention` has a question-aware reading of the image to show (the
+        `query-attention` saliency): the QQ-Former's; the w/o-QQ-Former ablation has none."""
+        return self.use_qqformer
 
     def image_attention(self, batch):
         """The QQ-Former's question-conditioned attention over the image tokens -> (B, 1+N)
