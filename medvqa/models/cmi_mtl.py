@@ -213,7 +213,7 @@ class CMIMTL(nn.Module):
 
     def image_attention(self, batch):
         """The QQ-Former's question-conditioned attention over the image tokens -> (B, 1+N)
-        (the `query-attention` saliency; None in the w/o-QQ-Former ablation)."""
+        (the `query-attention` saliency; only where `has_query_attention`: the w/o-QQ-Former ablation has none)."""
         v, t = self.proj_v(batch["image_tokens"]), self.proj_t(batch["text_tokens"])
         return self.qqformer.image_attention(v, t, batch["text_mask"] == 0)
 
