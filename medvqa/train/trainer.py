@@ -106,19 +106,22 @@ def _param_groups(model, cfg):
 
 
 @torch.no_grad()
-def predict_dataset(model, ds, device="cpu", batch_size=64) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (top-1 class, top-1 probability) for every item, in order."""
+def dataset_logits(model, ds, device="cpu", batch_size=64) -> torch.Tensor:
+    """(N, C) answer logits of every item, in order."""
     model.eval()
-    preds, conf = [], []
+    out = []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
         batch = to_device({k: v for k, v in batch.items() if k != "label"}, device)
-        logits = model(batch)["logits"].float()
-        # BCE-trained heads give independent sigmoids; softmax gives a calibrated-by-design top-1 for both
-        p = logits.softmax(-1)
-        c, i = p.max(-1)
-        preds.append(i.cpu())
-        conf.append(c.cpu())
-    return torch.cat(preds), torch.cat(conf)
+        out.append(model(batch)["logits"].float().cpu())
+    return torch.cat(out)
+
+
+def predict_dataset(model, ds, device="cpu", batch_size=64, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (top-1 class, top-1 probability at temperature T) for every item, in order. Every model's
+    probabilities are one softmax over the answers (CMI-MTL's BCE-trained head too), at T = 1 overconfident."""
+    from medvqa.calibration import top1
+
+    return top1(dataset_logits(model, ds, device, batch_size), temperature)
 
 
 def accuracy(model, ds, device="cpu") -> dict:
