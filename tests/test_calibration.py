@@ -101,7 +101,7 @@ def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsy
     assert main(["calibrate", "--checkpoint", str(tmp_path / "all"), "--transfer-from", str(tmp_path / "held")]) == 0
     moved = json.loads((tmp_path / "all" / "config.json").read_text())
     assert moved["temperature"] == json.loads((tmp_path / "held" / "config.json").read_text())["temperature"]
-    assert moved["temperature_source"].startswith("transferred from held (fitted on a held-out 25%")
+    assert moved["temperature_source"].startswith("transferred from held (baseline on folder; fitted on a held-out 25%")
     assert "temperature_fit" not in moved
     assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--transfer-from", str(tmp_path / "all")]) == 2
     Predictor._cache.clear()

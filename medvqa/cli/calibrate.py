@@ -33,8 +33,8 @@ def cmd_calibrate(a):
         src = read_config(resolve_checkpoint(a.transfer_from))
         if "temperature_fit" not in src:
             raise UserError(f"--transfer-from {a.transfer_from}: its temperature was not fitted on held-out questions")
-        entries = {"temperature": src["temperature"], "temperature_source":
-                   f"transferred from {Path(a.transfer_from).name} ({src['temperature_source']})"}
+        entries = {"temperature": src["temperature"], "temperature_source": f"transferred from "
+                   f"{Path(a.transfer_from).name} ({src['model']} on {src['dataset']}; {src['temperature_source']})"}
     else:
         dataset, root = a.dataset or cfg["dataset"], a.root or _recorded_root(cfg)
         if root is None or not Path(root).exists():

@@ -107,7 +107,8 @@ def _param_groups(model, cfg):
 
 @torch.no_grad()
 def dataset_logits(model, ds, device="cpu", batch_size=64) -> torch.Tensor:
-    """(N, C) answer logits of every item, in order."""
+    """(N, C) answer logits of every item, in order. Every model's probabilities are one softmax over
+    the answers (CMI-MTL's BCE-trained head too): medvqa.calibration scales them by the checkpoint's T."""
     model.eval()
     out = []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
@@ -116,18 +117,10 @@ def dataset_logits(model, ds, device="cpu", batch_size=64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def predict_dataset(model, ds, device="cpu", batch_size=64, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (top-1 class, top-1 probability at temperature T) for every item, in order. Every model's
-    probabilities are one softmax over the answers (CMI-MTL's BCE-trained head too), at T = 1 overconfident."""
-    from medvqa.calibration import top1
-
-    return top1(dataset_logits(model, ds, device, batch_size), temperature)
-
-
 def accuracy(model, ds, device="cpu") -> dict:
     from medvqa.eval import evaluate
 
-    pred, _ = predict_dataset(model, ds, device)
+    pred = dataset_logits(model, ds, device).argmax(-1)   # the top-1 answer, whatever the temperature
     answers = ds.vocab.answers
     return evaluate(ds.records, {r.qid: answers[i] for r, i in zip(ds.records, pred.tolist())})
 
