@@ -95,7 +95,8 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str) -> dict:
     idx, raw = top1(logits)
     ok = (idx == labels).numpy()
     return {"temperature": round(t, 4), "temperature_source": source, "temperature_fit": {
-        "n": int(len(labels)), "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
+        "n": int(len(labels)),
+        "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
         "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
         "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}}
 

@@ -39,8 +39,8 @@ def _save(fig, out: Path, stem: str) -> list[str]:
 def accuracy_tables(results: dict) -> tuple[str, str]:
     """results: name -> evaluate() output -> (Markdown, LaTeX)."""
     md = ["| model | open | closed | overall | 95 % interval | ECE (calibrated) |", "|---|---|---|---|---|---|"]
-    tex = [r"\begin{tabular}{lrrrrr}", r"\toprule", r"Model & Open & Closed & Overall & 95\,\% interval & ECE (calibrated) \\",
-           r"\midrule"]
+    tex = [r"\begin{tabular}{lrrrrr}", r"\toprule",
+           r"Model & Open & Closed & Overall & 95\,\% interval & ECE (calibrated) \\", r"\midrule"]
     for name, r in results.items():
         lo, hi = r["overall_ci95"]
         md.append(f"| {name} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {lo:.2f}–{hi:.2f} | "

@@ -87,7 +87,8 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
             lines.append(f"Free-form answer (AHead, generated): *{escape_md(a['free_text']) or '—'}*")
         if ground_truth:
             ok = normalize_answer(a["answer"]) == normalize_answer(ground_truth)
-            lines.append(("✅ matches" if ok else "❌ differs from") + f" the ground truth: **{escape_md(ground_truth)}**")
+            lines.append(("✅ matches" if ok else "❌ differs from")
+                         + f" the ground truth: **{escape_md(ground_truth)}**")
         outs += [gr.update(visible=True, value="\n\n".join(lines)),
                  gr.update(visible=True, value=top_k_markdown(a["top_k"])),
                  _cam(ck, im, question, method, None, opacity),

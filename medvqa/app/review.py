@@ -48,7 +48,8 @@ def show(cases, idx, dataset, reviewer, source_id):
         return ["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (3 * N_SLOTS)
     c = cases[idx]
     done = ReviewStore().reviewed(reviewer, source_id) if reviewer.strip() else set()
-    pos = f"**Case {idx + 1} / {len(cases)}** · {len(done)} reviewed by {escape_md(reviewer.strip()) or '(no name yet)'}"
+    who = escape_md(reviewer.strip()) or "(no name yet)"
+    pos = f"**Case {idx + 1} / {len(cases)}** · {len(done)} reviewed by {who}"
     if c["qid"] in done:
         pos += " · ✔ this case is recorded (saving again replaces it)"
     try:

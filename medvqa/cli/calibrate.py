@@ -68,6 +68,7 @@ def register(sub):
     ca.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's own")
     ca.add_argument("--root", type=Path, help="default: the dataset folder the checkpoint was trained on")
     ca.add_argument("--transfer-from", metavar="CHECKPOINT",
-                    help="take T from this checkpoint (the same recipe trained with a held-out slice) instead of fitting")
+                    help="take T from this checkpoint (the same recipe trained with a held-out slice) "
+                         "instead of fitting")
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=cmd_calibrate)

@@ -121,7 +121,8 @@ def cmd_eval(a):
     if p is not None:
         res["calibration"] = {"temperature": p.temperature,
                               "source": p.config.get("temperature_source", "none: never fitted (T = 1)"),
-                              "ece_before": evaluate(split.records, preds, conf_t1).get("ece"), "ece_after": res.get("ece")}
+                              "ece_before": evaluate(split.records, preds, conf_t1).get("ece"),
+                              "ece_after": res.get("ece")}
     if a.swap_images:  # the same questions, each with another image; scored against its own answer
         swapped = p.predict_records(swap_images(split.records), progress=not a.json)[0]
         blind = evaluate(split.records, swapped, None, seen)
