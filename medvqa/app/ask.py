@@ -6,7 +6,8 @@ from __future__ import annotations
 import gradio as gr
 from gradio import FileData
 
-from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title
+from medvqa.app.common import (DATASETS, N_SLOTS, answer_markdown, checkpoints_for, escape_md, examples, model_title,
+                               top_k_markdown)
 from medvqa.data import ImageError, load_image, normalize_answer
 from medvqa.explain import GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, overlay
 from medvqa.predict import Predictor
@@ -81,14 +82,15 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
             outs += [gr.update(visible=False)] * 5
             continue
         ck, a = cks[i], res["models"][cks[i].name]
-        lines = [f"### {model_title(ck)}", f"**{a['answer']}** ({a['score']:.0%})"]
+        lines = [f"### {escape_md(model_title(ck))}", answer_markdown(a)]
         if a.get("free_text") is not None:
-            lines.append(f"Free-form answer (AHead, generated): *{a['free_text'] or '—'}*")
+            lines.append(f"Free-form answer (AHead, generated): *{escape_md(a['free_text']) or '—'}*")
         if ground_truth:
             ok = normalize_answer(a["answer"]) == normalize_answer(ground_truth)
-            lines.append(("✅ matches" if ok else "❌ differs from") + f" the ground truth: **{ground_truth}**")
+            lines.append(("✅ matches" if ok else "❌ differs from")
+                         + f" the ground truth: **{escape_md(ground_truth)}**")
         outs += [gr.update(visible=True, value="\n\n".join(lines)),
-                 gr.update(visible=True, value={t: s for t, s in a["top_k"]}),
+                 gr.update(visible=True, value=top_k_markdown(a["top_k"])),
                  _cam(ck, im, question, method, None, opacity),
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
@@ -131,7 +133,7 @@ def build_tab():
                     for i in range(N_SLOTS):
                         with gr.Column(visible=True):
                             md = gr.Markdown(visible=False)
-                            lab = gr.Label(num_top_classes=5, label="Top answers", visible=False)
+                            lab = gr.Markdown(visible=False)   # calibrated, honestly rounded (never "100 %")
                             cam = gr.Image(label="Saliency", interactive=False, visible=False, height=300)
                             tgt = gr.Dropdown(label="Saliency for answer", visible=False, allow_custom_value=False)
                             near = gr.Gallery(label="Nearest training cases (this model's features)", visible=False,

@@ -2,12 +2,15 @@
 datasets' folder and the safe unpacking of uploaded case zips."""
 from __future__ import annotations
 
+import html
 import json
 import os
+import re
 import tempfile
 import zipfile
 from pathlib import Path
 
+from medvqa.calibration import percent
 from medvqa.data import DataError
 from medvqa.predict import SHIPPED, checkpoints_dir
 
@@ -70,3 +73,27 @@ def unzip_cases(path: str) -> Path:
     if not csvs:
         raise DataError("the zip holds no CSV of image,question,answer rows")
     return csvs[0]
+
+
+def escape_md(text) -> str:
+    """Text from a user or a dataset (question, comment, reviewer name, answer), shown literally in a
+    gr.Markdown: its Markdown punctuation backslash-escaped, then <, > and & as HTML entities."""
+    return html.escape(re.sub(r"([\\`*_{}\[\]()#+\-.!|~$])", r"\\\1", str(text)), quote=False)
+
+
+def answer_markdown(a: dict) -> str:
+    """One model's answer (Answer.to_dict()) as the app shows it: the honest percent, and under the
+    confidence threshold marked uncertain with the runner-up beside it."""
+    line = f"**{escape_md(a['answer'])}** ({percent(a['score'])})"
+    if a["uncertain"] and len(a["top_k"]) > 1:
+        ru, s = a["top_k"][1]
+        line += f" · *uncertain*, runner-up: **{escape_md(ru)}** ({percent(s)})"
+    elif a["uncertain"]:
+        line += " · *uncertain*"
+    return line
+
+
+def top_k_markdown(top_k) -> str:
+    """The top answers with their calibrated probabilities, as a small table."""
+    rows = ["**Top answers**", "", "| answer | probability |", "|---|---|"]
+    return "\n".join(rows + [f"| {escape_md(t)} | {percent(s)} |" for t, s in top_k])

@@ -10,6 +10,7 @@ never shows the old one's points."""
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 from pathlib import Path
 
@@ -47,7 +48,7 @@ def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:
     return {"checkpoint": Path(ckpt).name, "weights": weights_id(ckpt), "dataset": p.config["dataset"], "split": "test", "seed": seed,
             "xy": np.round(xy, 3).tolist(), "labels": labels,
             "silhouette": {c: silhouette(xy, np.array(labels[c])) for c in COLORINGS},
-            "hover": [f"{r.question}<br>answer: {r.answer}" for r in records]}
+            "hover": [f"{html.escape(r.question)}<br>answer: {html.escape(r.answer)}" for r in records]}
 
 
 def load_points(ckpt: Path, root: Path | None = None) -> dict | None:

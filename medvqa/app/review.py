@@ -9,7 +9,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from medvqa.app.common import BUILTIN, DATASETS, N_SLOTS, checkpoints_for, data_root, examples, model_title, unzip_cases
+from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
+                               examples, model_title, unzip_cases)
 from medvqa.data import DataError, ImageError, load_image, load_split
 from medvqa.predict import Predictor
 from medvqa.review import VERDICTS, ReviewStore
@@ -47,7 +48,8 @@ def show(cases, idx, dataset, reviewer, source_id):
         return ["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (3 * N_SLOTS)
     c = cases[idx]
     done = ReviewStore().reviewed(reviewer, source_id) if reviewer.strip() else set()
-    pos = f"**Case {idx + 1} / {len(cases)}** · {len(done)} reviewed by {reviewer.strip() or '(no name yet)'}"
+    who = escape_md(reviewer.strip()) or "(no name yet)"
+    pos = f"**Case {idx + 1} / {len(cases)}** · {len(done)} reviewed by {who}"
     if c["qid"] in done:
         pos += " · ✔ this case is recorded (saving again replaces it)"
     try:
@@ -62,9 +64,9 @@ def show(cases, idx, dataset, reviewer, source_id):
             outs += [gr.update(visible=False)] * 3
             continue
         a = Predictor.load(cks[i]).answer(im, c["question"])
-        outs += [gr.update(visible=True, value=f"**{model_title(cks[i])}**: {a.text} ({a.score:.0%})"),
+        outs += [gr.update(visible=True, value=f"**{escape_md(model_title(cks[i]))}**: {answer_markdown(a.to_dict())}"),
                  gr.update(visible=True, value=None), gr.update(visible=True, value="")]
-    return [pos, im, c["question"], f"Ground truth: **{c['ground_truth'] or '—'}**"] + outs
+    return [pos, im, c["question"], f"Ground truth: **{escape_md(c['ground_truth']) or '—'}**"] + outs
 
 
 def build_tab():
@@ -178,8 +180,8 @@ def summary_markdown(s: dict) -> str:
     if not s["models"]:
         return "*No reviews recorded yet.*"
     lines = ["| model | reviews | agree |", "|---|---|---|"]
-    lines += [f"| {m} | {v['n']} | {v['agree_pct']}% |" for m, v in sorted(s["models"].items())]
+    lines += [f"| {escape_md(m)} | {v['n']} | {v['agree_pct']}% |" for m, v in sorted(s["models"].items())]
     for pair, k in s["kappa"].items():
-        lines.append(f"\nCohen's κ ({pair}, {k['n']} shared items, agree vs not): "
+        lines.append(f"\nCohen's κ ({escape_md(pair)}, {k['n']} shared items, agree vs not): "
                      f"**{'undefined' if k['kappa'] is None else k['kappa']}**")
     return "\n".join(lines)

@@ -10,14 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from medvqa.cli import analysis, data, predict, train
+from medvqa.cli import analysis, calibrate, data, predict, train
 from medvqa.cli.common import is_user_error
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="medvqa", description="Medical VQA: CMI-MTL and CMDPI, with explanations.")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for family in (data, train, predict, analysis):
+    for family in (data, train, calibrate, predict, analysis):
         family.register(sub)
     return p
 

@@ -91,10 +91,12 @@ def _open_answers(source, from_file: bool):
 
 def _answers(a, records, source):
     """Answers of an opened source to `records` -> (qid -> answer, qid -> confidence or None,
-    the Predictor or None)."""
+    the Predictor or None, qid -> confidence before temperature scaling or None); a checkpoint's
+    confidence is calibrated by its temperature, as the app shows it."""
     if isinstance(source, tuple):
-        return *source, None
-    return *source.predict_records(records, progress=not a.json), source
+        return *source, None, None
+    logits = source.logits_records(records, progress=not a.json)
+    return *source.read_logits(records, logits), source, source.read_logits(records, logits, 1.0)[1]
 
 
 def cmd_eval(a):
@@ -112,11 +114,16 @@ def cmd_eval(a):
     _warn_skipped(a.split, split)
     mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
     other = _open_answers(a.against, Path(a.against).is_file()) if a.against else None
-    preds, conf, p = _answers(a, split.records, mine)
+    preds, conf, p, conf_t1 = _answers(a, split.records, mine)
     vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None
     res = evaluate(split.records, preds, conf, seen)
+    if p is not None:
+        res["calibration"] = {"temperature": p.temperature,
+                              "source": p.config.get("temperature_source", "none: never fitted (T = 1)"),
+                              "ece_before": evaluate(split.records, preds, conf_t1).get("ece"),
+                              "ece_after": res.get("ece")}
     if a.swap_images:  # the same questions, each with another image; scored against its own answer
         swapped = p.predict_records(swap_images(split.records), progress=not a.json)[0]
         blind = evaluate(split.records, swapped, None, seen)
@@ -136,7 +143,11 @@ def cmd_eval(a):
     print(f"{a.dataset} {a.split}: open {res['open']:.2f}  closed {res['closed']:.2f}  overall {res['overall']:.2f}"
           f" [95 % CI {lo:.2f}–{hi:.2f}]  (n={res['n']}: {res['n_open']} open / {res['n_closed']} closed)")
     print(f"vocabulary: {res['vocab']} answers ({vocab_name}); {res['oov']} test answers are out of vocabulary")
-    if "ece" in res:
+    if "calibration" in res:
+        c = res["calibration"]
+        print(f"ECE of top-1 confidence: {c['ece_before']:.2f} before temperature scaling, {c['ece_after']:.2f} after "
+              f"(T = {c['temperature']:.4g}; {c['source']})")
+    elif "ece" in res:
         print(f"ECE of top-1 confidence: {res['ece']:.2f}")
     key = {"organ": "by_organ", "question_type": "by_question_type", "seen": "by_seen"}.get(a.by)
 

@@ -9,14 +9,16 @@ from medvqa.cli.common import UserError, print_json
 
 
 def _predict_one(p, a):
+    from medvqa.calibration import percent
 
     ans = p.answer(a.image, a.question, top_k=a.top_k)
     if a.json:
-        print_json({k: v for k, v in ans.to_dict().items() if k in ("answer", "score", "top_k", "free_text", "kind")})
+        print_json({k: v for k, v in ans.to_dict().items()
+                    if k in ("answer", "score", "top_k", "free_text", "kind", "uncertain")})
         return 0
-    print(f"answer: {ans.text}  ({ans.score:.1%})")
+    print(f"answer: {ans.text}  ({percent(ans.score)})" + ("  uncertain" if ans.uncertain else ""))
     for t, s in ans.top_k[1:]:
-        print(f"        {t}  ({s:.1%})")
+        print(f"        {t}  ({percent(s)})")
     if ans.free_text is not None:
         print(f"free-form (AHead, generated): {ans.free_text or '(empty)'}")
     return 0
@@ -53,7 +55,8 @@ def _predict_csv(p, a):
         if good:
             for r, ans in zip(good, p.answer_batch(images, [r["question"] for r in good], top_k=a.top_k)):
                 out_rows.append({**r, "prediction": ans.text, "score": f"{ans.score:.4f}",
-                                 "free_text": ans.free_text or "", "error": ""})
+                                 "uncertain": "yes" if ans.uncertain else "no", "free_text": ans.free_text or "",
+                                 "error": ""})
     keys = list(dict.fromkeys(k for r in out_rows for k in r))
     tmp = Path(a.out).with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:

@@ -90,7 +90,8 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
 def _base_config(a, preset, data, model, **extra) -> dict:
     from medvqa.train.checkpoint import git_revision
 
-    return {"model": a.model, "preset": preset.to_dict(), "dataset": a.dataset, "vocab_protocol": a.vocab,
+    return {"model": a.model, "preset": preset.to_dict(), "dataset": a.dataset, "root": str(a.root),
+            "vocab_protocol": a.vocab,
             "answers": data.vocab.answers, "ahead_vocab": data.ahead_vocab, "selection": data.selection,
             "command": "python -m medvqa " + shlex.join(sys.argv[1:]), "git_revision": git_revision(),
             "n_params": sum(p.numel() for p in model.parameters()), **extra}
@@ -111,12 +112,13 @@ def _load_init(model, init: Path, quiet: bool):
 
 
 def cmd_train(a):
+    from medvqa.calibration import NO_HELD_OUT, fit_report, labels_of, top1
     from medvqa.eval import evaluate
     from medvqa.models.registry import build
     from medvqa.train.checkpoint import load_checkpoint, read_config, save_checkpoint
     from medvqa.train.data import cmdpi_finetune_set, similar_images, text_vocab
     from medvqa.train.samplers import GroupBatchSampler
-    from medvqa.train.trainer import fit, predict_dataset
+    from medvqa.train.trainer import dataset_logits, fit
 
     if a.init and a.model != "cmdpi":
         raise UserError(f"--init is a CMDPI option: --model {a.model} does not take it")
@@ -155,16 +157,21 @@ def cmd_train(a):
     if not (work / "best").is_dir():
         raise UserError("training stopped before the first epoch finished; nothing to save")
     best, _, _ = load_checkpoint(work / "best")
+    if data.val is not None:   # T on the questions selection used, which training never saw; never on test
+        config.update(fit_report(dataset_logits(best, data.val), labels_of(data.val.records, data.vocab),
+                                 f"fitted on {data.selection}: {len(data.val)} questions"))
+    else:
+        config.update(temperature=1.0, temperature_source=NO_HELD_OUT)
     metrics = {"selected_on": data.selection, "best_epoch": res.best.get("epoch"),
                "val_overall": res.best.get("val_overall"), "train_seconds": round(res.seconds, 1),
                "epochs": t.epochs, "skipped_records": len(data.problems)}
     if a.report_test and data.test is not None:   # only when asked: whatever selects a recipe must not see it
-        pred, conf = predict_dataset(best, data.test)
-        ans = data.vocab.answers
-        r = evaluate(data.test.records, {x.qid: ans[i] for x, i in zip(data.test.records, pred.tolist())},
-                     {x.qid: float(c) for x, c in zip(data.test.records, conf.tolist())})
+        logits, recs = dataset_logits(best, data.test), data.test.records
+        preds = {x.qid: data.vocab.answers[i] for x, i in zip(recs, logits.argmax(-1).tolist())}
+        conf = lambda t: {x.qid: float(c) for x, c in zip(recs, top1(logits, t)[1].tolist())}   # qid -> top-1 at T
+        r = evaluate(recs, preds, conf(1.0))
         metrics["test"] = {k: r[k] for k in ("open", "closed", "overall", "n", "ece")} | {
-            "oov": data.vocab.oov(data.test.records)}
+            "ece_calibrated": evaluate(recs, preds, conf(config["temperature"]))["ece"], "oov": data.vocab.oov(recs)}
     if cb and cb.should_stop and cb.should_stop():  # cancelled after the last step, while evaluating
         return 130
     save_checkpoint(Path(a.out), best, config, metrics)

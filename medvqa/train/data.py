@@ -29,19 +29,24 @@ def answer_token_ids(tokenizer, answers, max_len: int) -> dict:
     return {a: tokenizer(a, add_special_tokens=False)["input_ids"][:max_len - 1] + [end] for a in answers}
 
 
+def held_out(loaded: dict, t) -> tuple[list, list, str]:
+    """split name -> Split (train, and validate when the dataset has one), TrainConfig -> (train records,
+    held-out records, their name): what selection and calibration use. Without a validation split
+    (VQA-RAD) a fixed held-out slice of train questions; the test split is never looked at."""
+    train = loaded["train"].records
+    if "validate" in loaded:
+        return train, loaded["validate"].records, "the validation split"
+    train, val = holdout(train, t.val_fraction, t.slice_seed)
+    return train, val, (f"a held-out {t.val_fraction:.0%} of train questions (seed {t.slice_seed})" if val
+                        else "none: all of train, the last epoch of a fixed schedule")
+
+
 def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", cache_root=None,
             progress: bool = True, limit: int | None = None) -> Prepared:
     splits = dataset_splits(dataset, root)
     loaded = {s: load_split(dataset, root, s) for s in splits}
     problems = [f"{s}: {p}" for s, sp in loaded.items() for p in sp.problems]
-    train = loaded["train"].records
-    if "validate" in loaded:
-        val, selection = loaded["validate"].records, "the validation split"
-    else:  # VQA-RAD: a fixed held-out slice of train questions; the test split is never looked at
-        t = preset.train
-        train, val = holdout(train, t.val_fraction, t.slice_seed)
-        selection = (f"a held-out {t.val_fraction:.0%} of train questions (seed {t.slice_seed})" if val
-                     else "none: all of train, the last epoch of a fixed schedule")
+    train, val, selection = held_out(loaded, preset.train)
     test = loaded["test"].records if "test" in loaded else []
     if limit:
         train, val, test = train[:limit], val[:max(1, limit // 4)], test[:max(1, limit // 4)]

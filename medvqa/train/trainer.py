@@ -106,25 +106,21 @@ def _param_groups(model, cfg):
 
 
 @torch.no_grad()
-def predict_dataset(model, ds, device="cpu", batch_size=64) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (top-1 class, top-1 probability) for every item, in order."""
+def dataset_logits(model, ds, device="cpu", batch_size=64) -> torch.Tensor:
+    """(N, C) answer logits of every item, in order. Every model's probabilities are one softmax over
+    the answers (CMI-MTL's BCE-trained head too): medvqa.calibration scales them by the checkpoint's T."""
     model.eval()
-    preds, conf = [], []
+    out = []
     for batch in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
         batch = to_device({k: v for k, v in batch.items() if k != "label"}, device)
-        logits = model(batch)["logits"].float()
-        # BCE-trained heads give independent sigmoids; softmax gives a calibrated-by-design top-1 for both
-        p = logits.softmax(-1)
-        c, i = p.max(-1)
-        preds.append(i.cpu())
-        conf.append(c.cpu())
-    return torch.cat(preds), torch.cat(conf)
+        out.append(model(batch)["logits"].float().cpu())
+    return torch.cat(out)
 
 
 def accuracy(model, ds, device="cpu") -> dict:
     from medvqa.eval import evaluate
 
-    pred, _ = predict_dataset(model, ds, device)
+    pred = dataset_logits(model, ds, device).argmax(-1)   # the top-1 answer, whatever the temperature
     answers = ds.vocab.answers
     return evaluate(ds.records, {r.qid: answers[i] for r, i in zip(ds.records, pred.tolist())})
 

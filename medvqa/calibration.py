@@ -1,0 +1,120 @@
+"""Calibrated confidence: temperature scaling (Guo et al. 2017), ECE and reliability bins.
+
+Every model turns its answer logits into probabilities by one softmax over the vocabulary; the
+shown probability is softmax(logits / T) with one scalar T > 0 per checkpoint, fitted by minimising
+the NLL on held-out questions (the validation split, or the held-out slice of train) — never on test.
+Dividing by T keeps the order of the logits, so the predicted answer never changes.
+T lives in the checkpoint's config.json (`temperature`, `temperature_source`, `temperature_fit`).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+N_BINS = 15               # ECE and reliability diagrams: equal-width confidence bins over [0, 1]
+UNCERTAIN_BELOW = 0.5     # a calibrated top-1 probability under this is shown as "uncertain", with the runner-up
+NO_HELD_OUT = ("none: trained on all of train, so no held-out questions are left to fit T on "
+               "(`medvqa calibrate --transfer-from` carries the T of the same recipe trained with a held-out slice)")
+
+
+def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """(…, C) logits -> (…, C) softmax(logits / T)."""
+    return (logits.float() / temperature).softmax(-1)
+
+
+def top1(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, C) logits -> (N,) predicted class, (N,) its probability at temperature T."""
+    conf, idx = probabilities(logits, temperature).max(-1)
+    return idx, conf
+
+
+def expected_calibration_error(confidence, correct, n_bins: int = N_BINS) -> float:
+    """ECE of the top-1 confidence, equal-width bins over [0, 1], in percent."""
+    conf = np.asarray(confidence, dtype=np.float64)
+    ok = np.asarray(correct, dtype=np.float64)
+    if conf.size == 0:
+        return float("nan")
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    ece = 0.0
+    for b in range(n_bins):
+        m = bins == b
+        if m.any():
+            ece += m.mean() * abs(ok[m].mean() - conf[m].mean())
+    return 100.0 * ece
+
+
+def reliability_bins(confidence, correct, n_bins: int = N_BINS) -> list[dict]:
+    """Per-bin (mean confidence, accuracy, count) for a reliability diagram."""
+    conf, ok = np.asarray(confidence, float), np.asarray(correct, float)
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    return [{"bin": b, "confidence": float(conf[bins == b].mean()), "accuracy": float(ok[bins == b].mean()),
+             "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
+
+
+def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
+    """Mean negative log-likelihood of the true answers at temperature T (labels -1, out of vocabulary, left out)."""
+    keep = labels >= 0
+    return float(F.cross_entropy(logits[keep].float() / temperature, labels[keep]))
+
+
+def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """The T > 0 minimising the mean NLL of softmax(logits / T) on (N, C) logits and (N,) labels.
+    The NLL is convex in 1 / T, so L-BFGS on log T finds the one minimum."""
+    keep = labels >= 0
+    z, y = logits[keep].float(), labels[keep]
+    if not len(y):
+        raise ValueError("no held-out question has an answer in the model's vocabulary: nothing to fit T on")
+    log_t = torch.zeros((), requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.5, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return float(log_t.detach().exp())
+
+
+def labels_of(records, vocab) -> torch.Tensor:
+    """(N,) answer indices of dataset records, -1 where the answer is not in the vocabulary."""
+    return torch.tensor([vocab.encode(r.answer_norm) for r in records], dtype=torch.long)
+
+
+def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str) -> dict:
+    """Fit T on held-out (logits, labels) -> the config.json entries, with the NLL and ECE it moved
+    on those same questions (a check that the fit did something, not a test result)."""
+    t = fit_temperature(logits, labels)
+    idx, raw = top1(logits)
+    ok = (idx == labels).numpy()
+    return {"temperature": round(t, 4), "temperature_source": source, "temperature_fit": {
+        "n": int(len(labels)),
+        "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
+        "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
+        "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}}
+
+
+def write_temperature(ckpt: Path, entries: dict) -> dict:
+    """Put `entries` (temperature, temperature_source, temperature_fit) into `ckpt`/config.json,
+    keeping every other key: written to a temporary file beside it, then swapped in whole."""
+    path = Path(ckpt) / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.pop("temperature_fit", None)   # a transferred T has no fit of its own; an older fit must not stay
+    cfg.update(entries)
+    tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(cfg, indent=1))
+    os.replace(tmp, path)
+    return cfg
+
+
+def percent(p: float) -> str:
+    """A probability as the app shows it: whole percent, never "100 %" nor "0 %" (rounding would claim certainty)."""
+    v = round(100 * float(p))
+    return "> 99 %" if v >= 100 else "< 1 %" if v <= 0 else f"{v} %"

@@ -1,0 +1,74 @@
+"""`calibrate`: the temperature T of a checkpoint's confidences (medvqa.calibration), into its config.json."""
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from medvqa.cli.common import UserError, print_json
+
+
+def _recorded_root(cfg: dict):
+    """The dataset folder the checkpoint was trained on: `root` in its config.json, else the --root of
+    its training command (older checkpoints; relative to where it ran), or None."""
+    if "root" in cfg:
+        return Path(cfg["root"])
+    argv = shlex.split(cfg.get("command", ""))
+    return Path(argv[argv.index("--root") + 1]) if "--root" in argv[:-1] else None
+
+
+def cmd_calibrate(a):
+    """Fit T on held-out questions the checkpoint never trained on (the validation split, or its own
+    held-out slice of train), or carry T over from a checkpoint of the same recipe trained with a
+    held-out slice (--transfer-from); write it into the checkpoint's config.json."""
+    from medvqa.calibration import fit_report, labels_of, write_temperature
+    from medvqa.config import preset_from_dict
+    from medvqa.data import dataset_splits, load_split
+    from medvqa.predict import Predictor, resolve_checkpoint
+    from medvqa.train.checkpoint import read_config
+    from medvqa.train.data import held_out
+
+    ckpt = resolve_checkpoint(a.checkpoint)
+    cfg = read_config(ckpt)
+    if a.transfer_from:
+        src = read_config(resolve_checkpoint(a.transfer_from))
+        if "temperature_fit" not in src:
+            raise UserError(f"--transfer-from {a.transfer_from}: its temperature was not fitted on held-out questions")
+        entries = {"temperature": src["temperature"], "temperature_source": f"transferred from "
+                   f"{Path(a.transfer_from).name} ({src['model']} on {src['dataset']}; {src['temperature_source']})"}
+    else:
+        dataset, root = a.dataset or cfg["dataset"], a.root or _recorded_root(cfg)
+        if root is None or not Path(root).exists():
+            raise UserError(f"give --root, the {dataset} folder" + (f" ({root} is not here)" if root else ""))
+        loaded = {s: load_split(dataset, root, s) for s in ("train", "validate") if s in dataset_splits(dataset, root)}
+        _, recs, name = held_out(loaded, preset_from_dict(cfg["preset"]).train)
+        if not recs:
+            raise UserError(f"{ckpt.name} was trained on all of train and {dataset} has no validation split: no "
+                            "held-out questions; fit T on the same recipe trained with a held-out slice, then "
+                            "--transfer-from it")
+        p = Predictor.load(ckpt)
+        entries = fit_report(p.logits_records(recs, progress=not a.json), labels_of(recs, p.vocab),
+                             f"fitted on {name} of {dataset}: {len(recs)} questions")
+    write_temperature(ckpt, entries)
+    if a.json:
+        print_json(entries)
+    else:
+        fit = entries.get("temperature_fit")
+        print(f"{ckpt}: T = {entries['temperature']:.4f}, {entries['temperature_source']}" + (
+            f"; on those questions NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, "
+            f"ECE {fit['ece_before']:.2f} -> {fit['ece_after']:.2f}" if fit else ""))
+    return 0
+
+
+def register(sub):
+    from medvqa.data.datasets import DATASETS
+
+    ca = sub.add_parser("calibrate", help="fit the temperature T of a checkpoint's confidences on held-out questions "
+                                          "(never test) and store it in its config.json")
+    ca.add_argument("--checkpoint", required=True)
+    ca.add_argument("--dataset", choices=sorted(DATASETS), help="default: the checkpoint's own")
+    ca.add_argument("--root", type=Path, help="default: the dataset folder the checkpoint was trained on")
+    ca.add_argument("--transfer-from", metavar="CHECKPOINT",
+                    help="take T from this checkpoint (the same recipe trained with a held-out slice) "
+                         "instead of fitting")
+    ca.add_argument("--json", action="store_true")
+    ca.set_defaults(func=cmd_calibrate)

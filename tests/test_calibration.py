@@ -1,0 +1,138 @@
+"""Temperature scaling: the fit, its storage in config.json, the Predictor applying it, the CLI, and
+how the app shows probabilities (never "100 %", uncertain answers with their runner-up)."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from medvqa.calibration import (expected_calibration_error, fit_temperature, nll, percent, probabilities, top1,
+                                write_temperature)
+from medvqa.cli import main
+from tests.helpers import make_cases_csv, tiny_checkpoint
+
+
+def _overconfident(n=4000, c=6, sharpen=4.0, seed=0):
+    """Labels drawn from softmax(z): softmax(z) is calibrated by construction, so a model that
+    answers with sharpen * z is overconfident, and T = sharpen undoes it."""
+    g = torch.Generator().manual_seed(seed)
+    z = 1.5 * torch.randn(n, c, generator=g)                                      # (N, C)
+    labels = torch.multinomial(z.softmax(-1), 1, generator=g).squeeze(1)          # (N,)
+    return sharpen * z, labels
+
+
+def test_fit_on_an_overconfident_model_lowers_ece_and_keeps_the_argmax():
+    logits, labels = _overconfident()
+    t = fit_temperature(logits, labels)
+    assert t == pytest.approx(4.0, rel=0.1)
+    idx1, conf1 = top1(logits)
+    idx_t, conf_t = top1(logits, t)
+    assert torch.equal(idx1, idx_t)                                               # no answer changes
+    ok = (idx1 == labels).numpy()
+    before, after = expected_calibration_error(conf1.numpy(), ok), expected_calibration_error(conf_t.numpy(), ok)
+    assert before > 20 and after < 3 and after < before / 5
+    assert nll(logits, labels, t) < nll(logits, labels)
+
+
+def test_fit_finds_an_underconfident_model_too_and_skips_unknown_answers():
+    logits, labels = _overconfident(sharpen=0.5)
+    labels[:100] = -1                                                             # out of vocabulary: left out
+    assert fit_temperature(logits, labels) == pytest.approx(0.5, rel=0.1)
+    with pytest.raises(ValueError, match="nothing to fit T on"):
+        fit_temperature(logits[:3], torch.full((3,), -1))
+
+
+def test_percent_never_claims_certainty():
+    assert [percent(p) for p in (1.0, 0.9996, 0.995, 0.994, 0.5, 0.012, 0.004, 0.0)] == [
+        "> 99 %", "> 99 %", "> 99 %", "99 %", "50 %", "1 %", "< 1 %", "< 1 %"]
+
+
+def test_stored_temperature_is_applied_after_reload(tmp_path):
+    from medvqa.predict import Predictor
+
+    ck = tiny_checkpoint(tmp_path, "baseline")
+    im = Image.new("RGB", (40, 40), (90, 90, 90))
+    q = "Is there a fracture?"
+    raw = Predictor.load(ck).probs([im], [q])[0]                                  # (C,) at T = 1
+    Predictor._cache.clear()
+    before = json.loads((ck / "config.json").read_text())
+    write_temperature(ck, {"temperature": 3.0, "temperature_source": "unit test"})
+    after = json.loads((ck / "config.json").read_text())
+    assert after == before | {"temperature": 3.0, "temperature_source": "unit test"}   # other keys kept
+    assert not list(ck.glob(".config.json.tmp*"))                                 # written whole, nothing left over
+    p = Predictor.load(ck)
+    assert p.temperature == 3.0
+    a = p.answer(im, q, top_k=4)
+    expected = probabilities(raw.log(), 3.0)                                      # softmax(log p / T) = softmax(z / T)
+    assert a.text == p.vocab.answers[int(raw.argmax())]
+    assert a.score == pytest.approx(float(expected.max()), abs=1e-4) and a.score < float(raw.max())
+    assert [s for _, s in a.top_k] == pytest.approx(expected.sort(descending=True).values.tolist(), abs=1e-4)
+    assert torch.allclose(p.probs([im], [q])[0], raw, atol=1e-6)                  # the model's own softmax stays T = 1
+    Predictor._cache.clear()
+
+
+def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsys):
+    """`train` fits T on its held-out slice; `calibrate` refits the same T; a refit on all of train
+    has no held-out questions (one-line error) and takes T from the held-out run instead."""
+    from medvqa.predict import Predictor
+
+    make_cases_csv(tmp_path / "data", 24, n_test=8)
+    common = ["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder",
+              "--root", str(tmp_path / "data"), "--epochs", "4", "--report-test", "--json"]
+    assert main(common + ["--out", str(tmp_path / "held"), "--workdir", str(tmp_path / "r1"), "--val-fraction", "0.25"]) == 0
+    m = json.loads(capsys.readouterr().out)
+    cfg = json.loads((tmp_path / "held" / "config.json").read_text())
+    assert cfg["temperature"] > 0 and cfg["temperature_fit"]["n"] == 4
+    assert cfg["temperature_source"] == "fitted on a held-out 25% of train questions (seed 0): 4 questions"
+    assert "ece_calibrated" in m["test"] and "ece" in m["test"]
+    t_train = cfg["temperature"]
+    cfg["temperature"] = 1.0
+    (tmp_path / "held" / "config.json").write_text(json.dumps(cfg))
+    Predictor._cache.clear()
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--json"]) == 0    # root from the train command
+    assert json.loads(capsys.readouterr().out)["temperature"] == pytest.approx(t_train, abs=1e-3)
+
+    assert main(common + ["--out", str(tmp_path / "all"), "--workdir", str(tmp_path / "r0"), "--val-fraction", "0"]) == 0
+    capsys.readouterr()
+    assert json.loads((tmp_path / "all" / "config.json").read_text())["temperature"] == 1.0
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "all")]) == 2
+    err = capsys.readouterr().err
+    assert "no held-out questions" in err and err.strip().count("\n") == 0
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "all"), "--transfer-from", str(tmp_path / "held")]) == 0
+    moved = json.loads((tmp_path / "all" / "config.json").read_text())
+    assert moved["temperature"] == json.loads((tmp_path / "held" / "config.json").read_text())["temperature"]
+    assert moved["temperature_source"].startswith("transferred from held (baseline on folder; fitted on a held-out 25%")
+    assert "temperature_fit" not in moved
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--transfer-from", str(tmp_path / "all")]) == 2
+    Predictor._cache.clear()
+
+
+def test_eval_reports_ece_before_and_after_with_the_same_accuracy(tmp_path, capsys):
+    from medvqa.predict import Predictor
+
+    make_cases_csv(tmp_path / "data", 16)
+    ck = tiny_checkpoint(tmp_path, "baseline", steps=20)
+    args = ["eval", "--checkpoint", str(ck), "--dataset", "folder", "--root", str(tmp_path / "data"), "--split", "train"]
+    assert main(args + ["--json"]) == 0
+    r1 = json.loads(capsys.readouterr().out)
+    assert r1["calibration"]["temperature"] == 1.0 and r1["calibration"]["ece_before"] == r1["calibration"]["ece_after"]
+    write_temperature(ck, {"temperature": 0.25, "temperature_source": "unit test"})
+    Predictor._cache.clear()
+    assert main(args + ["--json"]) == 0
+    r2 = json.loads(capsys.readouterr().out)
+    assert r2["overall"] == r1["overall"] and r2["calibration"]["ece_before"] == r1["ece"]
+    assert r2["ece"] == r2["calibration"]["ece_after"] != r1["ece"]
+    assert main(args) == 0
+    assert "before temperature scaling" in capsys.readouterr().out
+    Predictor._cache.clear()
+
+
+def test_the_app_marks_uncertain_answers_and_names_the_runner_up():
+    from medvqa.app.common import answer_markdown, top_k_markdown
+
+    sure = {"answer": "yes", "score": 0.9991, "top_k": [["yes", 0.9991], ["no", 0.0009]], "uncertain": False}
+    unsure = {"answer": "no", "score": 0.42, "top_k": [["no", 0.42], ["yes", 0.40]], "uncertain": True}
+    assert answer_markdown(sure) == "**yes** (> 99 %)"
+    assert answer_markdown(unsure) == "**no** (42 %) · *uncertain*, runner-up: **yes** (40 %)"
+    table = top_k_markdown(sure["top_k"])
+    assert "| yes | > 99 % |" in table and "| no | < 1 % |" in table and "100" not in table
