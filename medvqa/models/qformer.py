@@ -45,7 +45,7 @@ class QQFormer(nn.Module):
         self.use_text = use_text
 
     def forward(self, v, t, t_pad):
-        """v: (B, N, d) image tokens, t: (B, L, d) question tokens -> z: (B, K, d)."""
+        """v: (B, N, d) image tokens, t: (B, L, d) question tokens or None (the image-only reading) -> z: (B, K, d)."""
         return self._run(v, t, t_pad)[0]
 
     def image_attention(self, v, t, t_pad):
