@@ -253,12 +253,11 @@ def test_cmcl_positives_need_the_image(data):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    model.eval()
 
-    def sim(b):
+    def sim(b):  # CMCL's z exists in training only; without dropout the pass is deterministic
         with torch.no_grad():
             f = model.forward_features(b)
-            return model.cmcl_logits(model.cmcl_queries(f["v"]), f["t_fvta"])     # (B, B)
+            return model.cmcl_logits(f["z_fvta"], f["t_fvta"])                       # (B, B)
 
     s = sim(batch)
     pos, neg = s.diag().mean(), s[~torch.eye(len(s), dtype=torch.bool)].mean()
@@ -297,3 +296,21 @@ def test_forward_is_forward_features_then_forward_head(tmp_path, name):
     with torch.no_grad():
         out, fused = model(b), model.forward_features(b)["fused"]
         assert torch.equal(out["fused"], fused) and torch.equal(out["logits"], model.forward_head(fused))
+
+
+def test_unimodal_queries_ride_the_same_pass(data):
+    """The image-only queries CMCL reads are those of a QQ-Former pass without the question, and the
+    question-aware queries are unchanged by their company (one pass, block mask)."""
+    preset, enc, recs, vocab, ds, av = data
+    p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, qqformer_layers=2))
+    qq = build("cmi-mtl", p, len(vocab), ahead_vocab=av).qqformer.eval()
+    b = _cmcl_pairs()
+    v, t = b["image_tokens"], b["text_tokens"]
+    t_pad = torch.zeros(t.shape[:2], dtype=torch.bool)
+    t_pad[:3, -2:] = True                                                          # some question padding
+    with torch.no_grad():
+        z, z_v = qq(v, t, t_pad, unimodal=True)
+        torch.testing.assert_close(z, qq(v, t, t_pad), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z_v, qq(v, None, None), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z_v, qq(v, t.flip(0), t_pad.flip(0), unimodal=True)[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(z, z_v, atol=1e-3)

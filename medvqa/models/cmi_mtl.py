@@ -5,7 +5,7 @@ open. The backbones stay outside (medvqa.models.encoders): this module takes the
 trains from the feature cache and runs behind Grad-CAM the same way.
 
     V (B, N, Di), T (B, L, Dt) ─proj→ QQ-Former → z (B, K, d) ──┐
-      QQ-Former on V alone → z_v (B, K, d); CMCL(z_v, T[:, 0]) ─┤  L_vtc (training only)
+     its queries with T masked out → z_v; CMCL(z_v, T[:, 0]) ───┤  L_vtc (training only)
     z' = LN(z), t' = LN(T) → CrossMambaBlock ×2 → z'', t''      │
     x^f = [tanh(W_t mean t'') ; tanh(W_z mean z'')] → classifier │  L_cls
     [t'' ; z''] ⊙ [M_t ; M_z] → T5 AHead (open questions only)   │  L_aux
@@ -202,7 +202,16 @@ class CMIMTL(nn.Module):
         t_pad = batch["text_mask"] == 0                                          # (B, L)
         # a frozen sentence encoder's trained vector is its token mean: s = proj_t(MiniLM's pooled vector)
         s_vec = masked_mean(t, t_pad)                                            # (B, d), before any fusion
-        z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
+        # CMCL contrasts queries that never saw the question (BLIP-2's unimodal mask for ITC): contrasting the
+        # question-aware queries with that same question is solved by copying the question into z, which
+        # aligns nothing. The question-aware z feeds the fusion; z_fvta is a training-only by-product.
+        cmcl = self.use_cmcl and self.training
+        if not self.use_qqformer:
+            z = z_fvta = pool_patch_grid(v, self.pool_size)                      # (B, 1+pool², d)
+        elif cmcl:
+            z, z_fvta = self.qqformer(v, t, t_pad, unimodal=True)                # (B, K, d) ×2
+        else:
+            z, z_fvta = self.qqformer(v, t, t_pad), None                         # (B, K, d)
         t_fvta = s_vec if self.cfg.cmcl_anchor == "pooled" else t[:, 0]            # (B, d)
         for block in self.fusion:
             z, t = block(z, t, t_pad)
@@ -224,7 +233,7 @@ class CMIMTL(nn.Module):
         x_vec = torch.cat(x_vec, -1)                                             # (B, 2d|3d)
         x_seq = torch.cat([t, z], 1)                                             # (B, L+K, d)
         seq_pad = torch.cat([t_pad, torch.zeros_like(z[..., 0], dtype=torch.bool)], 1)
-        return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "v": v, "t_fvta": t_fvta}
+        return {"fused": x_vec, "x_seq": x_seq, "seq_pad": seq_pad, "z_fvta": z_fvta, "t_fvta": t_fvta}
 
     def forward_head(self, fused):
         return self.classifier(fused)                                            # (B, C)
@@ -236,13 +245,6 @@ class CMIMTL(nn.Module):
         return self.qqformer.image_attention(v, t, batch["text_mask"] == 0)
 
     # -- losses ---------------------------------------------------------------------------------
-    def cmcl_queries(self, v):
-        """CMCL's z (B, K, d) from the projected image tokens v (B, 1+N, d): a QQ-Former pass whose
-        queries do not see the question — BLIP-2's unimodal mask for ITC. Contrasting the
-        question-aware queries with that same question is solved by copying the question into z,
-        which aligns nothing; the question-aware pass feeds the fusion."""
-        return self.qqformer(v, None, None) if self.use_qqformer else pool_patch_grid(v, self.pool_size)
-
     def cmcl_logits(self, z, t_first):
         """s(i, j) = max_k cos(z_ik, t_j) / τ in the 256-d contrast space: z (B, K, d), t_first (B, d) -> (B, B)."""
         zq = F.normalize(self.vision_proj(z), dim=-1)                            # (B, K, c)
@@ -275,7 +277,7 @@ class CMIMTL(nn.Module):
             bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
             out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
         if self.use_cmcl and self.training and len(y) > 1:
-            out["losses"]["vtc"] = self.cmcl_loss(self.cmcl_queries(f["v"]), f["t_fvta"], batch["image_id"])
+            out["losses"]["vtc"] = self.cmcl_loss(f["z_fvta"], f["t_fvta"], batch["image_id"])
         if self.use_ahead and self.training:
             o = batch["is_open"]
             out["losses"]["aux"] = (self.ahead(f["x_seq"][o], f["seq_pad"][o], batch["answer_ids"][o]) if o.any()
