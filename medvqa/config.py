@@ -18,7 +18,7 @@ class EncoderConfig:
     image_dim: int = 384              # width of the image tokens
     text_dim: int = 384               # width of the text tokens
     max_question_len: int = 40
-    # random encoders (tiny preset) only
+    # random encoders only (the tiny preset; hub backbones built with Encoders(pretrained=False))
     random_layers: int = 2
     random_patch: int = 8
 

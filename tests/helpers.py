@@ -47,9 +47,10 @@ def make_cases_csv(root: Path, n: int = 16, extra: tuple = (), n_test: int = 0) 
     return root / "cases.csv"
 
 
-def tiny_data(tmp: Path, n: int = 16):
-    preset = get_preset("tiny")
-    enc = Encoders(preset.encoders)
+def tiny_data(tmp: Path, n: int = 16, preset=None, encoders=None):
+    """Cached features of n synthetic cases (the tiny preset and its encoders unless given)."""
+    preset = preset or get_preset("tiny")
+    enc = encoders or Encoders(preset.encoders)
     recs = make_cases(tmp / "imgs", n)
     vocab = AnswerVocab.build(recs)
     cache = FeatureCache(enc, root=tmp / "cache", progress=False)

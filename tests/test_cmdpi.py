@@ -11,7 +11,7 @@ import torch
 from helpers import batch_of, tiny_data
 from medvqa.data.captions import pseudo_captions, read_captions_jsonl
 from medvqa.data.cache import FeatureCache
-from medvqa.models.cmdpi import ABLATIONS, random_mask
+from medvqa.models.cmdpi import ABLATIONS, contra, random_mask
 from medvqa.models.registry import build
 from medvqa.train.data import attach_pixels, pixel_size, similar_images, text_vocab
 from medvqa.train.samplers import GroupBatchSampler
@@ -166,3 +166,34 @@ def test_pseudo_captions_and_jsonl(tmp_path, data):
                  json.dumps({"image": "missing.png", "caption": "x"}) + "\n")
     recs, problems = read_captions_jsonl(f)
     assert len(recs) == 1 and len(problems) == 2 and "line 2" in problems[0]
+
+
+def test_identical_captions_are_not_each_others_negatives(data):
+    """Rows with the same caption text (most pseudo-captions are a few strings) are masked out of
+    C_inter's and the text half of C_intra's negatives: with one caption for every row nothing is
+    left to contrast, and those terms are exactly 0; with distinct ids they are not."""
+    preset, ds, vocab = data
+    ids = [ds[i]["text_id"] for i in range(len(ds))]
+    same_text = [(ds.records[i].question == ds.records[j].question) == (ids[i] == ids[j])
+                 for i in range(len(ds)) for j in range(len(ds))]
+    assert all(same_text) and len(set(ids)) < len(ids)
+    m = _model(preset, vocab, ds, "pretrain", ["intra"]).train()
+    b = _caption_batch(ds)
+    for k in ("text_tokens", "text_mask", "input_ids"):
+        b[k] = b[k][:1].expand_as(b[k]).clone()                      # every row the first row's caption
+    b["text_id"][:] = b["text_id"][0]
+    torch.manual_seed(0)
+    assert m(b)["losses"]["inter"].item() == 0.0
+    torch.manual_seed(0)
+    assert m({**b, "text_id": torch.arange(len(b["text_id"]))})["losses"]["inter"].item() > 0.1
+    m = _model(preset, vocab, ds, "pretrain", ["inter"]).train()
+    intra = []
+    for text_id in (b["text_id"], torch.arange(len(b["text_id"]))):
+        torch.manual_seed(0)
+        intra.append(m({**b, "text_id": text_id})["losses"]["intra"].item())
+    assert intra[1] > intra[0] + 0.1                                  # the text term alone went to 0
+    a, t = torch.randn(4, 8), torch.randn(4, 8)
+    logits = torch.nn.functional.normalize(a, dim=-1) @ torch.nn.functional.normalize(t, dim=-1).t() / 0.1
+    want = -(logits.diag() - torch.stack([logits[0, [0, 2, 3]].logsumexp(0), logits[1, [1, 2, 3]].logsumexp(0),
+                                          logits[2].logsumexp(0), logits[3].logsumexp(0)])).mean()
+    torch.testing.assert_close(contra(a, t, 0.1, torch.tensor([5, 5, 6, 7])), want)

@@ -1,3 +1,5 @@
+import dataclasses
+
 import pytest
 import torch
 
@@ -144,3 +146,92 @@ def test_build_refuses_a_misspelt_keyword(data):
     with pytest.raises(TypeError, match="ahead_vocb"):
         build("cmi-mtl", preset, len(vocab), ahead_vocb=av)
     assert build("baseline", preset, len(vocab), ahead_vocab=av, text_vocab=[0, 1]).has_query_attention
+
+
+def _cmcl_pairs(B=8, N=1 + 64, L=6, D=64, seed=0):
+    """B distinct (image, question) pairs of random tiny-width tokens, one question per image, no open answer."""
+    g = torch.Generator().manual_seed(seed)
+    return {"image_tokens": torch.randn(B, N, D, generator=g), "text_tokens": torch.randn(B, L, D, generator=g),
+            "text_mask": torch.ones(B, L, dtype=torch.long), "label": torch.zeros(B, dtype=torch.long),
+            "image_id": torch.arange(B), "is_open": torch.zeros(B, dtype=torch.bool),
+            "answer_ids": torch.zeros(B, 1, dtype=torch.long)}
+
+
+def test_cmcl_positives_need_the_image(data):
+    """Trained on L_vtc alone, CMCL must align image and question: with the images of the batch
+    permuted, the positives' similarity falls at least halfway to the negatives'. (When z came from
+    the question-aware queries, the loss was solved by copying the question into z and the
+    positives stayed as similar with another image.)"""
+    preset, enc, recs, vocab, ds, av = data
+    p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, dropout=0.0))
+    torch.manual_seed(0)
+    model = build("cmi-mtl", p, len(vocab), ahead_vocab=av)
+    batch = _cmcl_pairs()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        loss = model(batch)["losses"]["vtc"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def sim(b):  # CMCL's z exists in training only; without dropout the pass is deterministic
+        with torch.no_grad():
+            f = model.forward_features(b)
+            return model.cmcl_logits(f["z_fvta"], f["t_fvta"])                       # (B, B)
+
+    s = sim(batch)
+    pos, neg = s.diag().mean(), s[~torch.eye(len(s), dtype=torch.bool)].mean()
+    swapped = sim({**batch, "image_tokens": batch["image_tokens"].roll(1, 0)}).diag().mean()
+    assert pos > neg + 1.0                                                      # the loss was learnt
+    assert swapped < (pos + neg) / 2, (pos.item(), swapped.item(), neg.item())
+
+
+def test_ahead_mask_weights_keep_their_position_meaning(data):
+    """M_t[j] scales question token j and M_z[k] image token k whatever the batch's padded length
+    (position-indexed, M scaled the queries by weights that moved with the padding)."""
+    preset, enc, recs, vocab, ds, av = data
+    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()
+    with torch.no_grad():
+        model.ahead.M.uniform_(0.5, 1.5)
+        batch = batch_of(ds)
+        B, L, D = batch["text_tokens"].shape
+        longer = {**batch, "text_tokens": torch.cat([batch["text_tokens"], torch.randn(B, 3, D)], 1),
+                  "text_mask": torch.cat([batch["text_mask"], torch.zeros(B, 3, dtype=torch.long)], 1)}
+        emb, att = model.ahead._inputs(*(model.forward_features(batch)[k] for k in ("x_seq", "seq_pad")))
+        emb2, att2 = model.ahead._inputs(*(model.forward_features(longer)[k] for k in ("x_seq", "seq_pad")))
+    K = preset.cmi_mtl.n_queries
+    assert emb2.shape[1] == emb.shape[1] + 3 and torch.equal(att2[:, L:L + 3], torch.zeros(B, 3, dtype=att2.dtype))
+    real = att.bool()
+    torch.testing.assert_close(emb[:, :L][real[:, :L]], emb2[:, :L][real[:, :L]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(emb[:, L:], emb2[:, L + 3:], atol=1e-5, rtol=1e-5)      # the K image tokens
+    assert emb.shape[1] == L + K
+
+
+@pytest.mark.parametrize("name", ["cmi-mtl", "cmdpi", "baseline"])
+def test_forward_is_forward_features_then_forward_head(tmp_path, name):
+    """One path for every model: logits = forward_head(forward_features(batch)["fused"]), and the
+    `fused` the Predictor indexes (nearest cases, UMAP) is that same vector."""
+    model, _, _ = load_checkpoint(tiny_checkpoint(tmp_path, name))
+    b = batch_of(tiny_data(tmp_path)[4])
+    with torch.no_grad():
+        out, fused = model(b), model.forward_features(b)["fused"]
+        assert torch.equal(out["fused"], fused) and torch.equal(out["logits"], model.forward_head(fused))
+
+
+def test_unimodal_queries_ride_the_same_pass(data):
+    """The image-only queries CMCL reads are those of a QQ-Former pass without the question, and the
+    question-aware queries are unchanged by their company (one pass, block mask)."""
+    preset, enc, recs, vocab, ds, av = data
+    p = dataclasses.replace(preset, cmi_mtl=dataclasses.replace(preset.cmi_mtl, qqformer_layers=2))
+    qq = build("cmi-mtl", p, len(vocab), ahead_vocab=av).qqformer.eval()
+    b = _cmcl_pairs()
+    v, t = b["image_tokens"], b["text_tokens"]
+    t_pad = torch.zeros(t.shape[:2], dtype=torch.bool)
+    t_pad[:3, -2:] = True                                                          # some question padding
+    with torch.no_grad():
+        z, z_v = qq(v, t, t_pad, unimodal=True)
+        torch.testing.assert_close(z, qq(v, t, t_pad), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z_v, qq(v, None, None), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(z_v, qq(v, t.flip(0), t_pad.flip(0), unimodal=True)[1], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(z, z_v, atol=1e-3)

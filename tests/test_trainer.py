@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from medvqa.models.registry import build
@@ -100,3 +101,34 @@ def test_ema_is_what_is_selected_saved_and_resumed(tmp_path):
     fit(build("baseline", preset, len(vocab)), ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
     st2 = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
     assert st2["ema"]["n"] == 2 * st["ema"]["n"]
+
+
+@pytest.mark.parametrize("name", ["cmi-mtl", "cmdpi", "baseline"])
+def test_weight_decay_only_on_linear_weights(tmp_path, name):
+    """Decay reaches the weight matrices of linear maps and nothing else: not biases or norms, nor
+    A_log, D, conv1d, the QQ-Former queries, embeddings, learned tokens, M or τ."""
+    from medvqa.config import TrainConfig
+    from medvqa.train.data import text_vocab
+    from medvqa.train.trainer import _param_groups
+
+    preset, enc, recs, vocab, ds, av = tiny_data(tmp_path)
+    model = build(name, preset, len(vocab), ahead_vocab=av, text_vocab=text_vocab([ds]))
+    groups = _param_groups(model, TrainConfig(weight_decay=0.1))
+    wd = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(wd) == len(named)
+    decayed = {n for n, p in named.items() if wd[id(p)] > 0}
+    norms = {f"{m_name}.{n}" for m_name, m in model.named_modules() if "Norm" in type(m).__name__
+             for n, _ in m.named_parameters(recurse=False)}
+    never = ("bias", ".A_log", ".D", "conv1d.weight", "queries", "shared.weight", "relative_attention_bias.weight",
+             ".M", "log_tau", ".pos", "mask_token", "answer_slot", "h_tilde")
+    assert decayed and not [n for n in decayed if n.endswith(never) or n in norms]
+    linear = {n for m_name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+              for n in [f"{m_name}.weight"] if n in named and "shared" not in n}
+    assert linear <= decayed                                                  # every projection is decayed
+    if name == "cmi-mtl":
+        assert {"qqformer.queries", "fusion.0.mamba.A_log", "fusion.0.mamba.conv1d.weight", "ahead.M",
+                "ahead.t5.shared.weight"} <= set(named) - decayed
+        assert "qqformer.layers.0.self_attn.in_proj_weight" in decayed
+    if name == "cmdpi":
+        assert {"recnet.pos", "image_encoder.mask_token"} <= set(named) - decayed

@@ -23,6 +23,7 @@ class FeatureDataset(Dataset):
         # set together by medvqa.train.data.attach_pixels.
         self.pixels, self.pixel_views = None, []
         self.image_index = {p: i for i, p in enumerate(sorted({r.image for r in records}))}
+        self.text_index = {q: i for i, q in enumerate(sorted({r.question for r in records}))}   # identical text, one id
 
     def __len__(self):
         return len(self.records)
@@ -43,6 +44,7 @@ class FeatureDataset(Dataset):
             "answer": normalize_answer(r.answer),
             "answer_ids": self.answer_ids.get(r.answer_norm, [0]),
             "image_id": self.image_index[r.image],
+            "text_id": self.text_index[r.question],
             "is_caption": bool(r.extra.get("caption")),
         }
         if self.pixels is not None:
@@ -77,6 +79,7 @@ def collate(items: list[dict]) -> dict:
         "answer": [it["answer"] for it in items],
         "answer_ids": _pad([it["answer_ids"] for it in items]),                    # (B, A)
         "image_id": torch.tensor([it["image_id"] for it in items]),
+        "text_id": torch.tensor([it["text_id"] for it in items]),
         "is_caption": torch.tensor([it["is_caption"] for it in items]),
     }
 

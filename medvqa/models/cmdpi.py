@@ -50,9 +50,14 @@ def random_mask(valid, ratio: float, generator=None):
     return (rank < n) & valid
 
 
-def contra(a, b, tau):
-    """Eq. 7: InfoNCE of a's rows against b's rows, the diagonal as positives."""
+def contra(a, b, tau, text_ids=None):
+    """Eq. 7: InfoNCE of a's rows against b's rows, the diagonal as positives. With text_ids (N,),
+    rows of identical text are not each other's negatives (masked out): most pseudo-captions are
+    the same few strings ("image of the chest"), whose pairs would otherwise be false negatives."""
     logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / tau          # (N, N)
+    if text_ids is not None:
+        same = (text_ids[:, None] == text_ids[None, :]) & ~torch.eye(len(a), dtype=torch.bool, device=a.device)
+        logits = logits.masked_fill(same, float("-inf"))
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
 
@@ -202,18 +207,20 @@ class CMDPI(nn.Module):
                 losses[f"{name}_ans"] = F.cross_entropy(logits, y, ignore_index=-1)
         # Contrast only on caption rows: VQA rows describe one aspect of an image, so other images
         # would be false negatives (paper §3.2.3). Under torchrun the rows come from every rank.
-        (cap,) = gather_rows(batch["is_caption"])                             # the same on every rank
+        cap, text_ids = gather_rows(batch["is_caption"], batch["text_id"])   # the same on every rank
         if cap.sum() > 1:
             tau = self.log_tau.exp().clamp(0.01, 0.5)
+            ids = text_ids[cap]
             if self.use["inter"]:
                 g_I, g_T = gather_rows(h_I, h_T)
-                losses["inter"] = contra(g_I[cap], g_T[cap], tau) + contra(g_T[cap], g_I[cap], tau)
+                losses["inter"] = contra(g_I[cap], g_T[cap], tau, ids) + contra(g_T[cap], g_I[cap], tau, ids)
             if self.use["intra"]:
                 with torch.no_grad():  # momentum targets on the full input; the online side is the masked view
                     m_I = self.momentum_image(self._image_tokens(batch["image_tokens"]))[0]  # ĥ_I
                     m_T = self.momentum_text(batch["text_tokens"], None, batch["text_mask"] == 0)[0]
                 g_I2, g_T2, m_I, m_T = gather_rows(h_I2, h_T2, m_I, m_T)
-                losses["intra"] = contra(g_I2[cap], m_I[cap], tau) + contra(g_T2[cap], m_T[cap], tau)
+                # an image is its own instance whatever its caption says: only the text term masks
+                losses["intra"] = contra(g_I2[cap], m_I[cap], tau) + contra(g_T2[cap], m_T[cap], tau, ids)
         return losses
 
     def sample_lambda(self, n, device):
@@ -257,24 +264,30 @@ class CMDPI(nn.Module):
             losses["ans"] = F.cross_entropy(logits.float(), y, ignore_index=-1)
         return losses
 
-    # -- the Predictor interface ------------------------------------------------------------------
-    def forward_features(self, batch) -> dict:
+    def encode(self, batch) -> dict:
+        """Eq. 1 on the full input: h_F and the encoders' global and local features."""
         (h_I, H_I), (h_T, H_T) = self.encode_image(batch["image_tokens"]), self.encode_text(batch)
-        h_F = self.global_fusion(torch.cat([h_I, h_T], -1))                      # Eq. 1
+        h_F = self.global_fusion(torch.cat([h_I, h_T], -1))
         t_pad = batch["text_mask"][:, 1:] == 0
         return {"h_F": h_F, "h_I": h_I, "H_I": H_I, "h_T": h_T, "H_T": H_T, "t_pad": t_pad}
 
+    # -- the Predictor interface ------------------------------------------------------------------
+    def forward_features(self, batch) -> dict:
+        """fused = h_D (B, d), RecNet's answer-slot state on the clean input, which FFN_A reads."""
+        f = self.encode(batch)
+        return {"fused": self.recnet(f["h_F"], f["H_I"], f["H_T"], f["t_pad"])[:, -1]}
+
     def forward_head(self, fused):
-        return self.ffn_a(fused)
+        return self.ffn_a(fused)                                                 # (B, C)
 
     def forward(self, batch) -> dict:
         if self.training and self.cfg.stage == "pretrain":
             return {"losses": self.pretrain_losses(batch)}
-        f = self.forward_features(batch)
         if self.training and "label" in batch:  # no mixing or deviation at inference
-            return {"losses": self.finetune_losses(batch, **f)}
-        _, _, logits, h_D = self.reconstruct(f["h_F"], f["H_I"], f["H_T"], f["t_pad"])
-        out = {"logits": logits, "fused": h_D, "losses": {}}
+            return {"losses": self.finetune_losses(batch, **self.encode(batch))}
+        fused = self.forward_features(batch)["fused"]
+        logits = self.forward_head(fused)
+        out = {"logits": logits, "fused": fused, "losses": {}}
         if "label" in batch:
             out["losses"]["ans"] = F.cross_entropy(logits, batch["label"], ignore_index=-1)
         return out

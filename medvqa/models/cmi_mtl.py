@@ -5,10 +5,10 @@ open. The backbones stay outside (medvqa.models.encoders): this module takes the
 trains from the feature cache and runs behind Grad-CAM the same way.
 
     V (B, N, Di), T (B, L, Dt) ─proj→ QQ-Former → z (B, K, d) ──┐
-                                 CMCL(z, T[:, 0]) ──────────────┤  L_vtc
+     its queries with T masked out → z_v; CMCL(z_v, T[:, 0]) ───┤  L_vtc (training only)
     z' = LN(z), t' = LN(T) → CrossMambaBlock ×2 → z'', t''      │
     x^f = [tanh(W_t mean t'') ; tanh(W_z mean z'')] → classifier │  L_cls
-    [t'' ; z''] ⊙ M → T5 AHead (open questions only)             │  L_aux
+    [t'' ; z''] ⊙ [M_t ; M_z] → T5 AHead (open questions only)   │  L_aux
     L = L_cls + α L_vtc + β L_aux
 """
 from __future__ import annotations
@@ -103,14 +103,17 @@ class TransformerFusionBlock(nn.Module):
 
 class AHead(nn.Module):
     """Auxiliary head: a T5 encoder-decoder fed x^f (as input embeddings) scaled by the paper's
-    learnable mask M (one weight per position, initialised to 1), trained on open questions.
+    learnable mask M (initialised to 1), trained on open questions.
+
+    M = [M_t (max_question_len) ; M_z (K)]: M_t[j] scales question token j and M_z[k] image token k,
+    whatever the batch's padded question length, so each weight keeps one meaning.
 
     It generates over a compact vocabulary: the text backbone's WordPiece ids that occur in the
     training answers (`vocab_ids`; 0 = pad/decoder start, 1 = end, 2 = unknown), which keeps the
     head small enough to ship.
     """
 
-    def __init__(self, cfg, d, vocab_ids: list[int], max_positions: int):
+    def __init__(self, cfg, d, vocab_ids: list[int], n_image_tokens: int, max_question_len: int):
         super().__init__()
         from transformers import T5Config, T5ForConditionalGeneration
 
@@ -119,7 +122,8 @@ class AHead(nn.Module):
             d_ff=cfg.t5_ff, num_layers=cfg.t5_layers, num_decoder_layers=cfg.t5_layers, num_heads=cfg.t5_heads,
             dropout_rate=cfg.dropout, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0))
         self.proj = nn.Linear(d, cfg.t5_d_model)
-        self.M = nn.Parameter(torch.ones(max_positions))
+        self.M = nn.Parameter(torch.ones(max_question_len + n_image_tokens))
+        self.max_question_len = max_question_len
         self.max_answer_len = cfg.max_answer_len
         self.register_buffer("vocab_ids", torch.tensor(vocab_ids), persistent=False)
         lookup = torch.full((max(vocab_ids) + 1,), 2, dtype=torch.long)
@@ -127,9 +131,10 @@ class AHead(nn.Module):
         self.register_buffer("lookup", lookup, persistent=False)
 
     def _inputs(self, x_seq, pad):
-        P = min(x_seq.shape[1], self.M.shape[0])
-        emb = self.proj(x_seq[:, :P]) * self.M[:P, None]                          # (O, P, d_t5)
-        return emb, (~pad[:, :P]).long()
+        # x_seq = [t'' ; z''] (O, L+K, d) with L ≤ max_question_len the batch's padded question length
+        L = x_seq.shape[1] - (self.M.shape[0] - self.max_question_len)
+        scale = torch.cat([self.M[:L], self.M[self.max_question_len:]])         # (L+K,) = [M_t[:L] ; M_z]
+        return self.proj(x_seq) * scale[:, None], (~pad).long()                  # (O, L+K, d_t5), (O, L+K)
 
     def to_compact(self, full_ids):
         return self.lookup[full_ids.clamp(max=self.lookup.shape[0] - 1)]
@@ -181,7 +186,7 @@ class CMIMTL(nn.Module):
         nn.init.constant_(self.classifier[-1].bias, -math.log(max(n_classes - 1, 1)))
         if self.use_ahead:
             n_img = cfg.n_queries if self.use_qqformer else 1 + self.pool_size ** 2
-            self.ahead = AHead(cfg, d, ahead_vocab or [0, 1, 2], max_positions=n_img + enc_cfg.max_question_len)
+            self.ahead = AHead(cfg, d, ahead_vocab or [0, 1, 2], n_img, enc_cfg.max_question_len)
         self.loss_weights = {"cls": 1.0, "vtc": cfg.alpha, "aux": cfg.beta}
 
     # -- features -------------------------------------------------------------------------------
@@ -189,8 +194,17 @@ class CMIMTL(nn.Module):
         v = self.proj_v(batch["image_tokens"])                                   # (B, 1+N, d)
         t = self.proj_t(batch["text_tokens"])                                    # (B, L, d)
         t_pad = batch["text_mask"] == 0                                          # (B, L)
-        z = self.qqformer(v, t, t_pad) if self.use_qqformer else pool_patch_grid(v, self.pool_size)  # (B, K, d)
-        z_fvta, t_fvta = z, t[:, 0]                                              # (B, K, d), (B, d)
+        # CMCL contrasts queries that never saw the question (BLIP-2's unimodal mask for ITC): contrasting the
+        # question-aware queries with that same question is solved by copying the question into z, which
+        # aligns nothing. The question-aware z feeds the fusion; z_fvta is a training-only by-product.
+        cmcl = self.use_cmcl and self.training
+        if not self.use_qqformer:
+            z = z_fvta = pool_patch_grid(v, self.pool_size)                      # (B, 1+pool², d)
+        elif cmcl:
+            z, z_fvta = self.qqformer(v, t, t_pad, unimodal=True)                # (B, K, d) ×2
+        else:
+            z, z_fvta = self.qqformer(v, t, t_pad), None                         # (B, K, d)
+        t_fvta = t[:, 0]                                                         # (B, d)
         for block in self.fusion:
             z, t = block(z, t, t_pad)
         # not the public code's first-token poolers: a causal scan leaves position 0 blind to the rest
@@ -218,15 +232,19 @@ class CMIMTL(nn.Module):
         return self.qqformer.image_attention(v, t, batch["text_mask"] == 0)
 
     # -- losses ---------------------------------------------------------------------------------
-    def cmcl_loss(self, z, t_first, image_ids):
-        """Symmetric InfoNCE with s(i, j) = max_k cos(z_ik, t_j) / τ; other questions on the same
-        image are not negatives (they are masked out), which the public code does not do. Under
-        torchrun the negatives come from every rank's batch."""
+    def cmcl_logits(self, z, t_first):
+        """s(i, j) = max_k cos(z_ik, t_j) / τ in the 256-d contrast space: z (B, K, d), t_first (B, d) -> (B, B)."""
         zq = F.normalize(self.vision_proj(z), dim=-1)                            # (B, K, c)
         tq = F.normalize(self.text_proj(t_first), dim=-1)                        # (B, c)
-        zq, tq, image_ids = gather_rows(zq, tq, image_ids)                       # B → global batch
         tau = self.log_tau.exp().clamp(0.01, 0.5)
-        sim = torch.einsum("ikc,jc->ijk", zq, tq).amax(-1) / tau                 # (B, B)
+        return torch.einsum("ikc,jc->ijk", zq, tq).amax(-1) / tau
+
+    def cmcl_loss(self, z, t_first, image_ids):
+        """Symmetric InfoNCE over cmcl_logits; other questions on the same image are not negatives
+        (they are masked out), which the public code does not do. Under torchrun the negatives come
+        from every rank's batch."""
+        z, t_first, image_ids = gather_rows(z, t_first, image_ids)               # B → global batch
+        sim = self.cmcl_logits(z, t_first)                                       # (B, B)
         eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
         valid = ~((image_ids[:, None] == image_ids[None, :]) & ~eye)            # (B, B), symmetric
         return 0.5 * (_smoothed_ce(sim, valid) + _smoothed_ce(sim.t(), valid))

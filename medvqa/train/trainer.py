@@ -92,15 +92,27 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def _decayed(model) -> set[int]:
+    """ids of the parameters weight decay applies to: the weight matrices of linear maps (nn.Linear,
+    attention in-projections). Never biases, norms, embeddings (a tied T5 output layer included),
+    learned tokens (QQ-Former queries, positions, [MASK]), the Mamba's A_log, D and depthwise conv1d,
+    the AHead's mask M or τ: a shape rule (ndim ≥ 2) decayed A_log, conv1d, queries and embeddings."""
+    mods = list(model.modules())
+    lin = {id(m.weight) for m in mods if isinstance(m, torch.nn.Linear)}
+    lin |= {id(m.in_proj_weight) for m in mods
+            if isinstance(m, torch.nn.MultiheadAttention) and m.in_proj_weight is not None}
+    return lin - {id(m.weight) for m in mods if isinstance(m, torch.nn.Embedding)}
+
+
 def _param_groups(model, cfg):
-    """No weight decay on biases, norms and 1-d parameters (A_log, D, mask M, τ); parameters whose
-    name starts with one of the model's `pretrained_prefixes` (trained backbone blocks) take
-    cfg.lr_pretrained instead of cfg.lr."""
+    """Weight decay on the parameters `_decayed` names only; parameters whose name starts with one
+    of the model's `pretrained_prefixes` (trained backbone blocks) take cfg.lr_pretrained instead of cfg.lr."""
     pre = tuple(getattr(model, "pretrained_prefixes", ()))
+    decayed = _decayed(model)
     groups = {}   # (pretrained, decay) -> params; new weights first, as resumed optimiser states expect
     for n, p in model.named_parameters():
         if p.requires_grad:
-            groups.setdefault((bool(pre) and n.startswith(pre), p.ndim >= 2), []).append(p)
+            groups.setdefault((bool(pre) and n.startswith(pre), id(p) in decayed), []).append(p)
     return [{"params": groups[k], "weight_decay": cfg.weight_decay if k[1] else 0.0} | ({"lr": cfg.lr_pretrained} if k[0] else {})
             for k in ((False, True), (False, False), (True, True), (True, False)) if k in groups]
 
