@@ -289,3 +289,25 @@ def test_nearest_training_cases(ckpt, tmp_path, monkeypatch):
     a = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)
     b = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)   # from the cache
     assert np.allclose(a["features"], b["features"]) and a["records"] == b["records"]
+
+
+def test_captioned_map_has_its_caption_and_colour_bar():
+    """The figure the app shows and the review stores: caption strip on top, the blended map, and a
+    colour bar on the right running from the colormap's 1 (top) to its 0 (bottom)."""
+    import matplotlib
+
+    from medvqa.explain import captioned
+
+    im = Image.new("RGB", (120, 100), (128, 128, 128))
+    cam = np.zeros((100, 120), np.float32)
+    fig = np.asarray(captioned(im, "rollout for predicted answer 'liver'", cam, opacity=1.0))
+    H, W, _ = fig.shape
+    top = H - 100
+    assert top > 0 and W > 120
+    assert (fig[:top] < 128).any()                                         # the caption is written
+    blue = (np.array(matplotlib.colormaps["jet"](0.0)[:3]) * 255).astype(int)
+    assert np.abs(fig[top + 50, 60].astype(int) - blue).max() <= 1         # map value 0 everywhere
+    bar = fig[top:, 120:].astype(int)
+    red = (np.array(matplotlib.colormaps["jet"](1.0)[:3]) * 255).astype(int)
+    assert (np.abs(bar[:3] - red).max(-1) <= 2).any() and (np.abs(bar[-3:] - blue).max(-1) <= 2).any()
+    assert np.asarray(captioned(im, "heatmap off")).shape[1] == 120       # no map: no colour bar

@@ -27,11 +27,12 @@ def supports(model, method: str) -> bool:
 SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
 GRADIENT_FREE = ("query-attention",)         # read from the head's attention: no target answer, no backbone layer
 
-__all__ = ["DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "default_method", "explain", "supports", "overlay"]
+__all__ = ["DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "captioned", "default_method", "explain",
+           "supports", "overlay"]
 
 
 def __getattr__(name):
-    if name in ("explain", "overlay"):
+    if name in ("captioned", "explain", "overlay"):
         from medvqa.explain import gradcam
 
         return getattr(gradcam, name)

@@ -173,3 +173,30 @@ def overlay(image: Image.Image, cam: np.ndarray, opacity: float = 0.5, colormap:
 
     rgb = (matplotlib.colormaps[colormap](cam)[..., :3] * 255).astype(np.uint8)
     return Image.blend(image.convert("RGB"), Image.fromarray(rgb), float(np.clip(opacity, 0, 1)))
+
+
+def captioned(image: Image.Image, caption: str, cam: np.ndarray | None = None, opacity: float = 0.5,
+              colormap: str = "jet") -> Image.Image:
+    """The image with `caption` (the map's method and target) written above it and, when a map is
+    given, the map blended over it with a colour bar on the right (map value 0 at the bottom, 1 at the
+    top): the saved PNG says what it shows without the app around it."""
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    body = overlay(image, cam, opacity, colormap) if cam is not None else image.convert("RGB")
+    w, h = body.size
+    font = ImageFont.load_default(size=max(11, min(w, h) // 28))
+    pad = font.size // 2
+    top = font.size + 2 * pad
+    bar = (3 * font.size + 2 * pad) if cam is not None else 0
+    out = Image.new("RGB", (w + bar, h + top), "white")
+    out.paste(body, (0, top))
+    d = ImageDraw.Draw(out)
+    d.text((pad, pad), caption, fill="black", font=font)
+    if cam is not None:
+        ramp = np.linspace(1, 0, h)[:, None].repeat(font.size, 1)                       # (h, bar width): 1 on top
+        strip = (matplotlib.colormaps[colormap](ramp)[..., :3] * 255).astype(np.uint8)
+        out.paste(Image.fromarray(strip), (w + pad, top))
+        for v, y in ((1, top), (0, top + h - font.size)):
+            d.text((w + pad + font.size + 2, y), str(v), fill="black", font=font)
+    return out
