@@ -15,7 +15,7 @@ and every key again with the outlier tokens' map values set to the map's minimum
 smoothed by σ = 1 patch ("…_s1"). Outliers: patch tokens whose final norm exceeds the image's
 median by more than 6 median absolute deviations (scaled to σ).
 
-    python benchmarks/saliency_variants.py CHECKPOINT SPLIT [LIMIT] > hits.json   # per-question hits per key
+    python benchmarks/saliency_variants.py CHECKPOINT SPLIT [LIMIT|0] [KEY,KEY…] > hits.json   # hits per key
 """
 import json
 import sys
@@ -27,7 +27,7 @@ from PIL import Image
 from scipy.ndimage import gaussian_filter
 
 from medvqa.data import load_image, load_split
-from medvqa.explain.gradcam import ImageToLogits, eager_attention
+from medvqa.explain.gradcam import ImageToLogits, eager_attention, outlier_tokens as outliers
 from medvqa.explain.pointing import center_hit, hit, pointing_cases, random_hit_probability
 from medvqa.predict import Predictor
 
@@ -36,16 +36,10 @@ torch.set_num_threads(1)
 p = Predictor.load(ckpt)
 enc, model = p.encoders, p.model.eval()
 cases = pointing_cases(load_split("slake", "/work/shared/data/slake", split).records)
-cases = cases[:int(sys.argv[3])] if len(sys.argv) > 3 else cases
+cases = cases[:int(sys.argv[3])] if len(sys.argv) > 3 and int(sys.argv[3]) else cases
+keys = tuple(sys.argv[4].split(",")) if len(sys.argv) > 4 else ()            # key prefixes to score (default all)
 g = enc.grid
 blocks = enc.image.encoder.layer
-
-
-def outliers(tokens, k: float = 6.0):
-    """(N,) patch-token norms -> (N,) bool: above median + k·1.4826·MAD."""
-    n = tokens.norm(dim=-1)
-    med = n.median()
-    return n > med + k * 1.4826 * (n - med).abs().median()
 
 
 def head_attention(batch):
@@ -73,6 +67,13 @@ def head_attention(batch):
             out[f"qa{i}.{hd}"] = w[0, hd].mean(0)
     out["qa"] = torch.stack([v for k, v in out.items()]).mean(0)
     return out
+
+
+def unit(m):
+    return (m - m.min()) / (m.max() - m.min() + 1e-12)
+
+
+GATED = ("roll4", "roll8", "tok4", "rh4", "qa", "lc4", "lc8", "gc4", "gc12", "gxa4", "hw")
 
 
 def up(m, size):
@@ -124,13 +125,29 @@ for c in cases:
     with torch.no_grad():
         for k, v in head_attention(w.batch(w.image_tokens(x))).items():
             maps[k] = v[-g * g:]
+    last = attn[-1]
+    hw = (last.grad * last).clamp(min=0)[0, :, 0].sum(-1).detach()             # (heads,): gradient relevance
+    maps["hw"] = (hw[:, None] * last[0, :, 0, 1:].detach()).sum(0)            # heads mixed by it
+    R = torch.eye(T)
+    for a in attn[4:-1]:
+        R = R + (a.grad * a).clamp(min=0).mean(1)[0].detach() @ R
+    maps["rh4"] = (last[0, 2, 0].detach() @ R)[1:]                             # head 2 of the last block, then Ā
+    maps["tok4"] = ((hs.grad * hs)[0].sum(-1).abs().detach() @ (R + (last.grad * last).clamp(min=0).mean(1)[0].detach()
+                                                                 @ R))[1:]
+    for k in list(maps):
+        if keys and not k.startswith(keys) and not k.startswith("cls11"):
+            del maps[k]
     for k in list(maps):
         m = maps.pop(k).reshape(-1).float().clone()
         mo = m.clone()
         mo[out_mask] = m.min()
         for kk, mm in ((k, m), (k + "_om", mo)):
             mm = mm.reshape(g, g).numpy()
-            maps[kk], maps[kk + "_s1"] = mm, gaussian_filter(mm, 1.0)
+            maps[kk], maps[kk + "_s1"], maps[kk + "_s2"] = mm, gaussian_filter(mm, 1.0), gaussian_filter(mm, 2.0)
+    for base in GATED:                              # the model's map gated by one backbone head's attention
+        for hd in (0, 2, 4):
+            if base + "_s1" in maps:
+                maps[f"{base}*{hd}"] = unit(maps[base + "_s1"]) * unit(maps[f"cls11.{hd}_s1"])
     for k, m in maps.items():
         hits.setdefault(k, []).append(bool(hit(up(m, c.size), c.boxes)))
     hits.setdefault("centre", []).append(bool(center_hit(c)))

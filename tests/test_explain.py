@@ -156,7 +156,8 @@ def test_pointing_game_synthetic(tmp_path):
     assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
 
     class PointsAtTheLiver:                                        # a map with its maximum in the liver box
-        methods = ("gradcam",)
+        methods = ("gradcam", "rollout")
+        default_method = "rollout"
 
         def explain(self, image, question, method, layer):
             return cam
@@ -167,6 +168,8 @@ def test_pointing_game_synthetic(tmp_path):
     assert (res["n"], r["hits"], r["hit_rate"], res["baseline_center"]) == (2, 1, 50.0, 0.0)
     assert r["hit_rate_ci95"][0] < 50.0 < r["hit_rate_ci95"][1]
     assert r["vs_centre"] == {"only_map": 1, "only_centre": 0, "mcnemar_p": 1.0}   # one question proves nothing
+    own = pointing_game({"m": PointsAtTheLiver()}, cases, layers=(3,), progress=False)["results"]
+    assert [(x["method"], x["hits"]) for x in own] == [("rollout", 1)]          # no methods: the model's own map
 
 
 def _folder_cases_and_second_checkpoint(tmp_path):

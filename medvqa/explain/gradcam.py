@@ -62,6 +62,18 @@ def vit_reshape(grid: int):
     return reshape
 
 
+OUTLIER_MADS = 6.0   # a token this many scaled MADs above its image's median norm is an outlier
+
+
+def outlier_tokens(tokens: torch.Tensor, k: float = OUTLIER_MADS) -> torch.Tensor:
+    """(N, D) patch tokens of one image -> (N,) bool: norm above median + k·1.4826·MAD (a robust
+    z-score; the MAD, not the std, so a few huge tokens cannot hide themselves by inflating it).
+    The high-norm tokens ViTs without registers write into background patches (Darcet et al. 2024)."""
+    n = tokens.norm(dim=-1)
+    med = n.median()
+    return n > med + k * 1.4826 * (n - med).abs().median()
+
+
 def default_layer(encoders) -> int:
     """A third of the way into the image backbone. On SLAKE validation (60 questions, baseline-slake,
     `medvqa pointing-game --split validate --layers …`) GradCAM++ hit 6.7 / 13.3 / 15.0 / 28.3 / 25.0 %
