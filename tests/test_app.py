@@ -123,8 +123,7 @@ def test_browser_click_example(app_url, tmp_path):
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
         page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
         page.locator("text=Saliency").first.wait_for(timeout=60_000)
-        page.get_by_text("Saliency: query-attention").first.wait_for(timeout=60_000)   # each model's own map
-        page.get_by_text("Saliency: rollout").first.wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)   # each model's own map
         assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("CMDPI").count() >= 1 and page.get_by_text("Baseline").count() >= 1
         page.wait_for_timeout(1500)
         page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
@@ -136,13 +135,12 @@ def test_browser_heatmap_toggle(app_url):
     so) and brings the maps back."""
     with _page(app_url) as page:
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
-        page.get_by_text("Saliency: query-attention").first.wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
         page.get_by_label("Heatmap").uncheck()
         page.get_by_text("Saliency: heatmap off").nth(2).wait_for(timeout=60_000)       # all three slots
-        assert page.get_by_text("Saliency: query-attention").count() == 0
+        assert page.get_by_text("Saliency: head-rollout").count() == 0
         page.get_by_label("Heatmap").check()
-        page.get_by_text("Saliency: query-attention").first.wait_for(timeout=60_000)
-        page.get_by_text("Saliency: rollout").first.wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
         assert page.get_by_text("Saliency: heatmap off").count() == 0
 
 
@@ -156,12 +154,12 @@ def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path)
     im = Image.open(_img(tmp_path / "s.png", 40)).convert("RGB")
     q = "Is there a fracture?"
     u = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5)
-    assert u["label"] == "Saliency: rollout (query-attention: not available for this model)"
+    assert u["label"] == "Saliency: head-rollout (query-attention: not available for this model)"
     w, h = u["value"].size
     assert w > im.width and h > im.height         # the caption above the map and the colour bar beside it
     off = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5, heatmap=False)
     assert off["value"] is im and off["label"] == "Saliency: heatmap off"
-    assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: query-attention"
+    assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: head-rollout"
     assert _cam(cks["baseline-vqa-rad"], im, q, "query-attention", None, 0.5)["label"] == "Saliency: query-attention"
     assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, "yes", 0.5)["label"]
 

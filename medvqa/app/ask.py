@@ -9,11 +9,17 @@ from gradio import FileData
 
 from medvqa.app.common import DATASETS, N_SLOTS, checkpoints_for, examples, model_title, saliency_figure
 from medvqa.data import ImageError, load_image, normalize_answer
-from medvqa.explain import GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
+from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
 from medvqa.predict import Predictor
 
-OWN_METHOD = "each model's own"   # Predictor.default_method: CMI-MTL's query attention, else the rollout
+OWN_METHOD = "each model's own"   # Predictor.default_method: the head-selected rollout
 FAST_METHODS = [OWN_METHOD] + [m for m in METHOD_NAMES if m not in SLOW_METHODS]
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """The menu: (label, method); a method that pointed at the named organ less often than a random
+    point on SLAKE test says so in its label."""
+    return [(f"{m} (below a random point on SLAKE)" if m in BELOW_RANDOM else m, m) for m in FAST_METHODS]
 
 
 def ask_json(image: FileData, question: str, dataset: str) -> dict:
@@ -129,7 +135,7 @@ def build_tab():
                 question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
                 dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
                 with gr.Row():
-                    method = gr.Dropdown(FAST_METHODS, value=OWN_METHOD, label="Saliency method")
+                    method = gr.Dropdown(method_choices(), value=OWN_METHOD, label="Saliency method")
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
                 heatmap = gr.Checkbox(value=True, label="Heatmap")
                 ground_truth = gr.Textbox(label="Ground truth (examples fill it)", interactive=False)
