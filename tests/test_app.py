@@ -161,7 +161,7 @@ def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path)
     assert off["value"] is im and off["label"] == "Saliency: heatmap off"
     assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: head-rollout"
     assert _cam(cks["baseline-vqa-rad"], im, q, "query-attention", None, 0.5)["label"] == "Saliency: query-attention"
-    assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, "yes", 0.5)["label"]
+    assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, "query-attention", "yes", 0.5)["label"]
 
 
 def test_review_survives_restart_and_exports(app_url):
@@ -289,3 +289,20 @@ def test_about_shows_each_accuracy_with_its_interval(tmp_path, monkeypatch):
     monkeypatch.setattr(about, "checkpoints_for", lambda ds: [ck])
     rows = about.accuracy_table().splitlines()
     assert "overall (95 % interval)" in rows[0] and "| 72.73 (68.4–76.6) |" in rows[2]
+
+
+def test_review_shows_each_models_map_to_keep_with_the_verdict(app_url):
+    """The Review tab shows every model's own map beside its answer, with an unticked "map points
+    at the wrong place" box, and hands those very images on to be stored with the verdicts."""
+    from medvqa.app.review import SLOT_WIDTH, load_cases, show
+
+    cases = load_cases("examples", None)
+    out = show(cases, 0, "vqa-rad", "ann", "examples")
+    shown, slots = out[-1], out[4:-1]
+    assert len(slots) == SLOT_WIDTH * len(shown)
+    for k, s in enumerate(shown[:3]):
+        method, fig = s
+        ans, _, _, cam, wrong = slots[SLOT_WIDTH * k: SLOT_WIDTH * (k + 1)]
+        assert method == "head-rollout" and cam["value"] is fig and cam["label"].endswith("map: head-rollout")
+        assert wrong["value"] is False and wrong["visible"]
+    assert shown[3] is None                                          # no fourth model installed
