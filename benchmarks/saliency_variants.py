@@ -22,14 +22,13 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from medvqa.data import load_image, load_split
-from medvqa.explain.gradcam import ImageToLogits, eager_attention, outlier_tokens as outliers
+from medvqa.data import load_split
+from medvqa.explain.gradcam import eager_attention, outlier_tokens as outliers
 from medvqa.explain.pointing import center_hit, hit, pointing_cases, random_hit_probability
 from medvqa.predict import Predictor
+from probe_common import case_inputs, up
 
 ckpt, split = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
@@ -76,20 +75,15 @@ def unit(m):
 GATED = ("roll4", "roll8", "tok4", "rh4", "qa", "lc4", "lc8", "gc4", "gc12", "gxa4", "hw")
 
 
-def up(m, size):
-    return np.asarray(Image.fromarray(m.astype(np.float32)).resize(size, Image.BILINEAR), dtype=np.float32)
-
-
 hits = {}
 for c in cases:
-    im = load_image(c.record.image)
-    w = ImageToLogits(enc, model, enc.question_inputs([c.record.question])).eval()
-    x = enc.preprocess([im])
-    with torch.no_grad():
-        target = int(w(x).argmax(-1))
-    acts = []
-    hooks = [b.norm1.register_forward_hook(lambda m, i, o: (i[0].retain_grad(), acts.append(i[0]))[0] and None)
-             for b in blocks]
+    w, x, target = case_inputs(enc, model, c.record)
+    acts = []                                                                    # each block's norm1 input
+
+    def keep(module, inputs, output):
+        inputs[0].retain_grad()
+        acts.append(inputs[0])
+    hooks = [b.norm1.register_forward_hook(keep) for b in blocks]
     with eager_attention(enc.image):
         out = enc.image(pixel_values=x.detach().requires_grad_(True), output_attentions=True)
         hs = out.last_hidden_state
