@@ -15,13 +15,12 @@ import sys
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from scipy.ndimage import gaussian_filter
 from medvqa.predict import Predictor
 from medvqa.data import load_split
 from medvqa.explain.pointing import pointing_cases, hit, center_hit
-from medvqa.explain.gradcam import ImageToLogits, eager_attention
-from medvqa.data.images import load_image
+from medvqa.explain.gradcam import eager_attention
+from probe_common import case_inputs, up
 
 ckpt, split = sys.argv[1], sys.argv[2]
 torch.set_num_threads(1)
@@ -31,16 +30,8 @@ g = enc.grid
 hits = {}
 
 
-def up(m, size):
-    return np.asarray(Image.fromarray(m.astype(np.float32)).resize(size, Image.BILINEAR), dtype=np.float32)
-
-
 for c in cases:
-    im = load_image(c.record.image)
-    w = ImageToLogits(enc, model, enc.question_inputs([c.record.question])).eval()
-    x = enc.preprocess([im])
-    with torch.no_grad():
-        target = int(w(x).argmax(-1))
+    w, x, target = case_inputs(enc, model, c.record)
     vit = enc.image
     cross = []                                  # QQ-Former cross-attention probabilities, (1, heads, K, T) each
     qq = getattr(model, "qqformer", None)

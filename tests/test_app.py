@@ -1,6 +1,7 @@
 """The app through gradio_client against launch(prevent_thread_lock=True), on tiny checkpoints,
 and once in real headless Chromium (skipped with a reason when chromium is not installed)."""
 import concurrent.futures as cf
+import contextlib
 import os
 import shutil
 import socket
@@ -96,8 +97,9 @@ def test_concurrent_asks_never_mix(app_url, tmp_path):
         assert np.allclose([s for _, s in top], [s for _, s in w], atol=1e-3)
 
 
-def test_browser_click_example(app_url, tmp_path):
-    """Real headless Chromium: load the page, click an example, see both answers and a saliency image."""
+@contextlib.contextmanager
+def _page(app_url):
+    """A headless Chromium page on the app (the test is skipped when chromium is not installed)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if not chromium:
         pytest.skip("Debian's chromium is not installed (.ci/run installs it)")
@@ -109,16 +111,37 @@ def test_browser_click_example(app_url, tmp_path):
             "--disable-sync", "--no-first-run", "--disable-quic"])
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
         page.goto(app_url)
+        try:
+            yield page
+        finally:
+            browser.close()
+
+
+def test_browser_click_example(app_url, tmp_path):
+    """Real headless Chromium: load the page, click an example, see both answers and a saliency image."""
+    with _page(app_url) as page:
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
         page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
         page.locator("text=Saliency").first.wait_for(timeout=60_000)
-        page.get_by_text("Saliency: query-attention").first.wait_for(timeout=60_000)   # each model's own map
-        page.get_by_text("Saliency: rollout").first.wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)   # each model's own map
         assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("CMDPI").count() >= 1 and page.get_by_text("Baseline").count() >= 1
         page.wait_for_timeout(1500)
         page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
-        browser.close()
     assert (tmp_path / "ask.png").stat().st_size > 20_000
+
+
+def test_browser_heatmap_toggle(app_url):
+    """Real headless Chromium: the Heatmap switch hides every model's map (the plain image, labelled
+    so) and brings the maps back."""
+    with _page(app_url) as page:
+        page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        page.get_by_label("Heatmap").uncheck()
+        page.get_by_text("Saliency: heatmap off").nth(2).wait_for(timeout=60_000)       # all three slots
+        assert page.get_by_text("Saliency: head-rollout").count() == 0
+        page.get_by_label("Heatmap").check()
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        assert page.get_by_text("Saliency: heatmap off").count() == 0
 
 
 def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path):
@@ -131,11 +154,14 @@ def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path)
     im = Image.open(_img(tmp_path / "s.png", 40)).convert("RGB")
     q = "Is there a fracture?"
     u = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5)
-    assert u["label"] == "Saliency: rollout (query-attention: not available for this model)"
-    assert u["value"].size == im.size
-    assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: query-attention"
+    assert u["label"] == "Saliency: head-rollout (query-attention: not available for this model)"
+    w, h = u["value"].size
+    assert w > im.width and h > im.height         # the caption above the map and the colour bar beside it
+    off = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5, heatmap=False)
+    assert off["value"] is im and off["label"] == "Saliency: heatmap off"
+    assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: head-rollout"
     assert _cam(cks["baseline-vqa-rad"], im, q, "query-attention", None, 0.5)["label"] == "Saliency: query-attention"
-    assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, "yes", 0.5)["label"]
+    assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, "query-attention", "yes", 0.5)["label"]
 
 
 def test_review_survives_restart_and_exports(app_url):
@@ -266,3 +292,20 @@ def test_about_shows_each_accuracy_with_its_interval(tmp_path, monkeypatch):
     assert about._ece({"ece": 18.25, "ece_calibrated": 9.26}, {"temperature": 2.2543}) == "18.25 → 9.26 (T = 2.25)"
     assert about._ece({"ece": 15.01, "ece_calibrated": 15.01}, {"temperature": 1.0}) == "15.01 (not calibrated)"
     assert about._ece({"ece": 9.11}, {}) == "9.11 (not calibrated)" and about._ece({}, {}) == "–"
+
+
+def test_review_shows_each_models_map_to_keep_with_the_verdict(app_url):
+    """The Review tab shows every model's own map beside its answer, with an unticked "map points
+    at the wrong place" box, and hands those very images on to be stored with the verdicts."""
+    from medvqa.app.review import SLOT_WIDTH, load_cases, show
+
+    cases = load_cases("examples", None)
+    out = show(cases, 0, "vqa-rad", "ann", "examples")
+    shown, slots = out[-1], out[4:-1]
+    assert len(slots) == SLOT_WIDTH * len(shown)
+    for k, s in enumerate(shown[:3]):
+        method, fig = s
+        ans, _, _, cam, wrong = slots[SLOT_WIDTH * k: SLOT_WIDTH * (k + 1)]
+        assert method == "head-rollout" and cam["value"] is fig and cam["label"].endswith("map: head-rollout")
+        assert wrong["value"] is False and wrong["visible"]
+    assert shown[3] is None                                          # no fourth model installed

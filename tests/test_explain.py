@@ -21,7 +21,7 @@ def _image():
 
 
 @pytest.mark.parametrize("method", ["gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
-                                    "query-attention"])
+                                    "head-rollout", "query-attention"])
 def test_cam_shape_range(ckpt, method):
     cam = Predictor.load(ckpt).explain(_image(), "Where is the lesion?", method=method)
     assert cam.shape == (70, 90) and cam.dtype == np.float32
@@ -45,14 +45,15 @@ def test_token_rollout_reads_more_than_the_cls_row(ckpt):
 
 
 def test_query_attention_is_cmi_mtls_question_aware_reading(ckpt):
-    """CMI-MTL's own map is where its question-aware queries read the image: it moves with the
-    question, not with the answer asked about (no gradient), and it is the model's default."""
+    """CMI-MTL's query attention is where its question-aware queries read the image: it moves with the
+    question, not with the answer asked about (no gradient)."""
     p = Predictor.load(ckpt)
     q = "Where is the lesion?"
     a = p.explain(_image(), q, method="query-attention")
     assert np.array_equal(a, p.explain(_image(), q, method="query-attention", target=p.vocab.answers[-1]))
     assert np.abs(a - p.explain(_image(), "Is this a CT scan of the chest?", method="query-attention")).mean() > 1e-3
-    assert p.default_method == "query-attention" and np.array_equal(a, p.explain(_image(), q))
+    assert p.default_method == "head-rollout" and np.array_equal(p.explain(_image(), q, method="head-rollout"),
+                                                                 p.explain(_image(), q))
 
 
 def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
@@ -63,7 +64,7 @@ def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
     from medvqa.explain.gradcam import ImageToLogits, query_attention
 
     base = Predictor.load(tiny_checkpoint(tmp_path / "b", "baseline"))
-    assert "query-attention" in base.methods and base.default_method == "rollout"
+    assert "query-attention" in base.methods and base.default_method == "head-rollout"
     w = ImageToLogits(base.encoders, base.model, base.encoders.question_inputs(["Is there a fracture?"]))
     x = base.encoders.preprocess([_image().convert("RGB")])
     g = base.encoders.grid
@@ -75,8 +76,8 @@ def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
     assert torch.allclose((weights[..., None] * base.model.proj_v(tokens)).sum(1), pooled, atol=1e-5)
     np.testing.assert_allclose(query_attention(w, x, sigma=0), weights[0, -g * g:].reshape(g, g).numpy(), rtol=1e-6)
     cmdpi = Predictor.load(tiny_checkpoint(tmp_path / "c", "cmdpi"))
-    assert "query-attention" not in cmdpi.methods and cmdpi.default_method == "rollout"
-    with pytest.raises(ValueError, match="use rollout"):
+    assert "query-attention" not in cmdpi.methods and cmdpi.default_method == "head-rollout"
+    with pytest.raises(ValueError, match="use head-rollout"):
         cmdpi.explain(_image(), "Is there a fracture?", method="query-attention")
 
 
@@ -121,16 +122,34 @@ def test_rollout_one_block_is_the_cls_row(ckpt):
     np.testing.assert_allclose(smoothed, gaussian_filter(got, 1.0), rtol=1e-4, atol=1e-7)
 
 
+def test_head_rollout_one_block_is_the_selected_heads_cls_row(ckpt):
+    """Started at the last block, the head-selected rollout has no block before it to carry back
+    through (R = I): its map is that block's ROLLOUT_HEAD attention from [CLS] over the patches."""
+    import torch
+
+    from medvqa.explain.gradcam import ROLLOUT_HEAD, ImageToLogits, eager_attention, gradient_rollout
+
+    p = Predictor.load(ckpt)
+    enc, vit = p.encoders, p.encoders.image
+    w = ImageToLogits(enc, p.model, enc.question_inputs(["Where is the lesion?"]))
+    x, last = enc.preprocess([_image().convert("RGB")]), len(vit.encoder.layer) - 1
+    with torch.enable_grad():
+        got = gradient_rollout(w, x, target=1, start=last, sigma=0, readout="head")
+    with torch.no_grad(), eager_attention(vit):
+        a = vit(pixel_values=x, output_attentions=True).attentions[last]          # (1, heads, T, T)
+    np.testing.assert_allclose(got.flatten(), a[0, ROLLOUT_HEAD, 0, 1:].numpy(), rtol=1e-5, atol=1e-7)
+
+
 def test_explain_cli(ckpt, tmp_path, capsys):
     _image().save(tmp_path / "x.png")
     rc = main(["explain", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--question", "Is it normal?",
                "--out", str(tmp_path / "cam.png")])
     assert rc == 0 and Image.open(tmp_path / "cam.png").size == (90, 70)
     assert np.load(tmp_path / "cam.npy").shape == (70, 90)
-    assert capsys.readouterr().err.startswith("query-attention for answer")   # CMI-MTL's own map by default
+    assert capsys.readouterr().err.startswith("head-rollout for answer")   # the model's own map by default
     p = Predictor.load(ckpt)
     rc = main(["explain", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--question", "Is it normal?",
-               "--target", p.vocab.answers[0], "--out", str(tmp_path / "cam2.png")])
+               "--method", "query-attention", "--target", p.vocab.answers[0], "--out", str(tmp_path / "cam2.png")])
     assert rc == 0 and "--target does not change the map" in capsys.readouterr().err
 
 
@@ -156,7 +175,8 @@ def test_pointing_game_synthetic(tmp_path):
     assert random_hit_probability(cases[0]) == pytest.approx(200 / 5000)
 
     class PointsAtTheLiver:                                        # a map with its maximum in the liver box
-        methods = ("gradcam",)
+        methods = ("gradcam", "rollout")
+        default_method = "rollout"
 
         def explain(self, image, question, method, layer):
             return cam
@@ -167,6 +187,8 @@ def test_pointing_game_synthetic(tmp_path):
     assert (res["n"], r["hits"], r["hit_rate"], res["baseline_center"]) == (2, 1, 50.0, 0.0)
     assert r["hit_rate_ci95"][0] < 50.0 < r["hit_rate_ci95"][1]
     assert r["vs_centre"] == {"only_map": 1, "only_centre": 0, "mcnemar_p": 1.0}   # one question proves nothing
+    own = pointing_game({"m": PointsAtTheLiver()}, cases, layers=(3,), progress=False)["results"]
+    assert [(x["method"], x["hits"]) for x in own] == [("rollout", 1)]          # no methods: the model's own map
 
 
 def _folder_cases_and_second_checkpoint(tmp_path):
@@ -194,10 +216,14 @@ def test_umap_cli_two_checkpoints(ckpt, tmp_path, capsys):
 class _RegionModel:
     """A stand-in predictor whose answer confidence is the brightness of the top-left quarter."""
     methods = ("gradcam",)
+    default_method = "gradcam"
 
     class preset:
         class encoders:
             image_size = 32
+
+    class encoders:
+        grid = 4
 
     def probs(self, images, questions):
         import torch
@@ -215,6 +241,19 @@ def test_deletion_insertion_rewards_the_right_map():
     cam[:16, :16] = 1.0
     r = curves(_RegionModel(), Image.fromarray(a), "q", cam, steps=8)
     assert r["deletion"] < r["deletion_random"] and r["insertion"] > r["insertion_random"]
+
+
+def test_random_order_at_the_maps_patch_resolution():
+    """The random control removes whole patches of the map's grid: every pixel of a patch is ranked
+    next to the others of that patch, and every pixel is ranked once."""
+    from medvqa.explain.faithfulness import random_patch_order
+
+    order = random_patch_order(32, 4, np.random.default_rng(0))                 # 4×4 patches of 8×8 pixels
+    assert sorted(order.tolist()) == list(range(32 * 32))
+    patch_of = lambda i: (i // 32 // 8, i % 32 // 8)                            # noqa: E731
+    runs = [{patch_of(i) for i in order[k:k + 64]} for k in range(0, 32 * 32, 64)]
+    assert all(len(r) == 1 for r in runs) and len({next(iter(r)) for r in runs}) == 16
+    assert [patch_of(i) for i in order[::64]] != sorted(patch_of(i) for i in order[::64])   # not raster order
 
 
 def test_deletion_insertion_interval_of_the_paired_difference(tmp_path):
@@ -289,3 +328,49 @@ def test_nearest_training_cases(ckpt, tmp_path, monkeypatch):
     a = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)
     b = load_or_build_index(p, "folder", tmp_path / "data", "train", progress=False)   # from the cache
     assert np.allclose(a["features"], b["features"]) and a["records"] == b["records"]
+
+
+def test_captioned_map_has_its_caption_and_colour_bar():
+    """The figure the app shows and the review stores: caption strip on top, the blended map, and a
+    colour bar on the right running from the colormap's 1 (top) to its 0 (bottom)."""
+    import matplotlib
+
+    from medvqa.explain import captioned
+
+    im = Image.new("RGB", (120, 100), (128, 128, 128))
+    cam = np.zeros((100, 120), np.float32)
+    fig = np.asarray(captioned(im, "rollout for predicted answer 'liver'", cam, opacity=1.0))
+    H, W, _ = fig.shape
+    top = H - 100
+    assert top > 0 and W > 120
+    assert (fig[:top] < 128).any()                                         # the caption is written
+    blue = (np.array(matplotlib.colormaps["jet"](0.0)[:3]) * 255).astype(int)
+    assert np.abs(fig[top + 50, 60].astype(int) - blue).max() <= 1         # map value 0 everywhere
+    bar = fig[top:, 120:].astype(int)
+    red = (np.array(matplotlib.colormaps["jet"](1.0)[:3]) * 255).astype(int)
+    assert (np.abs(bar[:3] - red).max(-1) <= 2).any() and (np.abs(bar[-3:] - blue).max(-1) <= 2).any()
+    assert np.asarray(captioned(im, "heatmap off")).shape[1] == 120       # no map: no colour bar
+
+
+def test_an_outlier_token_is_found_and_no_relevance_flows_through_it():
+    """A synthetic 4×4 token grid with one high-norm token (a register-like artefact): it is the only
+    outlier, and although every query attends mostly to it, the rollout gives it no relevance beyond
+    its own identity term while the rest of the grid keeps theirs."""
+    import torch
+
+    from medvqa.explain.gradcam import outlier_tokens, relevance
+
+    torch.manual_seed(0)
+    T, art = 1 + 16, 1 + 9                                   # [CLS] + 16 patches; patch 9 is the artefact
+    tokens = torch.randn(1, T, 8)
+    tokens[0, art] *= 30
+    assert outlier_tokens(tokens[0, 1:]).nonzero().flatten().tolist() == [art - 1]
+    attn = torch.full((1, 2, T, T), 0.2 / (T - 1))           # (1, heads, T, T), rows sum to 1
+    attn[..., art] = 0.8 + 0.2 / (T - 1)
+    attn = attn / attn.sum(-1, keepdim=True)
+    grads = torch.ones_like(attn)
+    R = relevance([attn, attn], [grads, grads], [tokens, tokens])
+    assert R[0, art] == 0 and (R[0, 1:art] > 0).all() and (R[0, art + 1:] > 0).all()
+    plain = tokens.clone()
+    plain[0, art] /= 30                                       # the same grid without the artefact
+    assert relevance([attn], [grads], [plain])[0, art] > 0.5   # then the attention to it counts

@@ -1,19 +1,26 @@
 """Ask & compare: one image, one question, every shipped model for the chosen dataset side by
 side, with top-k confidences, the AHead's free-form answer, agreement, ground truth when known,
-and a saliency overlay per model (by default each model's own best-localising map)."""
+and a saliency overlay per model (by default each model's own best-localising map), its method
+and target written on the image beside a colour bar, and a switch to hide it."""
 from __future__ import annotations
 
 import gradio as gr
 from gradio import FileData
 
 from medvqa.app.common import (DATASETS, N_SLOTS, answer_markdown, checkpoints_for, escape_md, examples, model_title,
-                               top_k_markdown)
+                               saliency_figure, top_k_markdown)
 from medvqa.data import ImageError, load_image, normalize_answer
-from medvqa.explain import GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, overlay
+from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
 from medvqa.predict import Predictor
 
-OWN_METHOD = "each model's own"   # Predictor.default_method: CMI-MTL's query attention, else the rollout
+OWN_METHOD = "each model's own"   # Predictor.default_method: the head-selected rollout
 FAST_METHODS = [OWN_METHOD] + [m for m in METHOD_NAMES if m not in SLOW_METHODS]
+
+
+def method_choices() -> list[tuple[str, str]]:
+    """The menu: (label, method); a method that pointed at the named organ less often than a random
+    point on SLAKE test says so in its label."""
+    return [(f"{m} (below a random point on SLAKE)" if m in BELOW_RANDOM else m, m) for m in FAST_METHODS]
 
 
 def ask_json(image: FileData, question: str, dataset: str) -> dict:
@@ -35,16 +42,19 @@ def ask_json(image: FileData, question: str, dataset: str) -> dict:
     return {"dataset": dataset, "question": question, "models": out}
 
 
-def _cam(ck, im, question, method, target, opacity):
+def _cam(ck, im, question, method, target, opacity, heatmap=True):
     """A slot's saliency overlay, labelled with the method shown: a method the model does not
-    support (query-attention on CMDPI) falls back to the model's own, and the label says so."""
+    support (query-attention on CMDPI) falls back to the model's own, and the label says so. With
+    the heatmap off, the plain image."""
+    if not heatmap:
+        return gr.update(visible=True, value=im, label="Saliency: heatmap off")
     p = Predictor.load(ck)
     m = method if method in p.methods else p.default_method
     tgt = target if target and target != "(predicted answer)" else None
     label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD else f" ({method}: not available for this model)")
     if tgt is not None and m in GRADIENT_FREE:
         label += " (gradient-free: the same map for every answer)"
-    return gr.update(visible=True, value=overlay(im, p.explain(im, question, method=m, target=tgt), opacity), label=label)
+    return gr.update(visible=True, value=saliency_figure(p, im, question, m, tgt, opacity), label=label)
 
 
 def _nearest(ck, im, question, dataset, k: int = 4):
@@ -65,7 +75,7 @@ def _nearest(ck, im, question, dataset, k: int = 4):
     return out
 
 
-def run_ask(file, question, dataset, method, opacity, ground_truth):
+def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True):
     try:
         im = load_image(file, name="the uploaded file") if file else None
     except ImageError as e:
@@ -91,7 +101,7 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
                          + f" the ground truth: **{escape_md(ground_truth)}**")
         outs += [gr.update(visible=True, value="\n\n".join(lines)),
                  gr.update(visible=True, value=top_k_markdown(a["top_k"])),
-                 _cam(ck, im, question, method, None, opacity),
+                 _cam(ck, im, question, method, None, opacity, heatmap),
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
         near = _nearest(ck, im, question, dataset)
@@ -100,15 +110,20 @@ def run_ask(file, question, dataset, method, opacity, ground_truth):
     return [banner, im] + outs
 
 
-def recam(slot, file, question, dataset, method, target, opacity):
+def recam(slot, file, question, dataset, method, target, opacity, heatmap=True):
     cks = checkpoints_for(dataset)
     if slot >= len(cks) or not file:
         return gr.update()
     try:
         im = load_image(file, name="the uploaded file")
-        return _cam(cks[slot], im, question, method, target, opacity)
+        return _cam(cks[slot], im, question, method, target, opacity, heatmap)
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from None
+
+
+def recam_all(file, question, dataset, method, opacity, heatmap, *targets):
+    """Every slot's map again (the heatmap switched on or off)."""
+    return [recam(i, file, question, dataset, method, t, opacity, heatmap) for i, t in enumerate(targets)]
 
 
 def build_tab():
@@ -122,8 +137,9 @@ def build_tab():
                 question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
                 dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
                 with gr.Row():
-                    method = gr.Dropdown(FAST_METHODS, value=OWN_METHOD, label="Saliency method")
+                    method = gr.Dropdown(method_choices(), value=OWN_METHOD, label="Saliency method")
                     opacity = gr.Slider(0, 1, value=0.5, step=0.05, label="Overlay opacity")
+                heatmap = gr.Checkbox(value=True, label="Heatmap")
                 ground_truth = gr.Textbox(label="Ground truth (examples fill it)", interactive=False)
                 go = gr.Button("Ask", variant="primary")
             with gr.Column(scale=3):
@@ -148,13 +164,16 @@ def build_tab():
                 e = ex[i]
                 return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
             gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
-                run_ask, [file, question, dataset, method, opacity, ground_truth],
+                run_ask, [file, question, dataset, method, opacity, ground_truth, heatmap],
                 [banner, preview] + [c for s in slots for c in s], api_visibility="private")
         file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth], api_visibility="private")
         outputs = [banner, preview] + [c for s in slots for c in s]
-        go.click(run_ask, [file, question, dataset, method, opacity, ground_truth], outputs, api_visibility="private")
-        question.submit(run_ask, [file, question, dataset, method, opacity, ground_truth], outputs, api_visibility="private")
+        inputs = [file, question, dataset, method, opacity, ground_truth, heatmap]
+        go.click(run_ask, inputs, outputs, api_visibility="private")
+        question.submit(run_ask, inputs, outputs, api_visibility="private")
         for i, (_, _, cam, tgt, _) in enumerate(slots):
-            tgt.input(lambda *a, i=i: recam(i, *a), [file, question, dataset, method, tgt, opacity], [cam],
-                      api_visibility="private")
+            tgt.input(lambda *a, i=i: recam(i, *a), [file, question, dataset, method, tgt, opacity, heatmap],
+                      [cam], api_visibility="private")
+        heatmap.change(recam_all, [file, question, dataset, method, opacity, heatmap] + [s[3] for s in slots],
+                       [s[2] for s in slots], api_visibility="private")
         gr.api(ask_json, api_name="ask")

@@ -1,5 +1,5 @@
 """What every tab shares: the shipped checkpoints per dataset, the example gallery, the built-in
-datasets' folder and the safe unpacking of uploaded case zips."""
+datasets' folder, the safe unpacking of uploaded case zips and the captioned saliency figure."""
 from __future__ import annotations
 
 import html
@@ -45,6 +45,19 @@ def checkpoints_for(dataset: str) -> list[Path]:
 def model_title(ckpt: Path) -> str:
     cfg = json.loads((Path(ckpt) / "config.json").read_text())
     return MODEL_TITLES.get(cfg["model"], cfg["model"])
+
+
+def saliency_figure(p, im, question: str, method: str, target: str | None = None, opacity: float = 0.5):
+    """The map the app shows: `method`'s saliency (Predictor `p`) for `target` (default: the predicted
+    answer), blended over the image under a caption naming the method and the answer, with a colour bar."""
+    from medvqa.explain import GRADIENT_FREE, captioned
+
+    cam = p.explain(im, question, method=method, target=target)
+    if method in GRADIENT_FREE:
+        caption = f"{method} (question-conditioned, any answer)"
+    else:
+        caption = f"{method} for {'answer' if target else 'predicted answer'} '{target or p.answer(im, question).text}'"
+    return captioned(im, caption, cam, opacity)
 
 
 def examples() -> list[dict]:

@@ -1,7 +1,8 @@
 """Review: a radiologist steps through cases (the example gallery, a built-in test split when
 its folder is present, or an uploaded zip of cases.csv + images), records for each model
-agree / disagree / corrected answer and a comment, resumes where they left off, exports CSV and
-sees agreement per model and Cohen's κ between reviewers."""
+agree / disagree / corrected answer and a comment, and whether the model's saliency map (its own
+default, shown beside the answer and kept with the verdict) points at the wrong place; resumes where
+they left off, exports CSV and sees agreement per model and Cohen's κ between reviewers."""
 from __future__ import annotations
 
 import tempfile
@@ -10,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
-                               examples, model_title, unzip_cases)
+                               examples, model_title, saliency_figure, unzip_cases)
 from medvqa.data import DataError, ImageError, load_image, load_split
 from medvqa.predict import Predictor
 from medvqa.review import VERDICTS, ReviewStore
@@ -42,10 +43,16 @@ def _source_id(source: str, upload) -> str:
     return f"upload:{Path(upload).name}" if source == "uploaded zip" and upload else source
 
 
+SLOT_WIDTH = 5   # per model: answer, verdict, correction, map, "map points at the wrong place"
+
+
 def show(cases, idx, dataset, reviewer, source_id):
-    """Outputs: position, image, question, ground truth, then (answer markdown, verdict, correction) per slot."""
+    """Outputs: position, image, question, ground truth, then (answer markdown, verdict, correction,
+    map, map-wrong box) per slot, then the maps shown as [(method, image) | None] per slot (kept
+    to be stored with the verdicts)."""
     if not cases:
-        return ["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (3 * N_SLOTS)
+        return (["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (SLOT_WIDTH * N_SLOTS)
+                + [[None] * N_SLOTS])
     c = cases[idx]
     done = ReviewStore().reviewed(reviewer, source_id) if reviewer.strip() else set()
     who = escape_md(reviewer.strip()) or "(no name yet)"
@@ -57,23 +64,29 @@ def show(cases, idx, dataset, reviewer, source_id):
     except ImageError as e:
         gr.Warning(str(e))
         im = None
-    outs = []
+    outs, shown = [], []
     cks = checkpoints_for(dataset)
     for i in range(N_SLOTS):
         if i >= len(cks) or im is None:
-            outs += [gr.update(visible=False)] * 3
+            outs += [gr.update(visible=False)] * SLOT_WIDTH
+            shown.append(None)
             continue
-        a = Predictor.load(cks[i]).answer(im, c["question"])
+        p = Predictor.load(cks[i])
+        a = p.answer(im, c["question"])
+        fig = saliency_figure(p, im, c["question"], p.default_method)
+        shown.append((p.default_method, fig))
         outs += [gr.update(visible=True, value=f"**{escape_md(model_title(cks[i]))}**: {answer_markdown(a.to_dict())}"),
-                 gr.update(visible=True, value=None), gr.update(visible=True, value="")]
-    return [pos, im, c["question"], f"Ground truth: **{escape_md(c['ground_truth']) or '—'}**"] + outs
+                 gr.update(visible=True, value=None), gr.update(visible=True, value=""),
+                 gr.update(visible=True, value=fig, label=f"{model_title(cks[i])}'s map: {p.default_method}"),
+                 gr.update(visible=True, value=False)]
+    return [pos, im, c["question"], f"Ground truth: **{escape_md(c['ground_truth']) or '—'}**"] + outs + [shown]
 
 
 def build_tab():
     with gr.Tab("Review"):
         gr.Markdown("Step through cases and record, for each model, whether you agree. Reviews are saved "
                     "on this machine (SQLite) under your name; loading the same cases resumes where you left off.")
-        cases, idx = gr.State([]), gr.State(0)
+        cases, idx, shown = gr.State([]), gr.State(0), gr.State([None] * N_SLOTS)
         with gr.Row():
             reviewer = gr.Textbox(label="Reviewer name", max_lines=1)
             dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
@@ -92,7 +105,9 @@ def build_tab():
                     ans = gr.Markdown(visible=False)
                     verdict = gr.Radio(list(VERDICTS), label="Your verdict", visible=False)
                     corrected = gr.Textbox(label="Corrected answer (for 'corrected')", visible=False, max_lines=1)
-                    slots.append((ans, verdict, corrected))
+                    cam = gr.Image(interactive=False, visible=False, height=220, label="Map")
+                    wrong = gr.Checkbox(label="map points at the wrong place", visible=False)
+                    slots.append((ans, verdict, corrected, cam, wrong))
                 comment = gr.Textbox(label="Comment", lines=2)
                 with gr.Row():
                     prev = gr.Button("◀ Previous")
@@ -102,7 +117,7 @@ def build_tab():
             export = gr.Button("Export CSV")
             csv_file = gr.File(label="Reviews (CSV)", interactive=False)
         summary = gr.Markdown()
-        view = [pos, image, question, truth] + [c for s in slots for c in s]
+        view = [pos, image, question, truth] + [c for s in slots for c in s] + [shown]
 
         def on_load(source, upload, dataset, reviewer):
             try:
@@ -127,7 +142,7 @@ def build_tab():
         skip.click(lambda *a: step(a[0], a[1], 1, *a[2:]), [cases, idx, dataset, reviewer, source, upload],
                    [idx] + view, api_visibility="private")
 
-        def on_save(cs, i, dataset, reviewer, source, upload, comment, *slot_values):
+        def on_save(cs, i, dataset, reviewer, source, upload, comment, maps, *slot_values):
             if not cs:
                 raise gr.Error("load a set of cases first")
             c, cks, sid = cs[i], checkpoints_for(dataset), _source_id(source, upload)
@@ -135,19 +150,20 @@ def build_tab():
             try:
                 im = load_image(c["image"])
                 for k, ck in enumerate(cks[:N_SLOTS]):
-                    verdict, corr = slot_values[2 * k], slot_values[2 * k + 1]
+                    verdict, corr, wrong = slot_values[3 * k: 3 * k + 3]
                     if not verdict:
                         raise ValueError(f"choose a verdict for {model_title(ck)}")
                     a = Predictor.load(ck).answer(im, c["question"])
+                    method, fig = maps[k] if k < len(maps) and maps[k] else ("", None)
                     store.record(reviewer, sid, c["qid"], ck.name, verdict, image=c["image"], question=c["question"],
                                  ground_truth=c["ground_truth"], model_answer=a.text, corrected_answer=corr or "",
-                                 comment=comment or "")
+                                 comment=comment or "", map_image=fig, map_method=method, map_wrong=bool(wrong))
             except (ValueError, ImageError) as e:
                 raise gr.Error(str(e)) from None
             return step(cs, i, 1, dataset, reviewer, source, upload) + [""]
 
-        save.click(on_save, [cases, idx, dataset, reviewer, source, upload, comment] + [c for s in slots for c in s[1:]],
-                   [idx] + view + [comment], api_visibility="private")
+        save.click(on_save, [cases, idx, dataset, reviewer, source, upload, comment, shown]
+                   + [c for s in slots for c in (s[1], s[2], s[4])], [idx] + view + [comment], api_visibility="private")
 
         def on_export():
             store = ReviewStore()
@@ -179,8 +195,8 @@ def review_export_api() -> str:
 def summary_markdown(s: dict) -> str:
     if not s["models"]:
         return "*No reviews recorded yet.*"
-    lines = ["| model | reviews | agree |", "|---|---|---|"]
-    lines += [f"| {escape_md(m)} | {v['n']} | {v['agree_pct']}% |" for m, v in sorted(s["models"].items())]
+    lines = ["| model | reviews | agree | map points at the wrong place |", "|---|---|---|---|"]
+    lines += [f"| {escape_md(m)} | {v['n']} | {v['agree_pct']}% | {v['map_wrong']} |" for m, v in sorted(s["models"].items())]
     for pair, k in s["kappa"].items():
         lines.append(f"\nCohen's κ ({escape_md(pair)}, {k['n']} shared items, agree vs not): "
                      f"**{'undefined' if k['kappa'] is None else k['kappa']}**")

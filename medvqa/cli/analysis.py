@@ -129,8 +129,9 @@ def register(sub):
     pg.add_argument("--checkpoint", required=True, action="append", help="repeat for several models")
     pg.add_argument("--root", required=True, type=Path, help="the SLAKE folder")
     pg.add_argument("--split", default="test")
-    pg.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
-    pg.add_argument("--layers", type=int, nargs="+", default=[None],
+    pg.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                    help="default: each model's own map, the one the app shows")
+    pg.add_argument("--layers", type=int, nargs="+", default=[None], 
                     help="image-backbone blocks whose input the CAM reads (default: a third of the way in)")
     pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
     pg.add_argument("--json", action="store_true")
@@ -141,7 +142,8 @@ def register(sub):
     fa.add_argument("--dataset", required=True, choices=sorted(DATASETS))
     fa.add_argument("--root", required=True, type=Path)
     fa.add_argument("--split", default="test")
-    fa.add_argument("--methods", nargs="+", default=["gradcam"], choices=sorted(METHODS))
+    fa.add_argument("--methods", nargs="+", choices=sorted(METHODS),
+                    help="default: each model's own map, the one the app shows")
     fa.add_argument("--limit", type=int, default=50, help="questions sampled from the split (seeded)")
     fa.add_argument("--steps", type=int, default=10)
     fa.add_argument("--seed", type=int, default=0)

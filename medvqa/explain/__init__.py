@@ -2,15 +2,18 @@
 for: the CLI and the app can list the method names without it."""
 # "rollout": gradient-weighted attention rollout (Chefer et al., 2021) read from the CLS row;
 # "token-rollout": the same rollout read from every output token the head is sensitive to;
+# "head-rollout": the same rollout with the last block read through one selected head (per-head selection);
 # "query-attention": the head's own question-conditioned attention over the image tokens (CMI-MTL's
 # QQ-Former, the baseline's pooling), gradient-free. Ours; the rest pytorch-grad-cam's.
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
-                "query-attention", "scorecam", "ablationcam")
+                "head-rollout", "query-attention", "scorecam", "ablationcam")
 # The default where a user does not choose: the map that localised best in the pointing game on
-# SLAKE validation, per model (docs/decisions.md): the rollout, except for CMI-MTL, whose head
-# reads the image only through the QQ-Former's question-aware queries.
-DEFAULT_METHOD = "rollout"
-MODEL_DEFAULT_METHOD = {"cmi-mtl": "query-attention"}
+# SLAKE validation, for every model (docs/saliency.md): the head-selected rollout.
+DEFAULT_METHOD = "head-rollout"
+MODEL_DEFAULT_METHOD: dict[str, str] = {}
+# Menu methods whose maximum fell in the named organ's box less often than a random point on SLAKE
+# test (docs/saliency.md): the app labels them so.
+BELOW_RANDOM = ("eigencam",)
 
 
 def default_method(model_name: str) -> str:
@@ -28,11 +31,12 @@ def supports(model, method: str) -> bool:
 SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
 GRADIENT_FREE = ("query-attention",)         # read from the head's attention: no target answer, no backbone layer
 
-__all__ = ["DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "default_method", "explain", "supports", "overlay"]
+__all__ = ["BELOW_RANDOM", "DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "captioned", "default_method", "explain",
+           "supports", "overlay"]
 
 
 def __getattr__(name):
-    if name in ("explain", "overlay"):
+    if name in ("captioned", "explain", "overlay"):
         from medvqa.explain import gradcam
 
         return getattr(gradcam, name)

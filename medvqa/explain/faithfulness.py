@@ -18,14 +18,29 @@ def _auc(y: np.ndarray) -> float:
     return float(np.trapezoid(y, dx=1.0 / (len(y) - 1)))
 
 
-def curves(predictor, image: Image.Image, question: str, cam: np.ndarray, steps: int = 10, seed: int = 0) -> dict:
-    """-> {"deletion", "insertion", "deletion_random", "insertion_random"}: AUCs for one case."""
+def random_patch_order(s: int, grid: int, rng) -> np.ndarray:
+    """The S×S pixels (flat indices) in a random order of whole patches of a grid×grid map (raster
+    order inside a patch): the random control at the map's own resolution, since a map that can only
+    rank patches would otherwise be compared with a salt-and-pepper deletion no map can make."""
+    cell = np.minimum(np.arange(s) * grid // s, grid - 1)                                       # (S,) patch row/col
+    patch = (cell[:, None] * grid + cell[None, :]).ravel()                                      # (S·S,)
+    rank = np.empty(grid * grid, int)
+    rank[rng.permutation(grid * grid)] = np.arange(grid * grid)
+    return np.lexsort((np.arange(s * s), rank[patch]))
+
+
+def curves(predictor, image: Image.Image, question: str, cam: np.ndarray, steps: int = 10, seed: int = 0,
+           grid: int | None = None) -> dict:
+    """-> {"deletion", "insertion", "deletion_random", "insertion_random"}: AUCs for one case. `grid`: the
+    map's own patch grid, whose patches the random order removes whole (default: single pixels)."""
     s = predictor.preset.encoders.image_size
     im = np.asarray(image.convert("RGB").resize((s, s), Image.BICUBIC)).astype(np.float32)       # (S, S, 3)
     blur = np.asarray(Image.fromarray(im.astype(np.uint8)).filter(ImageFilter.GaussianBlur(s / 20))).astype(np.float32)
     sal = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((s, s), Image.BILINEAR)).ravel()
     target = int(predictor.probs([image], [question])[0].argmax())
-    orders = {"": np.argsort(-sal, kind="stable"), "_random": np.random.default_rng(seed).permutation(s * s)}
+    rng = np.random.default_rng(seed)
+    orders = {"": np.argsort(-sal, kind="stable"),
+              "_random": random_patch_order(s, grid, rng) if grid else rng.permutation(s * s)}
     out = {}
     for suffix, order in orders.items():
         rank = np.empty(s * s, int)
@@ -39,8 +54,9 @@ def curves(predictor, image: Image.Image, question: str, cam: np.ndarray, steps:
     return out
 
 
-def deletion_insertion(predictors: dict, records, methods=("gradcam",), steps: int = 10, progress: bool = True) -> dict:
-    """Mean AUCs per model and method over the records, with the random-order baselines and a 95 %
+def deletion_insertion(predictors: dict, records, methods=None, steps: int = 10, progress: bool = True) -> dict:
+    """Mean AUCs per model and method (default: each model's own map) over the records, with the
+    random-order baselines (whole patches of the map's grid in a random order) and a 95 %
     bootstrap interval of the paired difference map − random over the questions (deletion: below 0
     is faithful; insertion: above 0). A method a model does not support is listed under "skipped"."""
     from tqdm.auto import tqdm
@@ -50,14 +66,15 @@ def deletion_insertion(predictors: dict, records, methods=("gradcam",), steps: i
 
     results, skipped = [], []
     for name, p in predictors.items():
-        for method in methods:
+        for method in methods or [p.default_method]:   # default: the model's own map
             if method not in p.methods:
                 skipped.append({"model": name, "method": method})
                 continue
             rows = []
             for r in tqdm(records, desc=f"{name} {method}", disable=None if progress else True, leave=False):
                 im = load_image(r.image)
-                rows.append(curves(p, im, r.question, p.explain(im, r.question, method=method), steps))
+                rows.append(curves(p, im, r.question, p.explain(im, r.question, method=method), steps,
+                                   grid=p.encoders.grid))
             mean = {k: round(float(np.mean([x[k] for x in rows])), 4) for k in rows[0]} if rows else {}
             diff_ci = {f"{k}_vs_random_ci95": [round(v, 4) for v in bootstrap_mean_ci([x[k] - x[k + "_random"] for x in rows])]
                        for k in ("deletion", "insertion")} if rows else {}

@@ -25,6 +25,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from medvqa.data import InputError
 from medvqa.explain import DEFAULT_METHOD, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, supports
 
+ROLLOUTS = {"rollout": "cls", "token-rollout": "tokens", "head-rollout": "head"}   # method -> readout
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
                "eigencam": EigenCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
 
@@ -63,6 +64,18 @@ def vit_reshape(grid: int):
     return reshape
 
 
+OUTLIER_MADS = 6.0   # a token this many scaled MADs above its image's median norm is an outlier
+
+
+def outlier_tokens(tokens: torch.Tensor, k: float = OUTLIER_MADS) -> torch.Tensor:
+    """(N, D) patch tokens of one image -> (N,) bool: norm above median + k·1.4826·MAD (a robust
+    z-score; the MAD, not the std, so a few huge tokens cannot hide themselves by inflating it).
+    The high-norm tokens ViTs without registers write into background patches (Darcet et al. 2024)."""
+    n = tokens.norm(dim=-1)
+    med = n.median()
+    return n > med + k * 1.4826 * (n - med).abs().median()
+
+
 def default_layer(encoders) -> int:
     """A third of the way into the image backbone. On SLAKE validation (60 questions, baseline-slake,
     `medvqa pointing-game --split validate --layers …`) GradCAM++ hit 6.7 / 13.3 / 15.0 / 28.3 / 25.0 %
@@ -87,9 +100,8 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise InputError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
-    if method in ("rollout", "token-rollout"):
-        m = gradient_rollout(wrapper, x, target, start=layer % len(blocks),
-                             readout="tokens" if method == "token-rollout" else "cls")   # (grid, grid)
+    if method in ROLLOUTS:
+        m = gradient_rollout(wrapper, x, target, start=layer % len(blocks), readout=ROLLOUTS[method])  # (grid, grid)
     elif method == "query-attention":
         m = query_attention(wrapper, x)                                                  # (grid, grid)
     else:
@@ -118,34 +130,56 @@ def eager_attention(vit):
 
 
 ROLLOUT_SIGMA = 1.0   # patches; see gradient_rollout
+# The head whose [CLS] attention "head-rollout" reads in the last block: head 3 of 6 (index 2) of
+# DINOv2-S's block 12, chosen on SLAKE validation among every block's heads (docs/saliency.md).
+ROLLOUT_HEAD = 2
+
+
+def relevance(attn, grads, tokens, until: int | None = None) -> torch.Tensor:
+    """Chefer et al.'s rollout, Eq. 5–6: R ← R + Ā R over the blocks, R = I at the start, with
+    Ā = mean_heads((∇A ⊙ A)⁺) and the key columns of each block's outlier input tokens zeroed
+    (`outlier_tokens`), so that no relevance flows through a high-norm artefact token.
+    attn, grads: per block (1, heads, T, T); tokens: each block's input (1, T, D); `until`: the
+    number of blocks to use (default all). -> R (T, T)."""
+    T = attn[0].shape[-1]
+    R = torch.eye(T)                                                    # (T, T)
+    for a, g, t in list(zip(attn, grads, tokens))[:until]:
+        keep = torch.ones(T)
+        keep[1:] = (~outlier_tokens(t[0, 1:])).float()                  # (T,): the [CLS] key is always kept
+        R = R + ((g * a).clamp(min=0).mean(1)[0] * keep) @ R
+    return R
 
 
 def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sigma: float = ROLLOUT_SIGMA,
                      readout: str = "cls") -> np.ndarray:
     """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
-    attention-model explainability", Eq. 5–6): from block `start` on, R ← R + Ā R with
-    Ā = mean_heads((∇A ⊙ A)⁺) and R = I at the start. Unlike a CAM it follows attention back
-    from the tokens the head reads to the patches they gathered from.
+    attention-model explainability"; `relevance`) from block `start` on. Unlike a CAM it follows
+    attention back from the tokens the head reads to the patches they gathered from.
     readout "cls": the map is the CLS token's row of R over the patch grid (Chefer's choice for a
     classifier on [CLS]). "tokens": the rows of every output token h_t, weighted by |∇h_t · h_t|,
     since no head here reads only the CLS token (CMI-MTL's QQ-Former cross-attends to all of them);
     the magnitude, because a token that argues against the answer is read as much as one that
     argues for it (on SLAKE validation the signed weights localised worse: docs/decisions.md).
+    "head" (per-head selection): the last block's Ā is replaced by one head's [CLS] attention
+    (ROLLOUT_HEAD), carried back through R of the blocks before it; the heads' mean there is where the
+    gradient-weighted maps lose the organ (docs/saliency.md).
     The grid is then Gaussian-smoothed (σ = 1 patch): a single patch's peak is noise, a region's
     is not. -> (grid, grid) float32."""
     vit = wrapper.encoders.image
     with eager_attention(vit):
-        out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True)
+        out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True, output_hidden_states=True)
         h = out.last_hidden_state                                       # (1, T, D)
         attn = out.attentions[start:]                                   # each (1, heads, T, T)
         for t in (h, *attn):
             t.retain_grad()
         wrapper.head(h)[0, target].backward()
-    T = attn[0].shape[-1]
-    R = torch.eye(T)                                                    # (T, T)
-    for a in attn:
-        R = R + (a.grad * a).clamp(min=0).mean(1)[0].detach() @ R
-    row = R[0] if readout == "cls" else (h.grad * h)[0].sum(-1).abs().detach() @ R   # (T,)
+    grads = [a.grad for a in attn]
+    attn, inputs = [a.detach() for a in attn], [t.detach() for t in out.hidden_states[start:-1]]
+    if readout == "head":
+        row = attn[-1][0, ROLLOUT_HEAD, 0] @ relevance(attn, grads, inputs, until=len(attn) - 1)  # (T,)
+    else:
+        R = relevance(attn, grads, inputs)
+        row = R[0] if readout == "cls" else (h.grad * h)[0].sum(-1).abs().detach() @ R          # (T,)
     g = wrapper.encoders.grid
     m = row[-g * g:].reshape(g, g).numpy()
     return gaussian_filter(m, sigma) if sigma > 0 else m
@@ -160,7 +194,8 @@ def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA) -> 
     (docs/decisions.md). -> (grid, grid) float32."""
     if not supports(wrapper.model, "query-attention"):
         raise InputError("query-attention reads a question-conditioned attention over the image tokens, which "
-                         f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); use rollout")
+                         f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); "
+                         "use head-rollout")
     with torch.no_grad():
         a = wrapper.model.image_attention(wrapper.batch(wrapper.image_tokens(x)))[0]      # (1+N,)
     g = wrapper.encoders.grid
@@ -174,3 +209,30 @@ def overlay(image: Image.Image, cam: np.ndarray, opacity: float = 0.5, colormap:
 
     rgb = (matplotlib.colormaps[colormap](cam)[..., :3] * 255).astype(np.uint8)
     return Image.blend(image.convert("RGB"), Image.fromarray(rgb), float(np.clip(opacity, 0, 1)))
+
+
+def captioned(image: Image.Image, caption: str, cam: np.ndarray | None = None, opacity: float = 0.5,
+              colormap: str = "jet") -> Image.Image:
+    """The image with `caption` (the map's method and target) written above it and, when a map is
+    given, the map blended over it with a colour bar on the right (map value 0 at the bottom, 1 at the
+    top): the saved PNG says what it shows without the app around it."""
+    import matplotlib
+    from PIL import ImageDraw, ImageFont
+
+    body = overlay(image, cam, opacity, colormap) if cam is not None else image.convert("RGB")
+    w, h = body.size
+    font = ImageFont.load_default(size=max(11, min(w, h) // 28))
+    pad = font.size // 2
+    top = font.size + 2 * pad
+    bar = (3 * font.size + 2 * pad) if cam is not None else 0
+    out = Image.new("RGB", (w + bar, h + top), "white")
+    out.paste(body, (0, top))
+    d = ImageDraw.Draw(out)
+    d.text((pad, pad), caption, fill="black", font=font)
+    if cam is not None:
+        ramp = np.linspace(1, 0, h)[:, None].repeat(font.size, 1)                       # (h, bar width): 1 on top
+        strip = (matplotlib.colormaps[colormap](ramp)[..., :3] * 255).astype(np.uint8)
+        out.paste(Image.fromarray(strip), (w + pad, top))
+        for v, y in ((1, top), (0, top + h - font.size)):
+            d.text((w + pad + font.size + 2, y), str(v), fill="black", font=font)
+    return out

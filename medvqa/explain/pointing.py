@@ -71,8 +71,9 @@ def random_hit_probability(case: Case) -> float:
     return float(mask.mean())
 
 
-def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), layers=(None,), progress: bool = True) -> dict:
-    """predictors: name -> Predictor. Returns hit rates (percent) per model, method and CAM layer,
+def pointing_game(predictors: dict, cases: list[Case], methods=None, layers=(None,), progress: bool = True) -> dict:
+    """predictors: name -> Predictor; methods: default each model's own map (`Predictor.default_method`,
+    what the app shows). Returns hit rates (percent) per model, method and CAM layer,
     with a 95 % interval and a paired test against the centre point (McNemar, on the questions only
     one of the two hits), and the centre- and random-point baselines. A method a model does not
     support (query-attention on CMDPI) is listed under "skipped"."""
@@ -86,7 +87,7 @@ def pointing_game(predictors: dict, cases: list[Case], methods=("gradcam",), lay
     results, skipped = [], []
     for name, p in predictors.items():
         resolved = [default_layer(p.encoders) if layer is None else layer for layer in layers]  # reported as numbers
-        for method in methods:
+        for method in methods or [p.default_method]:
             if method not in p.methods:
                 skipped.append({"model": name, "method": method})
                 continue
