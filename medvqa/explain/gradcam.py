@@ -131,7 +131,7 @@ def eager_attention(vit):
 
 ROLLOUT_SIGMA = 1.0   # patches; see gradient_rollout
 # The head whose [CLS] attention "head-rollout" reads in the last block: head 3 of 6 (index 2) of
-# DINOv2-S's block 12, chosen on SLAKE validation among every block's heads (docs/saliency.md).
+# DINOv2-S's block 12, chosen on SLAKE validation among every block's heads (docs/experiments.md, Saliency).
 ROLLOUT_HEAD = 2
 
 
@@ -162,7 +162,7 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
     argues for it (on SLAKE validation the signed weights localised worse: docs/decisions.md).
     "head" (per-head selection): the last block's Ā is replaced by one head's [CLS] attention
     (ROLLOUT_HEAD), carried back through R of the blocks before it; the heads' mean there is where the
-    gradient-weighted maps lose the organ (docs/saliency.md).
+    gradient-weighted maps lose the organ (docs/experiments.md, Saliency).
     The grid is then Gaussian-smoothed (σ = 1 patch): a single patch's peak is noise, a region's
     is not. -> (grid, grid) float32."""
     vit = wrapper.encoders.image
