@@ -84,7 +84,9 @@ class TrainConfig:
     epochs: int = 30
     batch_size: int = 32
     lr: float = 2e-4                  # lr of the new (randomly initialised) parameters
-    lr_pretrained: float = 1e-5       # lr of pretrained parameters when they are trained
+    lr_pretrained: float = 2e-5       # lr of pretrained parameters when they are trained (the unfreeze probe's)
+    tune_image_blocks: int | str = 0  # top image-backbone blocks trained (medvqa.train.tuning); "all": every block
+    tune_text_blocks: int | str = 0   # the same for the text backbone
     weight_decay: float = 0.01
     ema: float = 0.0                  # per-step decay of a weight average used for selection and saving (0: off)
     warmup: float = 0.1               # fraction of steps
@@ -150,7 +152,8 @@ def _paper() -> Preset:
         cmi_mtl=CMIMTLConfig(d=768, qqformer_layers=12, n_heads=12,  # t5-base sizes
                              t5_d_model=768, t5_layers=12, t5_heads=12, t5_ff=3072),
         baseline=BaselineConfig(d=768, hidden=1536),
-        train=TrainConfig(epochs=50, batch_size=8, lr=2.5e-4, lr_pretrained=5e-6),
+        train=TrainConfig(epochs=50, batch_size=8, lr=2.5e-4, lr_pretrained=5e-6,
+                          tune_image_blocks="all", tune_text_blocks="all"),   # end to end, as both papers
     )
 
 

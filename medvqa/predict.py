@@ -77,12 +77,18 @@ def resolve_checkpoint(name_or_dir) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _encoders(enc_key: tuple):
+def _encoders(enc_key: tuple, tuned_from: Path | None = None):
+    """The backbones of an encoder config; with `tuned_from` (a checkpoint folder) its trained top
+    blocks swapped in, so every caller of the Predictor reads the tuned backbone."""
     from medvqa.config import EncoderConfig
     from medvqa.models.encoders import Encoders
+    from medvqa.train.checkpoint import load_tuned
 
     with torch.inference_mode(False):  # weights made under inference mode could never serve Grad-CAM
-        return Encoders(EncoderConfig(**dict(enc_key)))
+        enc = Encoders(EncoderConfig(**dict(enc_key)))
+        if tuned_from is not None:
+            enc.load_tuned(load_tuned(tuned_from))
+        return enc
 
 
 class Predictor:
@@ -110,7 +116,10 @@ class Predictor:
 
     @property
     def encoders(self):
-        return _encoders(tuple(sorted(asdict(self.preset.encoders).items())))
+        from medvqa.train.checkpoint import TUNED_FILE
+
+        tuned = self.path if (Path(self.path) / TUNED_FILE).is_file() else None
+        return _encoders(tuple(sorted(asdict(self.preset.encoders).items())), tuned)
 
     # -- batched tokens ---------------------------------------------------------------------------
     def _tokens(self, images, questions) -> dict:

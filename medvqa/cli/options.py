@@ -23,6 +23,7 @@ class Option:
     choices: tuple = ()
     check: Callable | None = None               # (value, preset) -> why the value is refused, or None
     stages: tuple = ("train", "pretrain")
+    type: Callable | None = None                # default: the field's own type
 
     @property
     def name(self) -> str:
@@ -64,6 +65,11 @@ GROUPS = (
                check=lambda v, p: None if v >= 0 else "use 0 (off) or a positive count"),
         Option("val_fraction", "held-out slice of train for selection when the dataset has no validation "
                                "split (0: train on all of train and keep the last epoch)", check=_probability),
+        Option("tune_image_blocks", "train the image backbone's top K blocks and its final norm from the cached "
+                                    "input of block L-K (all: every block; paper preset: all)",
+               flag="--tune-image-blocks", type=str, stages=("train",)),
+        Option("tune_text_blocks", "the same for the text backbone", type=str, stages=("train",)),
+        Option("lr_pretrained", "learning rate of the tuned backbone blocks", stages=("train",)),
     )),
     ("options of every model", MODEL, None, (
         Option("dropout", "dropout of the model: CMI-MTL QQ-Former, fusion, classifier; CMDPI encoders and "
@@ -125,7 +131,8 @@ def add_options(sp, stage: str, models) -> dict:
                 continue
             kind = type(getattr(getattr(p, SECTIONS["baseline"] if section == MODEL else section), o.field))
             choices = ("on", "off") if kind is bool else o.choices or None
-            g.add_argument(o.name, dest=dest(section, o), type=None if kind in (bool, str) else kind, choices=choices,
+            g.add_argument(o.name, dest=dest(section, o), type=o.type or (None if kind in (bool, str) else kind),
+                           choices=choices,
                            metavar=None if choices else o.name[2:].upper().replace("-", "_"),
                            help=f"{o.help} (offline preset: {_default(section, o.field)})".replace("%", "%%"))
     return groups

@@ -43,6 +43,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     from medvqa.data import dataset_splits
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
+    from medvqa.train import tuning
     from medvqa.train.data import prepare
 
     known = {"cmdpi": cmdpi.ABLATIONS, "cmi-mtl": ABLATIONS}.get(a.model, ())
@@ -83,7 +84,14 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     _init_distributed(t)
     torch.manual_seed(t.seed)
     enc = Encoders(preset.encoders)
-    data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit)
+    for kind in tuning.KINDS:   # "all" -> a count, so that config.json says which blocks
+        try:
+            k = tuning.resolve_blocks(getattr(t, f"tune_{kind}_blocks"), len(enc.blocks(kind)), f"--tune-{kind}-blocks")
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        setattr(t, f"tune_{kind}_blocks", k)
+    data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit,
+                   starts=tuning.starts(enc, tuning.tuned_blocks(t)))
     return preset, enc, data
 
 
@@ -115,10 +123,11 @@ def cmd_train(a):
     from medvqa.calibration import NO_HELD_OUT, fit_report, labels_of, top1
     from medvqa.eval import evaluate
     from medvqa.models.registry import build
-    from medvqa.train.checkpoint import load_checkpoint, read_config, save_checkpoint
+    from medvqa.train.checkpoint import read_config, save_checkpoint
     from medvqa.train.data import cmdpi_finetune_set, similar_images, text_vocab
-    from medvqa.train.samplers import GroupBatchSampler
+    from medvqa.train.samplers import GroupBatchSampler, ImageBatchSampler
     from medvqa.train.trainer import dataset_logits, fit
+    from medvqa.train.tuning import TunedBackbone, load_trained, tuned_blocks
 
     if a.init and a.model != "cmdpi":
         raise UserError(f"--init is a CMDPI option: --model {a.model} does not take it")
@@ -130,18 +139,23 @@ def cmd_train(a):
     if a.model == "cmdpi":
         extra["text_vocab"] = init_cfg["text_vocab"] if init_cfg else text_vocab([data.train])
     model = build(a.model, preset, len(data.vocab), ahead_vocab=data.ahead_vocab, text_vocab=extra.get("text_vocab"))
+    if a.model == "cmdpi" and a.init:
+        _load_init(model, a.init, a.json)
+        extra["init"] = str(a.init)
+    tuned = TunedBackbone(model, enc, tuned_blocks(t)) if any(tuned_blocks(t).values()) else None
     if a.model == "cmdpi":
-        if a.init:
-            _load_init(model, a.init, a.json)
-            extra["init"] = str(a.init)
         c = preset.cmdpi
         similar = None
         if "diff" not in c.ablate:
             similar, extra["similar_images"] = similar_images(model, data.train, c.sim_threshold,
-                                                              pretrained=bool(a.init))
+                                                              pretrained=bool(a.init), backbone=tuned)
         train_ds, groups = cmdpi_finetune_set(data, preset, enc, similar, progress=not a.json)
         if "mixup" not in c.ablate:
             sampler = GroupBatchSampler(groups, t.batch_size, pairs=True, seed=t.seed)
+    if tuned is not None:
+        model = tuned
+        if sampler is None:   # whole images per batch: a tuned block runs once per image and step
+            sampler = ImageBatchSampler([r.image for r in train_ds.records], t.batch_size, seed=t.seed)
     config = _base_config(a, preset, data, model, **extra)
     work = Path(a.workdir or Path("runs") / Path(a.out).name)
     cb = getattr(a, "callbacks", None)   # the app's Fine-tune tab drives these
@@ -156,7 +170,7 @@ def cmd_train(a):
             return 0
     if not (work / "best").is_dir():
         raise UserError("training stopped before the first epoch finished; nothing to save")
-    best, _, _ = load_checkpoint(work / "best")
+    best = load_trained(work / "best", enc)
     if data.val is not None:   # T on the questions selection used, which training never saw; never on test
         config.update(fit_report(dataset_logits(best, data.val), labels_of(data.val.records, data.vocab),
                                  f"fitted on {data.selection}: {len(data.val)} questions"))

@@ -90,15 +90,19 @@ class FeatureCache:
         bar.close()
         return out
 
-    def images(self, paths, view: int = 0) -> dict:
+    def images(self, paths, view: int = 0, start: int | None = None) -> dict:
         """path -> {"tokens": (1+N, Di) float16} (CLS first) of the image (view 0) or of its
-        augmented training view `view`."""
+        augmented training view `view`: the backbone's output, or with `start` the input of block
+        `start` (for training the blocks from there on, medvqa.train.tuning)."""
         def encode(payloads):
             px = self.enc.preprocess([_view(p) for p in payloads])
+            if start is not None:
+                return {"tokens": self.enc.image_states(px, start).half()}
             g, loc = self.enc.encode_image(px)
             return {"tokens": torch.cat([g[:, None], loc], 1).half()}
-        desc = f"caching image features (view {view})" if view else "caching image features"
-        return self._fill(self._image_items(paths, view), _view_key(self.enc.image_key(), view), encode, desc)
+        desc = "caching image features" + (f" (view {view})" if view else "") + (f" (block {start} input)"
+                                                                                if start is not None else "")
+        return self._fill(self._image_items(paths, view), _view_key(self.enc.image_key(start), view), encode, desc)
 
     def pixels(self, paths, size: int, view: int = 0) -> dict:
         """path -> (3, size, size) uint8: the image (or its view `view`) as the encoder sees it
@@ -113,15 +117,21 @@ class FeatureCache:
                          "caching pixel targets")
         return {k: v["pixels"] for k, v in out.items()}
 
-    def questions(self, questions) -> dict:
-        """question -> {"tokens": (L, Dt) float16, "pooled": (Dt,), "input_ids": (L,)} (unpadded)."""
+    def questions(self, questions, start: int | None = None) -> dict:
+        """question -> {"tokens": (L, Dt) float16, "pooled": (Dt,), "input_ids": (L,)} (unpadded);
+        with `start`, "tokens" is the input of text block `start` and there is no "pooled" (the
+        tuned blocks make it)."""
         items = [(q, _sha1(q.encode()), q) for q in dict.fromkeys(questions)]
 
         def encode(qs):
             t = self.enc.tokenize(qs)
-            pooled, h = self.enc.encode_text(t["input_ids"], t["attention_mask"])
+            if start is None:
+                pooled, h = self.enc.encode_text(t["input_ids"], t["attention_mask"])
+            else:
+                pooled, h = None, self.enc.text_states(t["input_ids"], t["attention_mask"], start)
             lens = t["attention_mask"].sum(1)
             # Unpad per question so the cached entry does not depend on the batch it was encoded in.
-            return {"tokens": [h[i, :lens[i]].half() for i in range(len(qs))], "pooled": pooled.half(),
-                    "input_ids": [t["input_ids"][i, :lens[i]] for i in range(len(qs))]}
-        return self._fill(items, self.enc.text_key(), encode, "caching question features")
+            return {"tokens": [h[i, :lens[i]].half() for i in range(len(qs))],
+                    "input_ids": [t["input_ids"][i, :lens[i]] for i in range(len(qs))]} | (
+                {"pooled": pooled.half()} if pooled is not None else {})
+        return self._fill(items, self.enc.text_key(start), encode, "caching question features")

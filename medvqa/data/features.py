@@ -36,8 +36,8 @@ class FeatureDataset(Dataset):
         item = {
             "index": i,
             "image_tokens": feats[v][r.image]["tokens"],                  # (1+N, Di)
+            "view": v,
             "text_tokens": q["tokens"],                                   # (L, Dt)
-            "text_pooled": q["pooled"],                                   # (Dt,)
             "input_ids": q["input_ids"],                                  # (L,)
             "label": self.vocab.encode(r.answer_norm),
             "is_open": r.answer_type == "OPEN",
@@ -47,6 +47,8 @@ class FeatureDataset(Dataset):
             "text_id": self.text_index[r.question],
             "is_caption": bool(r.extra.get("caption")),
         }
+        if "pooled" in q:   # absent when the cache holds a text block's input (medvqa.train.tuning)
+            item["text_pooled"] = q["pooled"]                             # (Dt,)
         if self.pixels is not None:
             item["pixels"] = [self.pixels, *self.pixel_views][v][r.image]
         if self.similar is not None:
@@ -69,11 +71,13 @@ def collate(items: list[dict]) -> dict:
         optional["pixels"] = torch.stack([it["pixels"] for it in items])                         # (B, 3, S, S) uint8
     if "similar_image_tokens" in items[0]:
         optional["similar_image_tokens"] = torch.stack([it["similar_image_tokens"].float() for it in items])
+    if "text_pooled" in items[0]:
+        optional["text_pooled"] = torch.stack([it["text_pooled"].float() for it in items])      # (B, Dt)
     return optional | {
         "index": torch.tensor([it["index"] for it in items]),
         "image_tokens": torch.stack([it["image_tokens"].float() for it in items]),   # (B, 1+N, Di)
+        "view": torch.tensor([it["view"] for it in items]),                          # (B,) 0 = the image itself
         "text_tokens": tokens, "text_mask": mask, "input_ids": ids,                  # (B, L, Dt), (B, L)
-        "text_pooled": torch.stack([it["text_pooled"].float() for it in items]),     # (B, Dt)
         "label": torch.tensor([it["label"] for it in items]),                        # (B,), -1 = not in vocab
         "is_open": torch.tensor([it["is_open"] for it in items]),
         "answer": [it["answer"] for it in items],

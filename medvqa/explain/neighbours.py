@@ -14,8 +14,10 @@ import numpy as np
 def _index_path(predictor) -> Path:
     from medvqa.models.encoders import cache_dir
 
-    weights = Path(predictor.path) / "model.safetensors"
-    digest = hashlib.sha1(weights.read_bytes()[: 1 << 20] + str(weights.stat().st_size).encode()).hexdigest()[:16]
+    h = hashlib.sha1()
+    for f in sorted(Path(predictor.path).glob("*.safetensors")):   # the model and any tuned backbone blocks
+        h.update(f.read_bytes()[: 1 << 20] + str(f.stat().st_size).encode())
+    digest = h.hexdigest()[:16]
     return cache_dir() / "neighbours" / f"{Path(predictor.path).name}-{digest}"
 
 

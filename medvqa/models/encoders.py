@@ -36,6 +36,12 @@ def pool_patch_grid(tokens, size: int):
     return torch.cat([cls, loc.flatten(2).transpose(1, 2)], 1)
 
 
+def mean_pool(h, mask):
+    """(B, L, D) token states, (B, L) mask (1 = real) -> (B, D): MiniLM's trained sentence vector."""
+    m = mask.unsqueeze(-1).to(h.dtype)
+    return (h * m).sum(1) / m.sum(1).clamp_min(1)
+
+
 class BackboneUnavailable(RuntimeError):
     """A backbone's weights cannot be had here; the message says what to do instead."""
 
@@ -194,6 +200,7 @@ class Encoders(nn.Module):
 
     def __init__(self, cfg, pretrained: bool = True):
         super().__init__()
+        self.tuned = {}   # kind -> (lowest tuned block, digest): trained top blocks swapped in (load_tuned)
         with torch.random.fork_rng():  # seeding the random tiny backbones must not touch the caller's RNG
             self._build(cfg, pretrained)
         self.requires_grad_(False)
@@ -242,12 +249,22 @@ class Encoders(nn.Module):
                               max_position_embeddings=514, type_vocab_size=1, pad_token_id=self.tokenizer.pad_token_id),
                 add_pooling_layer=False))
 
-    # The key under which cached features are valid: backbone identity + preprocessing.
-    def image_key(self) -> str:
-        return f"{self.cfg.image}-{self.cfg.image_size}-squash-bicubic"
+    # The key under which cached features are valid: backbone identity + preprocessing, the layer
+    # read (`start`: the input of block `start`; None: the output) and, for the output, the digest
+    # of any trained blocks swapped in (load_tuned).
+    def image_key(self, start: int | None = None) -> str:
+        return self._key("image", f"{self.cfg.image}-{self.cfg.image_size}-squash-bicubic", start)
 
-    def text_key(self) -> str:
-        return f"{self.cfg.text}-len{self.cfg.max_question_len}"
+    def text_key(self, start: int | None = None) -> str:
+        return self._key("text", f"{self.cfg.text}-len{self.cfg.max_question_len}", start)
+
+    def _key(self, kind: str, base: str, start: int | None) -> str:
+        tuned = self.tuned.get(kind)               # (lowest tuned block, digest of the tuned tensors)
+        if start is None:
+            return f"{base}-tuned-{tuned[1]}" if tuned else base
+        if tuned and start > tuned[0]:
+            raise ValueError(f"the input of {kind} block {start} depends on tuned block {tuned[0]}")
+        return f"{base}-block{start}"
 
     def preprocess(self, images) -> torch.Tensor:
         """RGB PIL images -> (B, 3, S, S) normalised; squash resize, since a crop may cut the finding."""
@@ -271,14 +288,51 @@ class Encoders(nn.Module):
 
     def encode_text(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.text(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, L, Dt)
-        m = attention_mask.unsqueeze(-1).to(h.dtype)
-        return (h * m).sum(1) / m.sum(1).clamp_min(1), h  # mean pooling: MiniLM's trained sentence vector
+        return mean_pool(h, attention_mask), h
 
     def question_inputs(self, questions: list[str]) -> dict:
         """The text half of a model batch: padded question tokens, mask, pooled vector and ids."""
         t = self.tokenize(questions)
         pooled, h = self.encode_text(t["input_ids"], t["attention_mask"])
         return {"text_tokens": h, "text_mask": t["attention_mask"], "text_pooled": pooled, "input_ids": t["input_ids"]}
+
+    # -- the top blocks a checkpoint may train (medvqa.train.tuning) ------------------------------
+    def blocks(self, kind: str) -> nn.ModuleList:
+        """The transformer blocks of the "image" or "text" backbone, bottom first."""
+        m = self.image if kind == "image" else self.text
+        m = getattr(m, "vision_model", m)                                     # CLIP wraps its tower
+        return m.encoder.layers if hasattr(m.encoder, "layers") else m.encoder.layer
+
+    def final_norm(self, kind: str) -> nn.Module:
+        """What follows the last block in last_hidden_state: DINOv2's LayerNorm; nothing for CLIP
+        (its post-LayerNorm feeds only the pooler) nor for the post-norm BERT-style text encoders."""
+        return self.image.layernorm if kind == "image" and self.image_kind == "dinov2" else nn.Identity()
+
+    def image_states(self, pixel_values, start: int) -> torch.Tensor:
+        """(B, 3, S, S) -> (B, 1+N, Di): the input of image block `start` (0: the embeddings' output)."""
+        return self.image(pixel_values=pixel_values, output_hidden_states=True).hidden_states[start]
+
+    def text_states(self, input_ids, attention_mask, start: int) -> torch.Tensor:
+        """-> (B, L, Dt): the input of text block `start` (0: the embeddings' output)."""
+        return self.text(input_ids=input_ids, attention_mask=attention_mask,
+                         output_hidden_states=True).hidden_states[start]
+
+    def load_tuned(self, tensors: dict):
+        """Swap trained top blocks in (tensor names as in this module's state dict); the feature
+        keys of the outputs then carry their digest, so no cache ever serves the frozen features."""
+        own = self.state_dict()
+        bad = [k for k, v in tensors.items() if k not in own or own[k].shape != v.shape]
+        if bad:
+            raise ValueError(f"tuned tensors that are not in this backbone: {bad[:3]}")
+        self.load_state_dict(tensors, strict=False)
+        names = {m: n for n, m in self.named_modules()}
+        for kind in ("image", "text"):
+            keys = sorted(k for k in tensors if k.startswith(kind + "."))
+            if keys:
+                start = min((i for i, b in enumerate(self.blocks(kind)) if any(k.startswith(names[b] + ".") for k in keys)),
+                            default=len(self.blocks(kind)))
+                digest = hashlib.sha1(b"".join(k.encode() + tensors[k].numpy().tobytes() for k in keys)).hexdigest()
+                self.tuned[kind] = (start, digest[:16])
 
     @property
     def grid(self) -> int:

@@ -1,7 +1,9 @@
-"""Checkpoints are folders: model.safetensors + config.json + metrics.json, written atomically.
+"""Checkpoints are folders: model.safetensors + config.json + metrics.json, written atomically,
+and backbone.safetensors when the backbones' top blocks were trained (medvqa.train.tuning).
 
-Only what the pip-installed backbones cannot rebuild is stored (the backbones are never saved).
-Tensors are stored in float16 when float32 would exceed the size budget; they load back as float32.
+Only what the pip-installed backbones cannot rebuild is stored: of a backbone, only its tuned blocks,
+each tensor in float16 where that holds (fp16_where_it_holds). The model's tensors are stored in
+float16 when float32 would exceed the size budget; everything loads back as float32.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 MAX_BYTES = 20 * 1024 * 1024
+TUNED_FILE = "backbone.safetensors"
 
 
 class CheckpointError(ValueError):
@@ -29,23 +32,40 @@ def git_revision() -> str:
         return "unknown"
 
 
+def fp16_where_it_holds(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float16 unless that loses it: an overflow, or a tensor so small throughout (a
+    layer-scale near 0) that float16's subnormals round it by more than 0.1 % of its largest value."""
+    if not t.is_floating_point():
+        return t
+    h = t.half()
+    ok = bool(torch.isfinite(h).all()) and float((h.float() - t.float()).abs().max()) <= 1e-3 * float(t.abs().max())
+    return h if ok else t
+
+
 def save_checkpoint(out: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None):
-    """Write to `<out>.tmp-<pid>`, then swap it in: readers never see half a checkpoint."""
+    """Write to `<out>.tmp-<pid>`, then swap it in: readers never see half a checkpoint. A model
+    behind tuned backbone blocks (medvqa.train.tuning.TunedBackbone) writes those to TUNED_FILE."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    tuned = {}
+    if hasattr(model, "backbone_tensors"):
+        tuned = {k: fp16_where_it_holds(v.detach().cpu().contiguous()) for k, v in model.backbone_tensors().items()}
+        model = model.model
     sd, seen = {}, set()
     for k, v in model.state_dict().items():  # tied weights (T5 embeddings / lm_head) are stored once
         key = (v.data_ptr(), v.shape)
         if key not in seen:
             seen.add(key)
             sd[k] = v.detach().cpu().contiguous()
-    n_bytes = sum(v.numel() * v.element_size() for v in sd.values())
+    n_bytes = sum(v.numel() * v.element_size() for v in (*sd.values(), *tuned.values()))
     dtype = "float16" if n_bytes > MAX_BYTES else "float32"
     if dtype == "float16":
         sd = {k: v.half() if v.is_floating_point() else v for k, v in sd.items()}
     save_file(sd, str(tmp / "model.safetensors"))
+    if tuned:
+        save_file(tuned, str(tmp / TUNED_FILE))
     (tmp / "config.json").write_text(json.dumps({**config, "stored_dtype": dtype}, indent=1))
     (tmp / "metrics.json").write_text(json.dumps(metrics or {}, indent=1))
     old = out.with_name(f".{out.name}.old-{os.getpid()}")
@@ -77,7 +97,7 @@ def read_config(ckpt: Path) -> dict:
 def load_weights(model: torch.nn.Module, ckpt: Path):
     """`ckpt`/model.safetensors into `model`, as float32. Tied tensors (T5 embeddings / lm_head),
     stored once, load through the tensor they share; any other missing or extra key is an error."""
-    sd = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(Path(ckpt) / "model.safetensors")).items()}
+    sd = _float32(load_file(str(Path(ckpt) / "model.safetensors")))
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
@@ -87,6 +107,19 @@ def load_weights(model: torch.nn.Module, ckpt: Path):
     if untied or unexpected:
         raise CheckpointError(f"{ckpt}: weights do not fit the model in config.json "
                               f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
+
+
+def load_tuned(ckpt: Path) -> dict | None:
+    """The tuned backbone tensors of a checkpoint (float32, named as in Encoders' state dict), or
+    None when its backbones are the frozen pretrained ones."""
+    path = Path(ckpt) / TUNED_FILE
+    if not path.is_file():
+        return None
+    return _float32(load_file(str(path)))
+
+
+def _float32(sd: dict) -> dict:
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
 def load_checkpoint(ckpt: Path):

@@ -42,7 +42,10 @@ def held_out(loaded: dict, t) -> tuple[list, list, str]:
 
 
 def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", cache_root=None,
-            progress: bool = True, limit: int | None = None) -> Prepared:
+            progress: bool = True, limit: int | None = None, starts: dict | None = None) -> Prepared:
+    """starts: {"image" | "text": block} to cache that block's input instead of the backbone's
+    output, for training the blocks from there on (medvqa.train.tuning)."""
+    starts = starts or {}
     splits = dataset_splits(dataset, root)
     loaded = {s: load_split(dataset, root, s) for s in splits}
     problems = [f"{s}: {p}" for s, sp in loaded.items() for p in sp.problems]
@@ -54,8 +57,8 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
              else AnswerVocab.build(loaded["train"].records))
     everything = train + val + test
     cache = FeatureCache(encoders, root=cache_root, progress=progress)
-    imgs = cache.images([r.image for r in everything])
-    qs = cache.questions([r.question for r in everything])
+    imgs = cache.images([r.image for r in everything], start=starts.get("image"))
+    qs = cache.questions([r.question for r in everything], start=starts.get("text"))
     tok = encoders.tokenizer
     ans_ids = answer_token_ids(tok, sorted({r.answer_norm for r in train}), preset.cmi_mtl.max_answer_len)
     # AHead's compact vocabulary: pad (decoder start), end, unknown, then the pieces of train answers
@@ -66,7 +69,8 @@ def prepare(dataset: str, root, preset, encoders, vocab_protocol: str = "all", c
         print(f"warning: {len(problems)} records skipped, e.g. {problems[0]}", file=sys.stderr)
     tr = make(train)
     if tr is not None:  # augmented views of the training images only: validation and test see the image
-        tr.views = [cache.images([r.image for r in train], view=v) for v in range(1, preset.train.image_views + 1)]
+        tr.views = [cache.images([r.image for r in train], view=v, start=starts.get("image"))
+                    for v in range(1, preset.train.image_views + 1)]
     return Prepared(tr, make(val), make(test), vocab, specials + pieces, selection, problems)
 
 
@@ -86,13 +90,17 @@ def pixel_size(preset) -> int:
 
 
 @torch.no_grad()
-def similar_images(model, ds, threshold: float, pretrained: bool) -> tuple[dict, dict]:
+def similar_images(model, ds, threshold: float, pretrained: bool, backbone=None) -> tuple[dict, dict]:
     """Difference reconstruction's partners: for each training image, the other training images
     whose global feature has cosine > threshold, or the nearest one when none passes. Features are
-    the pretrained image encoder's h_I; without pretraining, the backbone's CLS token.
+    the pretrained image encoder's h_I; without pretraining, the backbone's CLS token. `backbone`:
+    the tuned blocks (medvqa.train.tuning) when `ds` holds their inputs.
     -> (image -> list of images, summary)."""
     paths = sorted(ds.image_index)
     tokens = torch.stack([ds.image_feats[p]["tokens"].float() for p in paths])        # (I, 1+N, Di)
+    if backbone is not None and "image" in backbone.starts:
+        backbone.eval()
+        tokens = torch.cat([backbone.image_top(tokens[i:i + 64]) for i in range(0, len(paths), 64)])
     model.eval()
     h = torch.cat([model.global_features(tokens[i:i + 64]) for i in range(0, len(paths), 64)]) if pretrained \
         else tokens[:, 0]

@@ -1,4 +1,4 @@
-"""Batch samplers that put rows together by a key, for CMDPI.
+"""Batch samplers that put rows together by a key: CMDPI's groups, whole images for backbone fine-tuning.
 
 `pairs=True` (head mixup): each batch is [a1, b1, a2, b2, …] where a_i and b_i share a group —
 (organ, question type) — so h_mix mixes heads of comparable questions. `pairs=False`
@@ -34,10 +34,15 @@ class GroupBatchSampler:
         return [idx[k:k + 2] for k in range(0, len(idx), 2)]
 
     def _batches(self) -> list[list[int]]:
-        """This epoch's batches; built once per epoch (len() and iter() both ask for them)."""
+        """This epoch's batches for this rank; built once per epoch (len() and iter() both ask for them)."""
         if self._built[0] == self.epoch:
             return self._built[1]
-        rng = random.Random(self.seed * 1000 + self.epoch)
+        batches = self._epoch_batches(random.Random(self.seed * 1000 + self.epoch))
+        n = len(batches) // self.world * self.world or len(batches)    # equal count on every rank
+        self._built = (self.epoch, batches[self.rank:n:self.world])
+        return self._built[1]
+
+    def _epoch_batches(self, rng) -> list[list[int]]:
         groups = []
         for g in sorted(self.members, key=str):
             idx = self.members[g][:]
@@ -51,12 +56,29 @@ class GroupBatchSampler:
         else:
             batches = [idx[k:k + self.batch_size] for idx in groups for k in range(0, len(idx), self.batch_size)]
         rng.shuffle(batches)
-        n = len(batches) // self.world * self.world or len(batches)    # equal count on every rank
-        self._built = (self.epoch, batches[self.rank:n:self.world])
-        return self._built[1]
+        return batches
 
     def __iter__(self):
         return iter(self._batches())
 
     def __len__(self):
         return len(self._batches())
+
+
+class ImageBatchSampler(GroupBatchSampler):
+    """Whole images per batch (backbone fine-tuning, medvqa.train.tuning): images in a shuffled
+    order, each with all its questions, until a batch holds at least `batch_size` rows, so a tuned
+    block runs once per image and step. `images`: each row's image."""
+
+    def __init__(self, images: list, batch_size: int, seed: int = 0):
+        super().__init__(images, batch_size, pairs=False, seed=seed)
+
+    def _epoch_batches(self, rng) -> list[list[int]]:
+        keys = sorted(self.members, key=str)
+        rng.shuffle(keys)
+        batches, cur = [], []
+        for k in keys:
+            cur += self.members[k]
+            if len(cur) >= self.batch_size:
+                batches, cur = batches + [cur], []
+        return batches + ([cur] if cur else [])
