@@ -220,11 +220,11 @@ def test_finetune_runs_then_cancel_leaves_checkpoint(app_url, tmp_path):
 
     c = Client(app_url, verbose=False)
     z = handle_file(str(_cases_zip(tmp_path)))
-    name = c.predict("baseline", "uploaded zip", z, "tiny", 2, 1e-3, [], api_name="/finetune")
+    name = c.predict("baseline", "uploaded zip", z, "tiny", 2, 1e-3, [], 1, api_name="/finetune")   # top block trained
     s = _wait(c, ("done", "failed", "cancelled"))
     assert s["status"] == "done", s
     ck = Path(s["out"])
-    assert ck.name == name and (ck / "model.safetensors").is_file()
+    assert ck.name == name and (ck / "model.safetensors").is_file() and (ck / "backbone.safetensors").is_file()
     before = (ck / "model.safetensors").read_bytes()
     r = c.predict(handle_file(str(_img(tmp_path / "q.png", 60))), "Is there a fracture?", "folder", api_name="/ask")
     assert name in r["models"]                                   # selectable in Ask

@@ -30,8 +30,14 @@ def _cached(name: str) -> Path:
 
 
 def weights_id(ckpt: Path) -> str:
-    """Hash of the whole weights file (a fine-tune may change only some tensors)."""
-    return hashlib.sha1((Path(ckpt) / "model.safetensors").read_bytes()).hexdigest()[:16]
+    """Hash of the whole weights file (a fine-tune may change only some tensors), and of the tuned
+    backbone blocks where there are any (medvqa.train.tuning)."""
+    from medvqa.train.checkpoint import TUNED_FILE
+
+    h = hashlib.sha1((Path(ckpt) / "model.safetensors").read_bytes())
+    if (Path(ckpt) / TUNED_FILE).is_file():
+        h.update((Path(ckpt) / TUNED_FILE).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:

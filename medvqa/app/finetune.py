@@ -56,7 +56,7 @@ def _run_dir(name: str):
     return user_checkpoints_dir().parent / "runs" / name
 
 
-def _argv(model, source, upload, preset, epochs, lr, ablate, name):
+def _argv(model, source, upload, preset, epochs, lr, ablate, name, tune_image_blocks=0):
     if source == "uploaded zip":
         if not upload:
             raise ValueError("upload a zip of cases.csv (image,question,answer[,split]) and its images first")
@@ -68,7 +68,8 @@ def _argv(model, source, upload, preset, epochs, lr, ablate, name):
     out = user_checkpoints_dir() / name
     argv = ["train", "--model", model, "--preset", preset, "--dataset", dataset, "--root", str(root),
             "--out", str(out), "--workdir", str(_run_dir(name)),
-            "--epochs", str(int(epochs)), "--lr", str(float(lr)), "--no-resume", "--json"]
+            "--epochs", str(int(epochs)), "--lr", str(float(lr)), "--tune-image-blocks", str(int(tune_image_blocks or 0)),
+            "--no-resume", "--json"]
     return argv + (["--ablate", *ablate] if ablate else []), out
 
 
@@ -82,7 +83,7 @@ def _fresh_name(stem: str) -> str:
     return name
 
 
-def start(model, source, upload, preset, epochs, lr, ablate) -> str:
+def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0) -> str:
     """Start a run (raises ValueError when one is going or the settings are bad) -> checkpoint name."""
     import torch
 
@@ -97,7 +98,7 @@ def start(model, source, upload, preset, epochs, lr, ablate) -> str:
         if JOB.busy():
             raise ValueError("a fine-tuning run is already going: wait for it or cancel it")
         name = _fresh_name(f"{model}-{source.split()[0]}-ft-{time.strftime('%Y%m%d-%H%M%S')}")
-        argv, out = _argv(model, source, upload, preset, epochs, lr, ablate, name)
+        argv, out = _argv(model, source, upload, preset, epochs, lr, ablate, name, tune_image_blocks)
         ns = build_parser().parse_args(argv)
         JOB.cancel.clear()
         state = {"status": "running", "name": name, "out": str(out), "step": 0, "total": 0, "history": [],
@@ -176,6 +177,7 @@ def build_tab():
             epochs = gr.Slider(1, MAX_CPU_EPOCHS, value=3, step=1, label="Epochs")
             lr = gr.Number(value=2e-4, label="Learning rate")
             ablate = gr.CheckboxGroup(sorted(set(CMI_ABLATIONS) | set(CMDPI_ABLATIONS)), label="Ablations (switch off)")
+            tune = gr.Slider(0, 2, value=0, step=1, label="Image-backbone blocks to train (top K; 0: frozen)")
         estimate = gr.Markdown()
         with gr.Row():
             go = gr.Button("Start", variant="primary")
@@ -199,7 +201,7 @@ def build_tab():
                 raise gr.Error(str(e)) from None
             return _status_markdown(status())
 
-        go.click(on_start, [model, source, upload, preset, epochs, lr, ablate], info, api_visibility="private")
+        go.click(on_start, [model, source, upload, preset, epochs, lr, ablate, tune], info, api_visibility="private")
         stop.click(lambda: JOB.cancel.set() or "Cancelling after the current step…", None, info, api_visibility="private")
         timer.tick(lambda: (_status_markdown(status()), _plot(status())), None, [info, plot], api_visibility="private")
         gr.api(finetune_api, api_name="finetune")
@@ -208,11 +210,12 @@ def build_tab():
 
 
 def finetune_api(model: str, source: str, upload: FileData, preset: str, epochs: int, lr: float,
-                 ablate: list[str]) -> str:
-    """Start a background run; returns its checkpoint name."""
+                 ablate: list[str], tune_image_blocks: int = 0) -> str:
+    """Start a background run (training the image backbone's top `tune_image_blocks` blocks);
+    returns its checkpoint name."""
     path = upload.get("path") if isinstance(upload, dict) else upload
     try:
-        return start(model, source, path, preset, epochs, lr, ablate or [])
+        return start(model, source, path, preset, epochs, lr, ablate or [], tune_image_blocks)
     except (ValueError, OSError) as e:
         raise gr.Error(str(e)) from None
 
