@@ -1,4 +1,4 @@
-"""Check: do a tuned checkpoint's stored blocks (float16 where it holds) answer as the float32
+"""Check: do a tuned checkpoint's stored blocks (8-bit differences or float16, as encode_tuned chose) answer as the float32
 blocks trained, and does the Predictor (the whole tuned backbone, float32) answer as training saw it
 (cached float16 block inputs)?
 

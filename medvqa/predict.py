@@ -87,7 +87,7 @@ def _encoders(enc_key: tuple, tuned_from: Path | None = None):
     with torch.inference_mode(False):  # weights made under inference mode could never serve Grad-CAM
         enc = Encoders(EncoderConfig(**dict(enc_key)))
         if tuned_from is not None:
-            enc.load_tuned(load_tuned(tuned_from))
+            enc.load_tuned(load_tuned(tuned_from, enc.state_dict()))
         return enc
 
 

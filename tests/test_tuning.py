@@ -10,7 +10,7 @@ from medvqa.cli import main
 from medvqa.config import get_preset
 from medvqa.models.encoders import Encoders
 from medvqa.predict import Predictor
-from medvqa.train.checkpoint import TUNED_FILE, fp16_where_it_holds, load_tuned
+from medvqa.train.checkpoint import TUNED_FILE, decode_tuned, encode_tuned, fp16_where_it_holds, load_tuned
 from medvqa.train.tuning import TunedBackbone, load_trained
 from tests.helpers import make_cases_csv, tiny_checkpoint
 
@@ -36,7 +36,7 @@ def test_tuned_blocks_train_survive_save_load_and_give_the_same_logits_through_t
     cfg = json.loads((ck / "config.json").read_text())
     assert cfg["preset"]["train"]["tune_image_blocks"] == 1 and cfg["preset"]["train"]["tune_text_blocks"] == 2
     frozen = Encoders(get_preset("tiny").encoders).state_dict()
-    tuned = load_tuned(ck)
+    tuned = load_tuned(ck, frozen)
     # Only the tuned tensors are stored: the last image block, the image's final norm, both text blocks.
     assert {k for k in frozen if k.startswith(("image.encoder.layer.1.", "image.layernorm.", "text.encoder.layer."))} \
         == set(tuned)
@@ -68,8 +68,8 @@ def test_tuned_blocks_train_survive_save_load_and_give_the_same_logits_through_t
     from medvqa.train.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "again", trained, cfg)
-    again = load_tuned(tmp_path / "again")
-    assert again.keys() == tuned.keys() and all(torch.equal(again[k], tuned[k]) for k in tuned)
+    again = load_tuned(tmp_path / "again", frozen)
+    assert again.keys() == tuned.keys() and all(torch.allclose(again[k], tuned[k], atol=1e-7) for k in tuned)
     # Saliency and free text read the same backbone without knowing.
     cam = p.explain(ims[0], qs[0], method="rollout")
     assert cam.shape == (48, 40)
@@ -77,7 +77,7 @@ def test_tuned_blocks_train_survive_save_load_and_give_the_same_logits_through_t
 
 def test_a_checkpoint_without_tuned_blocks_loads_exactly_as_before(tmp_path, capsys):
     ck = _train(tmp_path, "baseline", "--tune-image-blocks", "0")
-    assert not (ck / TUNED_FILE).exists() and load_tuned(ck) is None
+    assert not (ck / TUNED_FILE).exists() and load_tuned(ck, {}) is None
     p = Predictor.load(ck)
     enc = Encoders(get_preset("tiny").encoders)
     assert p.encoders.tuned == {} and p.encoders.image_key() == enc.image_key()
@@ -148,6 +148,19 @@ def test_fp16_is_kept_only_where_it_holds():
     assert fp16_where_it_holds(w).dtype == torch.float16
     assert fp16_where_it_holds(torch.full((384,), 1e-6)).dtype == torch.float32       # a layer-scale near 0
     assert fp16_where_it_holds(torch.tensor([1e5, 1.0])).dtype == torch.float32       # past float16's range
+
+
+def test_a_small_change_of_a_matrix_is_stored_as_an_8_bit_difference_more_exact_than_float16():
+    torch.manual_seed(0)
+    base = {"w": torch.randn(64, 32) * 0.05, "b": torch.randn(32)}
+    near = {"w": base["w"] + 1e-3 * torch.randn(64, 32), "b": base["b"] + 0.01}      # a few epochs at lr 2e-5
+    stored = encode_tuned(near, base)
+    assert stored["w.delta_q"].dtype == torch.int8 and "w" not in stored and stored["b"].dtype == torch.float16
+    back = decode_tuned(stored, base)
+    assert (back["w"] - near["w"]).abs().max() <= (near["w"].half().float() - near["w"]).abs().max()
+    far = {"w": torch.randn(64, 32) * 0.05}                                          # unrelated to the base
+    assert encode_tuned(far, base)["w"].dtype == torch.float16 and torch.allclose(
+        decode_tuned(encode_tuned(far, base), base)["w"], far["w"], atol=1e-4)
 
 
 def test_a_bad_block_count_is_one_line_and_exit_2(tmp_path, capsys):

@@ -1,8 +1,9 @@
 """Checkpoints are folders: model.safetensors + config.json + metrics.json, written atomically,
 and backbone.safetensors when the backbones' top blocks were trained (medvqa.train.tuning).
 
-Only what the pip-installed backbones cannot rebuild is stored: of a backbone, only its tuned blocks,
-each tensor in float16 where that holds (fp16_where_it_holds). The model's tensors are stored in
+Only what the pip-installed backbones cannot rebuild is stored: of a backbone, only its tuned blocks
+(encode_tuned: a matrix as an 8-bit difference from the pretrained one where that is no less exact
+than float16, else float16 where that holds, else float32). The model's tensors are stored in
 float16 when float32 would exceed the size budget; everything loads back as float32.
 """
 from __future__ import annotations
@@ -32,6 +33,41 @@ def git_revision() -> str:
         return "unknown"
 
 
+DELTA_Q, DELTA_SCALE = ".delta_q", ".delta_scale"   # suffixes of an 8-bit difference's two tensors
+
+
+def encode_tuned(tensors: dict, base: dict) -> dict:
+    """Tuned backbone tensors -> what TUNED_FILE stores. A matrix whose difference from its
+    pretrained value `base[k]` (which every reader has: the pip-installed backbone) quantised to
+    int8 per row is at least as exact as the tensor in float16 is stored as that difference: two
+    blocks of DINOv2-S then take 3.6 MB instead of 7.1 MB, and a CMI-MTL checkpoint stays ≤ 20 MB."""
+    out = {}
+    for k, t in tensors.items():
+        t = t.detach().cpu().float().contiguous() if t.is_floating_point() else t.detach().cpu()
+        h = fp16_where_it_holds(t)
+        if t.ndim == 2:
+            d = t - base[k].float()                                                   # (rows, cols)
+            scale = (d.abs().amax(1, keepdim=True) / 127).clamp_min(1e-12)              # (rows, 1)
+            q = (d / scale).round().clamp(-127, 127).to(torch.int8)
+            if (base[k].float() + q.float() * scale - t).abs().max() <= (h.float() - t).abs().max():
+                out |= {k + DELTA_Q: q, k + DELTA_SCALE: scale}
+                continue
+        out[k] = h
+    return out
+
+
+def decode_tuned(stored: dict, base: dict) -> dict:
+    """The inverse of encode_tuned -> float32 tensors named as in Encoders' state dict."""
+    out = {}
+    for k, v in stored.items():
+        if k.endswith(DELTA_Q):
+            name = k[:-len(DELTA_Q)]
+            out[name] = base[name].float() + v.float() * stored[name + DELTA_SCALE]
+        elif not k.endswith(DELTA_SCALE):
+            out[k] = v.float() if v.is_floating_point() else v
+    return out
+
+
 def fp16_where_it_holds(t: torch.Tensor) -> torch.Tensor:
     """`t` in float16 unless that loses it: an overflow, or a tensor so small throughout (a
     layer-scale near 0) that float16's subnormals round it by more than 0.1 % of its largest value."""
@@ -51,7 +87,7 @@ def save_checkpoint(out: Path, model: torch.nn.Module, config: dict, metrics: di
     tmp.mkdir(parents=True)
     tuned = {}
     if hasattr(model, "backbone_tensors"):
-        tuned = {k: fp16_where_it_holds(v.detach().cpu().contiguous()) for k, v in model.backbone_tensors().items()}
+        tuned = encode_tuned(model.backbone_tensors(), model.base)
         model = model.model
     sd, seen = {}, set()
     for k, v in model.state_dict().items():  # tied weights (T5 embeddings / lm_head) are stored once
@@ -109,13 +145,13 @@ def load_weights(model: torch.nn.Module, ckpt: Path):
                               f"(missing {untied[:3]}, unexpected {unexpected[:3]})")
 
 
-def load_tuned(ckpt: Path) -> dict | None:
-    """The tuned backbone tensors of a checkpoint (float32, named as in Encoders' state dict), or
-    None when its backbones are the frozen pretrained ones."""
+def load_tuned(ckpt: Path, base: dict) -> dict | None:
+    """The tuned backbone tensors of a checkpoint (float32, named as in Encoders' state dict; `base`:
+    the pretrained backbones' state dict), or None when its backbones are the frozen pretrained ones."""
     path = Path(ckpt) / TUNED_FILE
     if not path.is_file():
         return None
-    return _float32(load_file(str(path)))
+    return decode_tuned(load_file(str(path)), base)
 
 
 def _float32(sd: dict) -> dict:

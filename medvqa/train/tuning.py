@@ -60,6 +60,9 @@ class TunedBackbone(nn.Module):
             self.prefixes |= {f"{kind}_blocks.{j}.": f"{names[b]}." for j, b in enumerate(tower[start:])}
             if encoders.final_norm(kind) in names:  # an nn.Identity stand-in has no tensors to map
                 self.prefixes[f"{kind}_norm."] = f"{names[encoders.final_norm(kind)]}."
+        # The pretrained values of the tuned tensors, which the checkpoint stores differences from.
+        self.base = {k: v.detach().clone() for k, v in encoders.state_dict().items()
+                     if any(k.startswith(p) for p in self.prefixes.values())}
         self.text_config = encoders.text.config  # the text blocks' attention-mask format
         self.pretrained_prefixes = tuple(f"{kind}_{part}." for kind in self.starts for part in ("blocks", "norm"))
 
@@ -114,8 +117,12 @@ def load_trained(ckpt, encoders) -> nn.Module:
     from medvqa.train.checkpoint import load_checkpoint, load_tuned
 
     model, cfg, _ = load_checkpoint(ckpt)
-    tensors = load_tuned(ckpt)
+    tensors = load_tuned(ckpt, encoders.state_dict())
     if tensors is None:
         return model
+    tuned = TunedBackbone(model, encoders, tuned_blocks(preset_from_dict(cfg["preset"]).train))   # pretrained base
     encoders.load_tuned(tensors)
-    return TunedBackbone(model, encoders, tuned_blocks(preset_from_dict(cfg["preset"]).train)).eval()
+    own = {enc: mine for mine, enc in tuned.prefixes.items()}
+    tuned.load_state_dict({next(own[p] + k[len(p):] for p in own if k.startswith(p)): v for k, v in tensors.items()},
+                          strict=False)
+    return tuned.eval()
