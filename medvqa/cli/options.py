@@ -67,7 +67,7 @@ GROUPS = (
                                "split (0: train on all of train and keep the last epoch)", check=_probability),
         Option("tune_image_blocks", "train the image backbone's top K blocks and its final norm from the cached "
                                     "input of block L-K (all: every block; paper preset: all)",
-               flag="--tune-image-blocks", type=str, stages=("train",)),
+               type=str, stages=("train",)),
         Option("tune_text_blocks", "the same for the text backbone", type=str, stages=("train",)),
         Option("lr_pretrained", "learning rate of the tuned backbone blocks", stages=("train",)),
     )),
