@@ -280,10 +280,12 @@ class Encoders(nn.Module):
                            max_length=self.cfg.max_question_len, return_tensors="pt")
         return {"input_ids": t["input_ids"], "attention_mask": t["attention_mask"]}
 
-    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _image_kwargs(self) -> dict:
         # CLIP's position grid is fixed at its training size (224 px): the paper's 384 px needs it interpolated
-        extra = {"interpolate_pos_encoding": True} if self.image_kind == "clip" else {}
-        h = self.image(pixel_values=pixel_values, **extra).last_hidden_state  # (B, 1+N, Di)
+        return {"interpolate_pos_encoding": True} if self.image_kind == "clip" else {}
+
+    def encode_image(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.image(pixel_values=pixel_values, **self._image_kwargs()).last_hidden_state  # (B, 1+N, Di)
         return h[:, 0], h[:, 1:]
 
     def encode_text(self, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,7 +312,8 @@ class Encoders(nn.Module):
 
     def image_states(self, pixel_values, start: int) -> torch.Tensor:
         """(B, 3, S, S) -> (B, 1+N, Di): the input of image block `start` (0: the embeddings' output)."""
-        return self.image(pixel_values=pixel_values, output_hidden_states=True).hidden_states[start]
+        out = self.image(pixel_values=pixel_values, output_hidden_states=True, **self._image_kwargs())
+        return out.hidden_states[start]
 
     def text_states(self, input_ids, attention_mask, start: int) -> torch.Tensor:
         """-> (B, L, Dt): the input of text block `start` (0: the embeddings' output)."""
@@ -329,8 +332,8 @@ class Encoders(nn.Module):
         for kind in ("image", "text"):
             keys = sorted(k for k in tensors if k.startswith(kind + "."))
             if keys:
-                start = min((i for i, b in enumerate(self.blocks(kind)) if any(k.startswith(names[b] + ".") for k in keys)),
-                            default=len(self.blocks(kind)))
+                start = min((i for i, b in enumerate(self.blocks(kind))
+                             if any(k.startswith(names[b] + ".") for k in keys)), default=len(self.blocks(kind)))
                 digest = hashlib.sha1(b"".join(k.encode() + tensors[k].numpy().tobytes() for k in keys)).hexdigest()
                 self.tuned[kind] = (start, digest[:16])
 
