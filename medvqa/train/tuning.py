@@ -1,5 +1,5 @@
 """Backbone fine-tuning from the feature cache: the top K blocks of a frozen backbone trained in
-front of any model (docs/tuning.md).
+front of any model (docs/decisions.md, Backbone fine-tuning).
 
 The cache holds the input of block L-K (what the frozen bottom blocks give: medvqa.data.cache), so
 a step runs only the K tuned blocks and the final norm, and an image's blocks run once per step
