@@ -76,10 +76,18 @@ def resolve_checkpoint(name_or_dir) -> Path:
                           f"{', '.join(sorted(x.name for x in checkpoints_dir().glob('*'))) or 'none'})")
 
 
-@functools.lru_cache(maxsize=4)
+_encoders_lock = threading.Lock()   # lru_cache does not lock: two first asks at once would build two backbones
+
+
 def _encoders(enc_key: tuple, tuned_from: Path | None = None):
     """The backbones of an encoder config; with `tuned_from` (a checkpoint folder) its trained top
     blocks swapped in, so every caller of the Predictor reads the tuned backbone."""
+    with _encoders_lock:
+        return _build_encoders(enc_key, tuned_from)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_encoders(enc_key: tuple, tuned_from: Path | None = None):
     from medvqa.config import EncoderConfig
     from medvqa.models.encoders import Encoders
     from medvqa.train.checkpoint import load_tuned

@@ -7,6 +7,7 @@ from __future__ import annotations
 import gradio as gr
 from gradio import FileData
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
@@ -159,11 +160,26 @@ def recam_all(file, question, dataset, method, opacity, heatmap, *targets):
     return [recam(i, file, question, dataset, method, t, opacity, heatmap) for i, t in enumerate(targets)]
 
 
-def build_tab():
+def first_screen(ex: list[dict]):
+    """The first example whose dataset has models, with run_ask's outputs for it: what every
+    visitor sees on load, computed once. None when no example has models."""
+    for e in ex:
+        if checkpoints_for(e["dataset"]):
+            inputs = [e["path"], e["question"], e["dataset"], e["answer"]]
+            return inputs, run_ask(e["path"], e["question"], e["dataset"], OWN_METHOD, 0.5, e["answer"])
+    return None
+
+
+def build_tab(demo: gr.Blocks):
     ex = examples()
     for ds in BUILTIN:
         start_index_builds(ds)
+    # Once, in the background from the start: the app is up at once and the first visitor waits for it at most.
+    first = ThreadPoolExecutor(1, thread_name_prefix="first-screen").submit(first_screen, ex)
     with gr.Tab("Ask & compare"):
+        gallery = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
+                             label="Examples (click one)", type="index", visible=bool(ex),
+                             samples=[[e["path"], f"{e['dataset']}: {e['question']}"] for e in ex] or [["", ""]])
         with gr.Row():
             with gr.Column(scale=1):
                 file = gr.File(label="Image (JPEG, PNG or DICOM)", type="filepath",
@@ -190,20 +206,23 @@ def build_tab():
                             near_md = gr.Markdown(visible=False)
                             near = gr.Gallery(label="Nearest training cases", visible=False, columns=2, height=260)
                             slots.append((md, lab, cam, tgt, near_md, near))
-        if ex:
-            gallery = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
-                                 label="Examples (click one)", type="index",
-                                 samples=[[e["path"], f"{e['dataset']}: {e['question']}"] for e in ex])
-
-            def pick(i):
-                e = ex[i]
-                return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
-            gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
-                run_ask, [file, question, dataset, method, opacity, ground_truth, heatmap],
-                [banner, preview] + [c for s in slots for c in s], api_visibility="private")
-        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth], api_visibility="private")
         outputs = [banner, preview] + [c for s in slots for c in s]
         inputs = [file, question, dataset, method, opacity, ground_truth, heatmap]
+
+        def pick(i):
+            e = ex[i]
+            return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
+        gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
+            run_ask, inputs, outputs, api_visibility="private")
+
+        def on_load():
+            try:
+                shown = first.result()
+            except Exception:   # the first screen is a courtesy: an example that fails leaves the page empty
+                shown = None
+            return (shown[0] + shown[1]) if shown else [gr.update()] * (4 + len(outputs))
+        demo.load(on_load, None, [file, question, dataset, ground_truth] + outputs, api_visibility="private")
+        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth], api_visibility="private")
         go.click(run_ask, inputs, outputs, api_visibility="private")
         question.submit(run_ask, inputs, outputs, api_visibility="private")
         for i, (_, _, cam, tgt, _, _) in enumerate(slots):
