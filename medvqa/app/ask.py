@@ -222,7 +222,8 @@ def build_tab(demo: gr.Blocks):
                 shown = None
             return (shown[0] + shown[1]) if shown else [gr.update()] * (4 + len(outputs))
         demo.load(on_load, None, [file, question, dataset, ground_truth] + outputs, api_visibility="private")
-        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth], api_visibility="private")
+        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth],
+                    api_visibility="private")
         go.click(run_ask, inputs, outputs, api_visibility="private")
         question.submit(run_ask, inputs, outputs, api_visibility="private")
         for i, (_, _, cam, tgt, _, _) in enumerate(slots):

@@ -212,11 +212,13 @@ def register(sub):
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_data_stats)
 
-    ix = sub.add_parser("index", help="precompute a checkpoint's nearest-case index (training-case features, no images)")
+    ix = sub.add_parser("index", help="precompute a checkpoint's nearest-case index (training-case features, "
+                                      "no images)")
     ix.add_argument("--checkpoint", required=True)
     dataset_args(ix, split=False)
     ix.add_argument("--split", default="train")
-    ix.add_argument("--out", type=Path, help="default: assets/neighbours/NAME.npz for a shipped checkpoint, else the cache")
+    ix.add_argument("--out", type=Path,
+                    help="default: assets/neighbours/NAME.npz for a shipped checkpoint, else the cache")
     ix.add_argument("--json", action="store_true")
     ix.set_defaults(func=cmd_index)
 

@@ -40,7 +40,8 @@ def cached_index_path(ckpt) -> Path:
 
 def build_index(predictor, records, root=None, progress: bool = True, on_chunk=None) -> dict:
     """The index of `records` in `predictor`'s feature space; image paths are stored relative to
-    `root` (a dataset folder, or the folder of a 'folder' dataset's CSV) when given. `on_chunk(done, total)` is called after each chunk of records."""
+    `root` (a dataset folder, or the folder of a 'folder' dataset's CSV) when given.
+    `on_chunk(done, total)` is called after each chunk of records."""
     feats = []
     for i in range(0, len(records), BUILD_CHUNK):
         feats.append(predictor.features_records(records[i:i + BUILD_CHUNK], progress=progress)[0])
@@ -107,7 +108,8 @@ class IndexBuilds:
             if key in self._state and not self._state[key].get("error"):
                 return
             self._state[key] = {"done": 0, "total": None, "error": None}
-        threading.Thread(target=self._run, args=(key, dataset, root), daemon=True, name=f"index-{Path(key).name}").start()
+        threading.Thread(target=self._run, args=(key, dataset, root), daemon=True,
+                         name=f"index-{Path(key).name}").start()
 
     def _run(self, key, dataset, root):
         from medvqa.data import load_split
