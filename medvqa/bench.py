@@ -154,8 +154,121 @@ def answer_latency(checkpoints: list[str]) -> dict:
     return out
 
 
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+
+
+def _variants(n: int, folder, seed: int = 0) -> list[str]:
+    """n distinct JPEGs in `folder` (the shipped examples, brightness-shifted), as uploads arrive:
+    each misses the token cache."""
+    import numpy as np
+    from PIL import Image
+
+    from medvqa.app.common import examples
+
+    base = [np.asarray(Image.open(e["path"]).convert("RGB"), np.int16) for e in examples()]
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        a = np.clip(base[i % len(base)] + int(rng.integers(-40, 40)), 0, 255).astype(np.uint8)
+        out.append(os.path.join(folder, f"v{seed}-{i}.jpg"))
+        Image.fromarray(a).save(out[-1], quality=92)
+    return out
+
+
+FIRST_CLICK = """
+import json, os, sys, time
+t0 = time.perf_counter()
+from medvqa.app import build
+from medvqa.app.ask import OWN_METHOD, run_ask
+from medvqa.app.common import examples
+build()
+up = time.perf_counter() - t0
+e = next(e for e in examples() if e["dataset"] == "slake")   # SLAKE: the slowest first click before the shipped index
+run_ask(e["path"], e["question"], e["dataset"], OWN_METHOD, 0.5, e["answer"])
+print(json.dumps({"app_up_s": round(up, 1), "first_click_s": round(time.perf_counter() - t0, 1)}))
+"""
+
+
+def first_click() -> dict:
+    """A fresh install (empty cache dir: the backbone is converted again) with the data folder present:
+    seconds from app start to the answers, maps and nearest cases of a first click on a SLAKE example."""
+    import json
+    import subprocess
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "MEDVQA_CACHE": cache, "MEDVQA_DATA": os.path.join(cache, "user")}
+        out = subprocess.run([sys.executable, "-c", FIRST_CLICK], env=env, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def app_speed(n_clients: int = 20, n_rss: int = 200) -> dict:
+    """The app's ask path, warm: one click (three models' answers, default maps and nearest cases on a
+    new image) against one backbone pass; 20 concurrent `ask` requests against the same requests one by
+    one; the RSS with every shipped checkpoint loaded, and its growth over `n_rss` asks."""
+    import concurrent.futures as cf
+
+    from medvqa.app.ask import OWN_METHOD, ask_json, run_ask
+    from medvqa.predict import Predictor, checkpoints_dir
+
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="medvqa-bench-")
+    preds = [Predictor.load(c.parent) for c in sorted(checkpoints_dir().glob("*/config.json"))]
+    bb = preds[0].backbone
+    ims = _variants(max(n_clients, 8) + 8, tmp)
+    q = "Is there evidence of an aortic aneurysm?"
+    from medvqa.data import load_image
+
+    with torch.inference_mode():
+        enc, im0 = bb.encoders, load_image(ims[0])
+        backbone = _median_ms(lambda: enc.encode_image(enc.preprocess([im0])), repeat=7)
+    run_ask(ims[0], q, "vqa-rad", OWN_METHOD, 0.5, "")                        # warm: models, index, kernels
+    clicks = iter(ims[1:8])
+    click = _median_ms(lambda: run_ask(next(clicks), q, "vqa-rad", OWN_METHOD, 0.5, ""), repeat=5, warmup=1)
+    recheck = _median_ms(lambda: run_ask(ims[7], "Is this a CT scan?", "vqa-rad", OWN_METHOD, 0.5, ""), repeat=3)
+
+    reqs = [(im, f"Is there a lesion in region {i}?") for i, im in enumerate(ims[8:8 + n_clients])]
+
+    def ask(r):
+        t = time.perf_counter()
+        ask_json(r[0], r[1], "vqa-rad")
+        return time.perf_counter() - t
+    bb.clear()
+    t = time.perf_counter()
+    for r in reqs:
+        ask(r)
+    serial = time.perf_counter() - t
+    bb.clear()
+    n_batches = len(bb.batches)
+    t = time.perf_counter()
+    with cf.ThreadPoolExecutor(n_clients) as ex:
+        lat = sorted(ex.map(ask, reqs))
+    concurrent = time.perf_counter() - t
+    batches = bb.batches[n_batches:]
+
+    rss0 = _rss_mb()
+    more = _variants(n_rss, tmp, seed=1)
+    for i, im in enumerate(more):
+        ask_json(im, f"Is there a finding number {i}?", "vqa-rad" if i % 2 else "slake")
+    rss1 = _rss_mb()
+    return {"backbone_ms": backbone, "ask_click_ms": click, "ask_click_ratio": round(click / backbone, 2),
+            "ask_click_same_image_ms": recheck,
+            "concurrent": {"clients": n_clients, "serial_s": round(serial, 2), "concurrent_s": round(concurrent, 2),
+                           "speedup": round(serial / concurrent, 2), "p50_ms": round(1000 * lat[len(lat) // 2]),
+                           "p95_ms": round(1000 * lat[int(0.95 * (len(lat) - 1))]),
+                           "backbone_batches": len(batches), "largest_batch": max(batches, default=0)},
+            "rss": {"checkpoints_loaded": len(preds), "rss_mb": rss0, "after_requests": n_rss, "rss_after_mb": rss1,
+                    "growth_pct": round(100 * (rss1 - rss0) / rss0, 2)}}
+
+
 def run(checkpoints=("cmi-mtl-vqa-rad", "cmdpi-vqa-rad", "baseline-vqa-rad")) -> dict:
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+    first = first_click()                      # before anything here warms a cache
+    app = app_speed()
     answer = answer_latency(list(checkpoints))
     return {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -165,6 +278,11 @@ def run(checkpoints=("cmi-mtl-vqa-rad", "cmdpi-vqa-rad", "baseline-vqa-rad")) ->
         "fusion": fusion_cost(),
         "scan_parallel_speedup": scan_speedup(),
         "answer": answer,
+        "app": {**app, **first},
+        # issue #35 keys (ratios in one run: the CPU may be shared)
+        "ask_click_ms": app["ask_click_ms"], "backbone_ms": app["backbone_ms"],
+        "ask_click_over_backbone": app["ask_click_ratio"], "first_click_s": first["first_click_s"],
+        "concurrent_speedup": app["concurrent"]["speedup"], "rss_growth_pct": app["rss"]["growth_pct"],
         # DESIGN §9 keys
         "answer_ms": {k: v["answer_ms"] for k, v in answer.items()},
         "answer_overhead_ratio": {k: v["ratio"] for k, v in answer.items()},

@@ -76,10 +76,18 @@ def resolve_checkpoint(name_or_dir) -> Path:
                           f"{', '.join(sorted(x.name for x in checkpoints_dir().glob('*'))) or 'none'})")
 
 
-@functools.lru_cache(maxsize=4)
+_encoders_lock = threading.Lock()   # lru_cache does not lock: two first asks at once would build two backbones
+
+
 def _encoders(enc_key: tuple, tuned_from: Path | None = None):
     """The backbones of an encoder config; with `tuned_from` (a checkpoint folder) its trained top
     blocks swapped in, so every caller of the Predictor reads the tuned backbone."""
+    with _encoders_lock:
+        return _build_encoders(enc_key, tuned_from)
+
+
+@functools.lru_cache(maxsize=4)
+def _build_encoders(enc_key: tuple, tuned_from: Path | None = None):
     from medvqa.config import EncoderConfig
     from medvqa.models.encoders import Encoders
     from medvqa.train.checkpoint import load_tuned
@@ -103,7 +111,6 @@ class Predictor:
         self.preset = preset_from_dict(config["preset"])
         self.vocab = AnswerVocab(config["answers"])
         self.temperature = float(config.get("temperature", 1.0))   # medvqa.calibration; 1.0: never fitted
-        self._forward_lock = threading.Lock()   # one forward at a time per model; answers never mix
 
     @classmethod
     def load(cls, name_or_dir) -> "Predictor":
@@ -121,11 +128,18 @@ class Predictor:
         tuned = self.path if (Path(self.path) / TUNED_FILE).is_file() else None
         return _encoders(tuple(sorted(asdict(self.preset.encoders).items())), tuned)
 
+    @property
+    def backbone(self):
+        """The shared, cached and micro-batched backbone (medvqa.encode): one pass per image serves
+        every model on it."""
+        from medvqa.encode import backbone
+
+        return backbone(self.encoders)
+
     # -- batched tokens ---------------------------------------------------------------------------
     def _tokens(self, images, questions) -> dict:
-        enc = self.encoders
-        g, loc = enc.encode_image(enc.preprocess(images))
-        return {"image_tokens": torch.cat([g[:, None], loc], 1), **enc.question_inputs(questions)}
+        bb = self.backbone
+        return {"image_tokens": bb.image_tokens(images), **bb.question_inputs(questions)}
 
     def _free_text(self, batch) -> list[str | None]:
         if getattr(self.model, "use_ahead", False):
@@ -147,7 +161,8 @@ class Predictor:
         ims = [im if hasattr(im, "mode") and im.mode == "RGB" else load_image(im) for im in images]
         qs = [self._check_question(q) for q in questions]
         free = [None] * len(qs)
-        with self._forward_lock, torch.inference_mode():
+        # The heads are stateless: concurrent requests run them side by side (the backbone batches them).
+        with torch.inference_mode():
             batch = self._tokens(ims, qs)
             logits = self.model(batch)["logits"].float()
             # The AHead learnt from open questions only: it writes free text where the classifier's
@@ -180,7 +195,7 @@ class Predictor:
         """Named vectors for one case: the fused feature the classifier reads, and the backbones'
         global image and question vectors."""
         im, q = load_image(image), self._check_question(question)
-        with self._forward_lock, torch.inference_mode():
+        with torch.inference_mode():
             batch = self._tokens([im], [q])
             fused = self.model(batch)["fused"][0]
         return {"fused": fused.numpy(), "image_global": batch["image_tokens"][0, 0].numpy(),
@@ -220,16 +235,21 @@ class Predictor:
             if idx < 0:
                 raise InputError(f"{target!r} is not an answer this model can give")
             target = idx
-        with self._forward_lock, torch.enable_grad():
-            return explain(self.encoders, self.model, im, q, method=method or self.default_method, target=target, layer=layer)
+        # Only what a method must re-run runs: the cached backbone pass gives the tokens, the target
+        # answer and the rollout's start; the lock keeps its hooks off other requests' forwards.
+        cached = self.backbone.encode([im])[0]
+        with self.backbone.lock, torch.enable_grad():
+            return explain(self.encoders, self.model, im, q, method=method or self.default_method, target=target,
+                           layer=layer, cached=cached)
 
     def _records_dataset(self, records, progress: bool):
         from medvqa.data.cache import FeatureCache
         from medvqa.data.features import FeatureDataset
 
         cache = FeatureCache(self.encoders, progress=progress)
-        return FeatureDataset(records, self.vocab, cache.images([r.image for r in records]),
-                              cache.questions([r.question for r in records]))
+        with self.backbone.lock:   # uncached images run the backbone
+            return FeatureDataset(records, self.vocab, cache.images([r.image for r in records]),
+                                  cache.questions([r.question for r in records]))
 
     def features_records(self, records, progress: bool = True, batch_size: int = 64):
         """Fused features of dataset records (through the feature cache) -> (N, D) array, and
@@ -241,7 +261,7 @@ class Predictor:
 
         ds = self._records_dataset(records, progress)
         feats, correct = [], []
-        with self._forward_lock, torch.inference_mode():
+        with torch.inference_mode():
             for b in DataLoader(ds, batch_size=batch_size, collate_fn=collate):
                 out = self.model({k: v for k, v in b.items() if k != "label"})
                 feats.append(out["fused"].float().numpy())
@@ -253,8 +273,7 @@ class Predictor:
         from medvqa.train.trainer import dataset_logits
 
         ds = self._records_dataset(records, progress)
-        with self._forward_lock:
-            return dataset_logits(self.model, ds, batch_size=batch_size)
+        return dataset_logits(self.model, ds, batch_size=batch_size)
 
     def read_logits(self, records, logits: torch.Tensor, temperature: float | None = None) -> tuple[dict, dict]:
         """-> (qid -> answer, qid -> top-1 probability at `temperature`, default the checkpoint's T)."""

@@ -80,21 +80,41 @@ def test_bad_upload_and_question_clear_errors(app_url, tmp_path):
 
 
 def test_concurrent_asks_never_mix(app_url, tmp_path):
-    """10 asks at once over different images and questions: each gets its own answer."""
+    """A bounded loopback load test: 20 clients at once over different images and questions, with
+    corrupt uploads and empty questions mixed in. Each good ask gets its own single-user answer, each
+    bad one its clear message, and the app keeps serving."""
     from gradio_client import Client, handle_file
 
     from medvqa.predict import Predictor
 
-    cases = [(str(_img(tmp_path / f"c{i}.png", 20 * i)), f"Question number {i}?") for i in range(10)]
-    ck = os.path.join(os.environ["MEDVQA_CHECKPOINTS"], "cmi-mtl-vqa-rad")
-    want = [Predictor.load(ck).answer(p, q).top_k for p, q in cases]
-    c = Client(app_url, verbose=False)
-    with cf.ThreadPoolExecutor(10) as ex:
-        got = list(ex.map(lambda pq: c.predict(handle_file(pq[0]), pq[1], "vqa-rad", api_name="/ask"), cases))
-    for w, g in zip(want, got):
-        top = g["models"]["cmi-mtl-vqa-rad"]["top_k"]
-        assert [a for a, _ in top] == [a for a, _ in w]
-        assert np.allclose([s for _, s in top], [s for _, s in w], atol=1e-3)
+    (tmp_path / "bad.png").write_bytes(b"this is not an image")
+    cases = [(str(_img(tmp_path / f"c{i}.png", 12 * i)), f"Question number {i}?") for i in range(20)]
+    bad = {3: (str(tmp_path / "bad.png"), "Is it?"), 9: (cases[9][0], "   "), 15: (str(tmp_path / "bad.png"), "Is it?")}
+    cases = [bad.get(i, c) for i, c in enumerate(cases)]
+    cks = {m: Predictor.load(os.path.join(os.environ["MEDVQA_CHECKPOINTS"], f"{m}-vqa-rad"))
+           for m in ("cmi-mtl", "cmdpi", "baseline")}
+    want = [None if i in bad else {m: p.answer(im, q).top_k for m, p in cks.items()} for i, (im, q) in enumerate(cases)]
+    cks["cmi-mtl"].backbone.clear()            # the answers above must not simply come back from the cache
+    n = len(cks["cmi-mtl"].backbone.batches)
+
+    def ask(pq):
+        try:
+            return Client(app_url, verbose=False).predict(handle_file(pq[0]), pq[1], "vqa-rad", api_name="/ask")
+        except Exception as e:
+            return e
+    with cf.ThreadPoolExecutor(20) as ex:
+        got = list(ex.map(ask, cases))
+    for i, (w, g) in enumerate(zip(want, got)):
+        if w is None:
+            assert isinstance(g, Exception) and ("not a readable image" in str(g) or "question is empty" in str(g)), g
+            continue
+        for m, top in w.items():
+            t = g["models"][f"{m}-vqa-rad"]["top_k"]
+            assert [a for a, _ in t] == [a for a, _ in top]
+            assert np.allclose([s for _, s in t], [s for _, s in top], atol=1e-3)
+    assert len(cks["cmi-mtl"].backbone.batches) - n <= 17     # never more passes than good images
+    r = Client(app_url, verbose=False).predict(handle_file(cases[0][0]), "Is it normal?", "vqa-rad", api_name="/ask")
+    assert r["models"]
 
 
 @contextlib.contextmanager
@@ -119,7 +139,18 @@ def _page(app_url):
 
 def test_browser_click_example(app_url, tmp_path):
     """Real headless Chromium: load the page, click an example, see both answers and a saliency image."""
+    from medvqa.predict import Predictor
+
     with _page(app_url) as page:
+        # the first example's answers and maps are there on load, computed once for every visitor
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        bb = Predictor.load(os.path.join(os.environ["MEDVQA_CHECKPOINTS"], "cmi-mtl-vqa-rad")).backbone
+        n = len(bb.batches)
+        second = page.context.browser.new_page(viewport={"width": 1366, "height": 900})
+        second.goto(app_url)
+        second.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        assert len(bb.batches) == n, "a visitor's page load ran the backbone"
+        second.close()
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
         page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
         page.locator("text=Saliency").first.wait_for(timeout=60_000)

@@ -7,10 +7,15 @@ from __future__ import annotations
 import gradio as gr
 from gradio import FileData
 
-from medvqa.app.common import (DATASETS, N_SLOTS, answer_markdown, checkpoints_for, escape_md, examples, model_title,
-                               saliency_figure, top_k_markdown)
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
+                               examples, model_title, saliency_figure, top_k_markdown)
 from medvqa.data import ImageError, load_image, normalize_answer
+from medvqa.encode import MAX_BATCH
 from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
+from medvqa.explain.neighbours import IndexBuilds, load_index
 from medvqa.predict import Predictor
 
 OWN_METHOD = "each model's own"   # Predictor.default_method: the head-selected rollout
@@ -57,22 +62,51 @@ def _cam(ck, im, question, method, target, opacity, heatmap=True):
     return gr.update(visible=True, value=saliency_figure(p, im, question, m, tgt, opacity), label=label)
 
 
-def _nearest(ck, im, question, dataset, k: int = 4):
-    """The model's nearest training cases as (image, caption) pairs, when the dataset folder is here."""
-    from medvqa.app.common import BUILTIN, data_root
-    from medvqa.explain.neighbours import load_or_build_index
+INDEX_BUILDS = IndexBuilds()
 
+
+def _dataset_folder(dataset: str) -> Path | None:
     root = data_root() / BUILTIN.get(dataset, "")
-    if dataset not in BUILTIN or not root.is_dir():
-        return None
-    p = Predictor.load(ck)
-    near = p.nearest(im, question, load_or_build_index(p, dataset, root, progress=False), k)
-    out = []
+    return root if dataset in BUILTIN and root.is_dir() else None
+
+
+def start_index_builds(dataset: str):
+    """Build, in the background, the nearest-case index of every model of `dataset` that has none."""
+    root = _dataset_folder(dataset)
+    for ck in checkpoints_for(dataset) if root else ():
+        if load_index(ck) is None:
+            INDEX_BUILDS.start(ck, dataset, root)
+
+
+def _nearest(ck, im, question, dataset, k: int = 4):
+    """The model's nearest training cases: a table of their questions, answers and similarities
+    (from the shipped or cached index), and their thumbnails when the dataset folder is here (else
+    None). A missing index is built in the background; the table then says how far it has got."""
+    index, root = load_index(ck), _dataset_folder(dataset)
+    if index is None:
+        if root is None:
+            return "*Nearest training cases: no index for this model, and no dataset folder to build one from.*", None
+        INDEX_BUILDS.start(ck, dataset, root)
+        prog = INDEX_BUILDS.progress(ck) or {}
+        if prog.get("error"):
+            return f"*Nearest training cases: building the index failed ({prog['error']}).*", None
+        done, total = prog.get("done", 0), prog.get("total")
+        return (f"*Nearest training cases: building this model's index in the background "
+                f"({done} / {total or '?'} cases); ask again in a while.*", None)
+    near = Predictor.load(ck).nearest(im, question, index, k)
+    def cell(t):   # dataset text inside a Markdown table row
+        return str(t).replace("|", "\\|").replace("\n", " ")
+    rows = [f"| {cell(n['question'])} | {cell(n['answer'])} | {n['similarity']:.2f} |" for n in near]
+    table = "\n".join(["**Nearest training cases** (this model's features)", "",
+                       "| question | answer | cosine |", "|---|---|---|", *rows])
+    if root is None:
+        return table, None
+    thumbs = []
     for n in near:  # PIL thumbnails: Gradio serves only files under the app's own folders
-        thumb = load_image(n["image"])
+        thumb = load_image(root / n["image"])
         thumb.thumbnail((256, 256))
-        out.append((thumb, f"{n['question']} → {n['answer']} (cos {n['similarity']:.2f})"))
-    return out
+        thumbs.append((thumb, f"{n['answer']} (cos {n['similarity']:.2f})"))
+    return table, thumbs
 
 
 def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True):
@@ -89,7 +123,7 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
     outs = []
     for i in range(N_SLOTS):
         if i >= len(cks):
-            outs += [gr.update(visible=False)] * 5
+            outs += [gr.update(visible=False)] * 6
             continue
         ck, a = cks[i], res["models"][cks[i].name]
         lines = [f"### {escape_md(model_title(ck))}", answer_markdown(a)]
@@ -104,8 +138,8 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
                  _cam(ck, im, question, method, None, opacity, heatmap),
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
-        near = _nearest(ck, im, question, dataset)
-        outs.append(gr.update(visible=near is not None, value=near))
+        table, thumbs = _nearest(ck, im, question, dataset)
+        outs += [gr.update(visible=True, value=table), gr.update(visible=thumbs is not None, value=thumbs)]
     banner = ("**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.") if len(cks) > 1 else ""
     return [banner, im] + outs
 
@@ -126,9 +160,26 @@ def recam_all(file, question, dataset, method, opacity, heatmap, *targets):
     return [recam(i, file, question, dataset, method, t, opacity, heatmap) for i, t in enumerate(targets)]
 
 
-def build_tab():
+def first_screen(ex: list[dict]):
+    """The first example whose dataset has models, with run_ask's outputs for it: what every
+    visitor sees on load, computed once. None when no example has models."""
+    for e in ex:
+        if checkpoints_for(e["dataset"]):
+            inputs = [e["path"], e["question"], e["dataset"], e["answer"]]
+            return inputs, run_ask(e["path"], e["question"], e["dataset"], OWN_METHOD, 0.5, e["answer"])
+    return None
+
+
+def build_tab(demo: gr.Blocks):
     ex = examples()
+    for ds in BUILTIN:
+        start_index_builds(ds)
+    # Once, in the background from the start: the app is up at once and the first visitor waits for it at most.
+    first = ThreadPoolExecutor(1, thread_name_prefix="first-screen").submit(first_screen, ex)
     with gr.Tab("Ask & compare"):
+        gallery = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
+                             label="Examples (click one)", type="index", visible=bool(ex),
+                             samples=[[e["path"], f"{e['dataset']}: {e['question']}"] for e in ex] or [["", ""]])
         with gr.Row():
             with gr.Column(scale=1):
                 file = gr.File(label="Image (JPEG, PNG or DICOM)", type="filepath",
@@ -152,28 +203,33 @@ def build_tab():
                             lab = gr.Markdown(visible=False)   # calibrated, honestly rounded (never "100 %")
                             cam = gr.Image(label="Saliency", interactive=False, visible=False, height=300)
                             tgt = gr.Dropdown(label="Saliency for answer", visible=False, allow_custom_value=False)
-                            near = gr.Gallery(label="Nearest training cases (this model's features)", visible=False,
-                                              columns=2, height=260)
-                            slots.append((md, lab, cam, tgt, near))
-        if ex:
-            gallery = gr.Dataset(components=[gr.Image(visible=False), gr.Textbox(visible=False)],
-                                 label="Examples (click one)", type="index",
-                                 samples=[[e["path"], f"{e['dataset']}: {e['question']}"] for e in ex])
-
-            def pick(i):
-                e = ex[i]
-                return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
-            gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
-                run_ask, [file, question, dataset, method, opacity, ground_truth, heatmap],
-                [banner, preview] + [c for s in slots for c in s], api_visibility="private")
-        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth], api_visibility="private")
+                            near_md = gr.Markdown(visible=False)
+                            near = gr.Gallery(label="Nearest training cases", visible=False, columns=2, height=260)
+                            slots.append((md, lab, cam, tgt, near_md, near))
         outputs = [banner, preview] + [c for s in slots for c in s]
         inputs = [file, question, dataset, method, opacity, ground_truth, heatmap]
+
+        def pick(i):
+            e = ex[i]
+            return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
+        gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
+            run_ask, inputs, outputs, api_visibility="private")
+
+        def on_load():
+            try:
+                shown = first.result()
+            except Exception:   # the first screen is a courtesy: an example that fails leaves the page empty
+                shown = None
+            return (shown[0] + shown[1]) if shown else [gr.update()] * (4 + len(outputs))
+        demo.load(on_load, None, [file, question, dataset, ground_truth] + outputs, api_visibility="private")
+        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth],
+                    api_visibility="private")
         go.click(run_ask, inputs, outputs, api_visibility="private")
         question.submit(run_ask, inputs, outputs, api_visibility="private")
-        for i, (_, _, cam, tgt, _) in enumerate(slots):
+        for i, (_, _, cam, tgt, _, _) in enumerate(slots):
             tgt.input(lambda *a, i=i: recam(i, *a), [file, question, dataset, method, tgt, opacity, heatmap],
                       [cam], api_visibility="private")
         heatmap.change(recam_all, [file, question, dataset, method, opacity, heatmap] + [s[3] for s in slots],
                        [s[2] for s in slots], api_visibility="private")
-        gr.api(ask_json, api_name="ask")
+        # Concurrent asks run side by side, so that the backbone's micro-batcher can batch them.
+        gr.api(ask_json, api_name="ask", concurrency_limit=MAX_BATCH)

@@ -121,8 +121,6 @@ def build_tab():
             right = gr.Dropdown(list(names), value=default[-1] if len(default) > 1 else None, label="Checkpoint B")
             coloring = gr.Dropdown(list(COLORINGS), value="question_type", label="Colour by")
             show = gr.Button("Show", variant="primary")
-        plot = gr.Plot()
-
         def on_show(a, b, coloring):
             panels = []
             for n in dict.fromkeys(x for x in (a, b) if x):
@@ -138,6 +136,14 @@ def build_tab():
                 raise gr.Error("choose a checkpoint")
             return figure(panels, coloring)
 
+        def initial():
+            """The head-mixup pair on open, from the shipped points (no dataset needed); None without them."""
+            try:
+                return on_show(default[0], default[-1], "question_type") if default else None
+            except gr.Error:
+                return None
+
+        plot = gr.Plot(value=initial())
         show.click(on_show, [left, right, coloring], plot, api_visibility="private")
 
 

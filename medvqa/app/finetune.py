@@ -155,12 +155,21 @@ def _status_markdown(s: dict) -> str:
     return line
 
 
+ABLATIONS = {"baseline": (), "cmi-mtl": CMI_ABLATIONS, "cmdpi": CMDPI_ABLATIONS}   # the switches each model has
+
+
+def _ablations(model: str):
+    """Only the chosen model's switches (none for the baseline)."""
+    return gr.update(choices=list(ABLATIONS.get(model, ())), value=[], visible=bool(ABLATIONS.get(model)))
+
+
 def _plot(s: dict):
+    """The run's curves; hidden until there is a point to draw."""
     import pandas as pd
 
     rows = [{"epoch": h["epoch"], "value": h[k], "series": k} for h in s.get("history", [])
             for k in ("train_loss", "val_overall") if h.get(k) is not None]
-    return pd.DataFrame(rows or [{"epoch": 0, "value": 0.0, "series": "train_loss"}])
+    return gr.update(visible=bool(rows), value=pd.DataFrame(rows) if rows else None)
 
 
 def build_tab():
@@ -176,14 +185,15 @@ def build_tab():
         with gr.Row():
             epochs = gr.Slider(1, MAX_CPU_EPOCHS, value=3, step=1, label="Epochs")
             lr = gr.Number(value=2e-4, label="Learning rate")
-            ablate = gr.CheckboxGroup(sorted(set(CMI_ABLATIONS) | set(CMDPI_ABLATIONS)), label="Ablations (switch off)")
+            ablate = gr.CheckboxGroup([], label="Ablations (switch off)", visible=False)   # the baseline has none
             tune = gr.Slider(0, 2, value=0, step=1, label="Image-backbone blocks to train (top K; 0: frozen)")
         estimate = gr.Markdown()
         with gr.Row():
             go = gr.Button("Start", variant="primary")
             stop = gr.Button("Cancel", variant="stop")
         info = gr.Markdown()
-        plot = gr.LinePlot(x="epoch", y="value", color="series", title="loss and validation accuracy", height=300)
+        plot = gr.LinePlot(x="epoch", y="value", color="series", title="loss and validation accuracy", height=300,
+                           visible=False)
         timer = gr.Timer(1.0)
 
         def on_estimate(model, source, preset, epochs):
@@ -191,6 +201,7 @@ def build_tab():
             return ("Estimated time: unknown for this combination." if sec is None
                     else f"Estimated time on this machine: about **{sec / 60:.0f} min** ({sec:.0f} s).")
 
+        model.change(_ablations, [model], ablate, api_visibility="private")
         for c in (model, source, preset, epochs):
             c.change(on_estimate, [model, source, preset, epochs], estimate, api_visibility="private")
 

@@ -11,7 +11,7 @@ def build() -> gr.Blocks:
     set_cpu_threads()
     with gr.Blocks(title="medvqa — medical VQA workbench") as demo:
         gr.Markdown("# medvqa · ask, compare, explain\n*Research demo — not for clinical use.*")
-        ask.build_tab()
+        ask.build_tab(demo)
         features.build_tab()
         finetune.build_tab()
         review.build_tab()

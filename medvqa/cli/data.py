@@ -173,6 +173,30 @@ def cmd_eval(a):
     return 0
 
 
+def cmd_index(a):
+    """The nearest-case index of a checkpoint over a training split: into assets/neighbours/ for a
+    shipped checkpoint (the app then shows the cases without the dataset folder), else the user cache."""
+    from medvqa.data import load_split
+    from medvqa.explain.neighbours import SHIPPED_INDEXES, cached_index_path, build_index, save_index
+    from medvqa.predict import SHIPPED, Predictor
+
+    p = Predictor.load(a.checkpoint)
+    if not a.root.exists():
+        raise UserError(f"{a.root}: dataset folder not found")
+    records = load_split(a.dataset, a.root, a.split).records
+    shipped = p.path.parent == SHIPPED.resolve()
+    out = a.out or (SHIPPED_INDEXES / f"{p.path.name}.npz" if shipped else cached_index_path(p.path))
+    index = build_index(p, records, a.root, progress=not a.json)
+    save_index(index, out)
+    res = {"checkpoint": p.path.name, "dataset": a.dataset, "split": a.split, "cases": len(records),
+           "dim": int(index["features"].shape[1]), "out": str(out), "mb": round(out.stat().st_size / 1e6, 2)}
+    if a.json:
+        print_json(res)
+    else:
+        print(f"wrote {out}: {res['cases']} {a.split} cases × {res['dim']} fp16 features, {res['mb']} MB")
+    return 0
+
+
 def register(sub):
     from medvqa.data.datasets import DATASETS
 
@@ -187,6 +211,16 @@ def register(sub):
     dataset_args(st, split=False)
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_data_stats)
+
+    ix = sub.add_parser("index", help="precompute a checkpoint's nearest-case index (training-case features, "
+                                      "no images)")
+    ix.add_argument("--checkpoint", required=True)
+    dataset_args(ix, split=False)
+    ix.add_argument("--split", default="train")
+    ix.add_argument("--out", type=Path,
+                    help="default: assets/neighbours/NAME.npz for a shipped checkpoint, else the cache")
+    ix.add_argument("--json", action="store_true")
+    ix.set_defaults(func=cmd_index)
 
     ev = sub.add_parser("eval", help="accuracy open/closed/overall of a checkpoint or a predictions file")
     src = ev.add_mutually_exclusive_group(required=True)

@@ -84,26 +84,32 @@ def default_layer(encoders) -> int:
 
 
 def explain(encoders, model, image: Image.Image, question: str, method: str = DEFAULT_METHOD,
-            target: int | None = None, batch_size: int = 32, layer: int | None = None) -> np.ndarray:
+            target: int | None = None, batch_size: int = 32, layer: int | None = None,
+            cached: dict | None = None) -> np.ndarray:
     """Saliency map (H×W float32 in [0, 1], the image's own size) for answer class `target`
     (default: the predicted answer), read at the input of ViT block `layer` (default: a third of
     the way in, block 4 of DINOv2-S's 12, chosen on SLAKE validation by the pointing game); for
-    "rollout", the block the rollout starts from."""
+    "rollout", the block the rollout starts from. `cached`: the image's backbone pass
+    (medvqa.encode.Backbone.encode): then the target, the query attention and the rollout's first
+    blocks need no backbone pass of their own."""
     if method not in METHOD_NAMES:
         raise InputError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
     wrapper = ImageToLogits(encoders, model, encoders.question_inputs([question])).eval()
     x = encoders.preprocess([image])
+    tokens = None if cached is None else cached["tokens"][None]                        # (1, 1+N, Di)
     if target is None and method not in GRADIENT_FREE:   # a gradient-free map needs no target: one forward less
         with torch.no_grad():
-            target = int(wrapper(x).argmax(-1))
+            target = int((wrapper(x) if tokens is None else wrapper.head(tokens)).argmax(-1))
     blocks = encoders.image.encoder.layer
     layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise InputError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
     if method in ROLLOUTS:
-        m = gradient_rollout(wrapper, x, target, start=layer % len(blocks), readout=ROLLOUTS[method])  # (grid, grid)
+        start = layer % len(blocks)
+        m = gradient_rollout(wrapper, x, target, start=start, readout=ROLLOUTS[method],
+                             block_input=None if cached is None else cached["blocks"][start][None])   # (grid, grid)
     elif method == "query-attention":
-        m = query_attention(wrapper, x)                                                  # (grid, grid)
+        m = query_attention(wrapper, x, tokens=tokens)                                   # (grid, grid)
     else:
         kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
         with CAM_METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1],
@@ -151,7 +157,7 @@ def relevance(attn, grads, tokens, until: int | None = None) -> torch.Tensor:
 
 
 def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sigma: float = ROLLOUT_SIGMA,
-                     readout: str = "cls") -> np.ndarray:
+                     readout: str = "cls", block_input=None) -> np.ndarray:
     """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
     attention-model explainability"; `relevance`) from block `start` on. Unlike a CAM it follows
     attention back from the tokens the head reads to the patches they gathered from.
@@ -164,17 +170,31 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
     (ROLLOUT_HEAD), carried back through R of the blocks before it; the heads' mean there is where the
     gradient-weighted maps lose the organ (docs/experiments.md, Saliency).
     The grid is then Gaussian-smoothed (σ = 1 patch): a single patch's peak is noise, a region's
-    is not. -> (grid, grid) float32."""
+    is not. Only blocks `start` on run with gradients, from `block_input` (1, T, D), the input of
+    block `start` (medvqa.encode caches it; else one gradient-free pass computes it).
+    -> (grid, grid) float32."""
     vit = wrapper.encoders.image
-    with eager_attention(vit):
-        out = vit(pixel_values=x.detach().requires_grad_(True), output_attentions=True, output_hidden_states=True)
-        h = out.last_hidden_state                                       # (1, T, D)
-        attn = out.attentions[start:]                                   # each (1, heads, T, T)
-        for t in (h, *attn):
-            t.retain_grad()
-        wrapper.head(h)[0, target].backward()
+    blocks = vit.encoder.layer[start:]
+    if block_input is None:
+        with torch.no_grad():
+            block_input = vit(pixel_values=x, output_hidden_states=True).hidden_states[start]
+    attn, inputs = [], []                                               # each (1, heads, T, T); (1, T, D)
+    hooks = [b.attention.register_forward_hook(lambda m, i, o: attn.append(o[1])) for b in blocks]
+    try:
+        with eager_attention(vit):
+            h = block_input.detach().clone().requires_grad_(True)       # (1, T, D)
+            for b in blocks:                                            # Dinov2Model.forward from block `start`
+                inputs.append(h)
+                h = b(h, None)
+            h = vit.layernorm(h)                                        # (1, T, D)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    for t in (h, *attn):
+        t.retain_grad()
+    wrapper.head(h)[0, target].backward()
     grads = [a.grad for a in attn]
-    attn, inputs = [a.detach() for a in attn], [t.detach() for t in out.hidden_states[start:-1]]
+    attn, inputs = [a.detach() for a in attn], [t.detach() for t in inputs]
     if readout == "head":
         row = attn[-1][0, ROLLOUT_HEAD, 0] @ relevance(attn, grads, inputs, until=len(attn) - 1)  # (T,)
     else:
@@ -185,19 +205,21 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
     return gaussian_filter(m, sigma) if sigma > 0 else m
 
 
-def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA) -> np.ndarray:
+def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA, tokens=None) -> np.ndarray:
     """The head's own question-conditioned attention over the image tokens, on the patch grid:
     CMI-MTL's QQ-Former cross-attention averaged over heads, layers and queries, or the baseline's
     pooling weights. No gradient, so one map per question whatever the `target`. Smoothed like the
     rollout (σ = 1 patch): unsmoothed, its maximum sits on single high-attention patches, and on
     SLAKE validation CMI-MTL's map hit the named organ 24.29 % unsmoothed vs 29.05 % smoothed
-    (docs/decisions.md). -> (grid, grid) float32."""
+    (docs/decisions.md). `tokens`: the image's backbone tokens (1, 1+N, Di), when already computed.
+    -> (grid, grid) float32."""
     if not supports(wrapper.model, "query-attention"):
         raise InputError("query-attention reads a question-conditioned attention over the image tokens, which "
                          f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); "
                          "use head-rollout")
     with torch.no_grad():
-        a = wrapper.model.image_attention(wrapper.batch(wrapper.image_tokens(x)))[0]      # (1+N,)
+        tokens = wrapper.image_tokens(x) if tokens is None else tokens
+        a = wrapper.model.image_attention(wrapper.batch(tokens))[0]                       # (1+N,)
     g = wrapper.encoders.grid
     m = a[-g * g:].reshape(g, g).float().numpy()
     return gaussian_filter(m, sigma) if sigma > 0 else m
