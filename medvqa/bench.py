@@ -38,7 +38,8 @@ def _flops(fn) -> int:
 
 def _backbones_meta(preset):
     """The preset's image and text backbones, built from configs only (no weights, no hub)."""
-    from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model, RobertaConfig, RobertaModel
+    from transformers import (BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel, Dinov2Config, Dinov2Model,
+                              RobertaConfig, RobertaModel)
 
     from medvqa.models.encoders import DINOV2_S14
 
@@ -48,7 +49,8 @@ def _backbones_meta(preset):
     else:
         img = Dinov2Model(Dinov2Config(**DINOV2_S14))
     txt = (RobertaModel(RobertaConfig(), add_pooling_layer=False) if "roberta" in e.text
-           else BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536),
+           else BertModel(BertConfig(hidden_size=384, num_hidden_layers=6, num_attention_heads=12,
+                                   intermediate_size=1536),
                           add_pooling_layer=False))
     return img, txt
 
@@ -85,7 +87,8 @@ def fusion_cost(d: int = 256, K: int = 32, L: int = 20, blocks: int = 2) -> dict
     from medvqa.models.cmi_mtl import CrossMambaBlock, TransformerFusionBlock
 
     out = {}
-    for name, make in (("cmm", lambda: CrossMambaBlock(d, d_state=8)), ("transformer", lambda: TransformerFusionBlock(d, 4))):
+    for name, make in (("cmm", lambda: CrossMambaBlock(d, d_state=8)),
+                       ("transformer", lambda: TransformerFusionBlock(d, 4))):
         with torch.device("meta"):
             bl = torch.nn.ModuleList(make() for _ in range(blocks)).eval()
             z, t, pad = torch.randn(1, K, d), torch.randn(1, L, d), torch.zeros(1, L, dtype=torch.bool)
@@ -112,7 +115,8 @@ def scan_speedup(lengths=(64, 256, 512), b: int = 8, E: int = 512, N: int = 8) -
         A = -torch.rand(E, N, generator=g).requires_grad_()
         B, C = torch.randn(b, L, N, generator=g), torch.randn(b, L, N, generator=g)
         D = torch.ones(E, requires_grad=True)
-        ms = {m: _median_ms(lambda m=m: selective_scan(u, delta, A, B, C, D, mode=m).sum().backward(), repeat=3, warmup=1)
+        ms = {m: _median_ms(lambda m=m: selective_scan(u, delta, A, B, C, D, mode=m).sum().backward(),
+                            repeat=3, warmup=1)
               for m in ("sequential", "parallel")}
         out[str(L)] = {"sequential_ms": ms["sequential"], "parallel_ms": ms["parallel"],
                        "speedup": round(ms["sequential"] / ms["parallel"], 2)}
@@ -147,7 +151,8 @@ def answer_latency(checkpoints: list[str]) -> dict:
         if (p.path / "metrics.json").is_file():
             m = __import__("json").loads((p.path / "metrics.json").read_text())
             epoch = round(m["train_seconds"] / m["epochs"], 1) if m.get("train_seconds") and m.get("epochs") else None
-        out[ck] = {"answer_ms": answer, "answer_open_question_ms": answer_open, "image_backbone_ms": backbone, "ratio": round(answer / backbone, 2),
+        out[ck] = {"answer_ms": answer, "answer_open_question_ms": answer_open, "image_backbone_ms": backbone,
+                   "ratio": round(answer / backbone, 2),
                    "gradcam_ms": cam, "gradcam_ratio": round(cam / answer, 2),
                    "rollout_ms": rollout, "rollout_ratio": round(rollout / answer, 2),
                    "query_attention_ms": query, "default_method": p.default_method, "epoch_s": epoch}

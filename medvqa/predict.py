@@ -219,7 +219,8 @@ class Predictor:
         """The saliency methods this model supports (medvqa.explain.supports)."""
         return tuple(m for m in METHOD_NAMES if supports(self.model, m))
 
-    def explain(self, image, question, method: str | None = None, target: str | int | None = None, layer: int | None = None):
+    def explain(self, image, question, method: str | None = None, target: str | int | None = None,
+                layer: int | None = None):
         """Saliency map (H×W float32 in [0, 1]) for the predicted answer, or for `target` (an answer
         of the vocabulary, or its index), by `method` (default: `default_method`), read at the input
         of image-backbone block `layer` (for "rollout": the block it starts from; default:

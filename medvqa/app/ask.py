@@ -56,7 +56,8 @@ def _cam(ck, im, question, method, target, opacity, heatmap=True):
     p = Predictor.load(ck)
     m = method if method in p.methods else p.default_method
     tgt = target if target and target != "(predicted answer)" else None
-    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD else f" ({method}: not available for this model)")
+    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD
+                                else f" ({method}: not available for this model)")
     if tgt is not None and m in GRADIENT_FREE:
         label += " (gradient-free: the same map for every answer)"
     return gr.update(visible=True, value=saliency_figure(p, im, question, m, tgt, opacity), label=label)
@@ -140,7 +141,8 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
                            value="(predicted answer)")]
         table, thumbs = _nearest(ck, im, question, dataset)
         outs += [gr.update(visible=True, value=table), gr.update(visible=thumbs is not None, value=thumbs)]
-    banner = ("**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.") if len(cks) > 1 else ""
+    banner = ("" if len(cks) < 2 else
+              "**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.")
     return [banner, im] + outs
 
 
@@ -185,7 +187,8 @@ def build_tab(demo: gr.Blocks):
                 file = gr.File(label="Image (JPEG, PNG or DICOM)", type="filepath",
                                file_types=["image", ".dcm", ".dicom"])
                 preview = gr.Image(label="Image", interactive=False, height=260)
-                question = gr.Textbox(label="Question", placeholder="e.g. Is there evidence of a pneumothorax?", max_lines=3)
+                question = gr.Textbox(label="Question", max_lines=3,
+                                      placeholder="e.g. Is there evidence of a pneumothorax?")
                 dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
                 with gr.Row():
                     method = gr.Dropdown(method_choices(), value=OWN_METHOD, label="Saliency method")

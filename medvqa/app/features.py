@@ -51,7 +51,8 @@ def compute_points(ckpt: Path, root: Path, seed: int = 0) -> dict:
     feats, correct = p.features_records(records, progress=False)
     xy = embed(feats, seed=seed)
     labels = {c: labels_for(records, correct, c).tolist() for c in COLORINGS}
-    return {"checkpoint": Path(ckpt).name, "weights": weights_id(ckpt), "dataset": p.config["dataset"], "split": "test", "seed": seed,
+    return {"checkpoint": Path(ckpt).name, "weights": weights_id(ckpt), "dataset": p.config["dataset"],
+            "split": "test", "seed": seed,
             "xy": np.round(xy, 3).tolist(), "labels": labels,
             "silhouette": {c: silhouette(xy, np.array(labels[c])) for c in COLORINGS},
             "hover": [f"{html.escape(r.question)}<br>answer: {html.escape(r.answer)}" for r in records]}
@@ -91,7 +92,8 @@ def figure(panels: list[dict], coloring: str):
             if m.any():
                 fig.add_trace(go.Scattergl(x=xy[m, 0], y=xy[m, 1], mode="markers", name=c, legendgroup=c,
                                            showlegend=col == 1, marker={"size": 5, "color": palette[i % len(palette)]},
-                                           text=[h for h, k in zip(p["hover"], m) if k], hoverinfo="text"), row=1, col=col)
+                                           text=[h for h, k in zip(p["hover"], m) if k], hoverinfo="text"),
+                          row=1, col=col)
     fig.update_xaxes(showticklabels=False)
     fig.update_yaxes(showticklabels=False)
     fig.update_layout(height=520, margin={"l": 10, "r": 10, "t": 40, "b": 10})
@@ -154,7 +156,8 @@ if __name__ == "__main__":  # after retraining a shipped checkpoint: rewrite ass
     from medvqa.data import DataError
 
     if len(sys.argv) != 3 or not (Path(sys.argv[1]) / "model.safetensors").is_file() or not Path(sys.argv[2]).is_dir():
-        sys.exit("usage: python -m medvqa.app.features CHECKPOINT_DIR DATASET_ROOT (a checkpoint folder and a dataset folder)")
+        sys.exit("usage: python -m medvqa.app.features CHECKPOINT_DIR DATASET_ROOT "
+                 "(a checkpoint folder and a dataset folder)")
     ckpt, out = Path(sys.argv[1]), SHIPPED_POINTS / f"{Path(sys.argv[1]).name}.json"
     try:
         write_points(ckpt, Path(sys.argv[2]), out)

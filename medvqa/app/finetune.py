@@ -68,7 +68,8 @@ def _argv(model, source, upload, preset, epochs, lr, ablate, name, tune_image_bl
     out = user_checkpoints_dir() / name
     argv = ["train", "--model", model, "--preset", preset, "--dataset", dataset, "--root", str(root),
             "--out", str(out), "--workdir", str(_run_dir(name)),
-            "--epochs", str(int(epochs)), "--lr", str(float(lr)), "--tune-image-blocks", str(int(tune_image_blocks or 0)),
+            "--epochs", str(int(epochs)), "--lr", str(float(lr)),
+            "--tune-image-blocks", str(int(tune_image_blocks or 0)),
             "--no-resume", "--json"]
     return argv + (["--ablate", *ablate] if ablate else []), out
 
@@ -213,7 +214,8 @@ def build_tab():
             return _status_markdown(status())
 
         go.click(on_start, [model, source, upload, preset, epochs, lr, ablate, tune], info, api_visibility="private")
-        stop.click(lambda: JOB.cancel.set() or "Cancelling after the current step…", None, info, api_visibility="private")
+        stop.click(lambda: JOB.cancel.set() or "Cancelling after the current step…", None, info,
+                   api_visibility="private")
         timer.tick(lambda: (_status_markdown(status()), _plot(status())), None, [info, plot], api_visibility="private")
         gr.api(finetune_api, api_name="finetune")
         gr.api(finetune_status_api, api_name="finetune_status")

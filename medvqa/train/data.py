@@ -114,7 +114,8 @@ def similar_images(model, ds, threshold: float, pretrained: bool, backbone=None)
         table[p] = [paths[j] for j in hits]
     n = [len(v) for v in table.values()]
     return table, {"images": len(paths), "threshold": threshold, "nearest_fallback": fallback,
-                   "mean_partners": round(sum(n) / max(1, len(n)), 1), "features": "pretrained h_I" if pretrained else "backbone CLS"}
+                   "mean_partners": round(sum(n) / max(1, len(n)), 1),
+                    "features": "pretrained h_I" if pretrained else "backbone CLS"}
 
 
 def attach_pixels(ds: FeatureDataset, cache: FeatureCache, size: int):
