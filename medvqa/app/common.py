@@ -77,7 +77,8 @@ def unzip_cases(path: str) -> Path:
     try:
         with zipfile.ZipFile(path) as z:
             for name in z.namelist():
-                if not (dest / name).resolve().is_relative_to(dest.resolve()):   # a prefix test would let "../dest-x" through
+                # a prefix test would let "../dest-x" through
+                if not (dest / name).resolve().is_relative_to(dest.resolve()):
                     raise DataError(f"unsafe path in zip: {name}")
             z.extractall(dest)
     except zipfile.BadZipFile:

@@ -196,7 +196,8 @@ def summary_markdown(s: dict) -> str:
     if not s["models"]:
         return "*No reviews recorded yet.*"
     lines = ["| model | reviews | agree | map points at the wrong place |", "|---|---|---|---|"]
-    lines += [f"| {escape_md(m)} | {v['n']} | {v['agree_pct']}% | {v['map_wrong']} |" for m, v in sorted(s["models"].items())]
+    lines += [f"| {escape_md(m)} | {v['n']} | {v['agree_pct']}% | {v['map_wrong']} |"
+              for m, v in sorted(s["models"].items())]
     for pair, k in s["kappa"].items():
         lines.append(f"\nCohen's κ ({escape_md(pair)}, {k['n']} shared items, agree vs not): "
                      f"**{'undefined' if k['kappa'] is None else k['kappa']}**")

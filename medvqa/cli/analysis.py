@@ -25,7 +25,8 @@ def cmd_pointing_game(a):
         lo, hi = r["hit_rate_ci95"]
         v = r["vs_centre"]
         layer = "–" if r["layer"] is None else r["layer"]
-        print(f"  {r['model']:24s} {r['method']:15s} layer {layer:>3}  hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
+        print(f"  {r['model']:24s} {r['method']:15s} layer {layer:>3}  "
+              f"hit rate {r['hit_rate']:.2f} [{lo:.2f}–{hi:.2f}]"
               f"  vs centre: {v['only_map']} only the map, {v['only_centre']} only the centre, "
               f"McNemar p = {v['mcnemar_p']:.3g}")
     print(f"  centre-point baseline {res['baseline_center']:.2f}   random-point baseline {res['baseline_random']:.2f}")

@@ -229,7 +229,8 @@ def dataset_splits(name: str, root) -> tuple:
     if name == "folder":
         rows = _folder_rows(_folder_csv(root))
         if rows and "split" in rows[0]:
-            return tuple(s for s in ("train", "validate", "test") if any((r.get("split") or "").strip().lower() == s for r in rows))
+            return tuple(s for s in ("train", "validate", "test")
+                         if any((r.get("split") or "").strip().lower() == s for r in rows))
         return ("train",)
     if name == "ovqa":
         return tuple(s for s in splits if (Path(root) / RAD_FILES[s]).is_file())

@@ -31,7 +31,8 @@ def supports(model, method: str) -> bool:
 SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
 GRADIENT_FREE = ("query-attention",)         # read from the head's attention: no target answer, no backbone layer
 
-__all__ = ["BELOW_RANDOM", "DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "captioned", "default_method", "explain",
+__all__ = ["BELOW_RANDOM", "DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "captioned",
+           "default_method", "explain",
            "supports", "overlay"]
 
 

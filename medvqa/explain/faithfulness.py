@@ -76,7 +76,8 @@ def deletion_insertion(predictors: dict, records, methods=None, steps: int = 10,
                 rows.append(curves(p, im, r.question, p.explain(im, r.question, method=method), steps,
                                    grid=p.encoders.grid))
             mean = {k: round(float(np.mean([x[k] for x in rows])), 4) for k in rows[0]} if rows else {}
-            diff_ci = {f"{k}_vs_random_ci95": [round(v, 4) for v in bootstrap_mean_ci([x[k] - x[k + "_random"] for x in rows])]
+            diff_ci = {f"{k}_vs_random_ci95": [round(v, 4)
+                                               for v in bootstrap_mean_ci([x[k] - x[k + "_random"] for x in rows])]
                        for k in ("deletion", "insertion")} if rows else {}
             results.append({"model": name, "method": method, **{f"{k}_auc": v for k, v in mean.items()}, **diff_ci})
     return {"n": len(records), "steps": steps, "results": results, "skipped": skipped}

@@ -93,7 +93,8 @@ def pointing_game(predictors: dict, cases: list[Case], methods=None, layers=(Non
                 continue
             for layer in [None] if method in GRADIENT_FREE else resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
-                        for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True, leave=False)]
+                        for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True,
+                                      leave=False)]
                 n_hits = sum(hits)
                 only_map = sum(h and not c for h, c in zip(hits, centre))
                 only_centre = sum(c and not h for h, c in zip(hits, centre))
@@ -104,4 +105,5 @@ def pointing_game(predictors: dict, cases: list[Case], methods=None, layers=(Non
                                               "mcnemar_p": mcnemar_exact(only_map, only_centre)}})
     return {"n": len(cases), "results": results, "skipped": skipped,
             "baseline_center": round(100 * float(np.mean(centre)), 2) if cases else None,
-            "baseline_random": round(100 * float(np.mean([random_hit_probability(c) for c in cases])), 2) if cases else None}
+            "baseline_random": (round(100 * float(np.mean([random_hit_probability(c) for c in cases])), 2)
+                                if cases else None)}

@@ -119,8 +119,8 @@ class CMDPI(nn.Module):
         self.global_fusion = nn.Sequential(nn.Linear(2 * d, 4 * d), nn.GELU(), nn.Linear(4 * d, d), nn.LayerNorm(d))
         self.h_tilde = nn.Parameter(torch.zeros(d))                              # shared vector of local reconstruction
         nn.init.normal_(self.h_tilde, std=0.02)
-        self.recnet = RecNet(d, cfg.rec_layers, cfg.rec_heads, cfg.rec_ff, 1 + self.n_img + enc_cfg.max_question_len + 1,
-                             cfg.dropout)
+        self.recnet = RecNet(d, cfg.rec_layers, cfg.rec_heads, cfg.rec_ff,
+                             1 + self.n_img + enc_cfg.max_question_len + 1, cfg.dropout)
         # Text targets live in a compact vocabulary (the backbone ids seen in training text; 0 = other),
         # which keeps FFN_T small enough to ship.
         text_vocab = text_vocab or [0]

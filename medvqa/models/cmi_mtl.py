@@ -55,7 +55,8 @@ def _smoothed_ce(logits, valid, eps: float = 0.1):
     """Cross-entropy with the diagonal as target and label smoothing (0.1, as the reference code)
     spread over the valid entries only, so masked pairs get neither probability nor target mass."""
     logp = logits.masked_fill(~valid, float("-inf")).log_softmax(-1).masked_fill(~valid, 0.0)
-    target = valid.float() * eps / valid.sum(-1, keepdim=True) + (1 - eps) * torch.eye(len(logits), device=logits.device)
+    target = (valid.float() * eps / valid.sum(-1, keepdim=True)
+              + (1 - eps) * torch.eye(len(logits), device=logits.device))
     return -(target * logp).sum(-1).mean()
 
 

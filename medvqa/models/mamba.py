@@ -5,7 +5,8 @@
 `selective_scan(..., mode="sequential")` is the plain loop (the CPU default);
 `mode="parallel"` is a Hillis–Steele log-depth scan over the affine maps (a, b) ↦ h = a h' + b,
 composed pairwise in ⌈log2 L⌉ vectorised steps, exact (no exp of positive numbers). Both run
-inside one autograd Function (`SelectiveScan`) whose backward is the same scan in reverse. On CUDA with `mamba_ssm` importable, `mode="auto"` uses its fused kernel.
+inside one autograd Function (`SelectiveScan`) whose backward is the same scan in reverse. On CUDA with `mamba_ssm`
+importable, `mode="auto"` uses its fused kernel.
 Parameter names match `transformers`' `MambaMixer`, so weights load one-to-one.
 """
 from __future__ import annotations

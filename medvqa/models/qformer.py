@@ -49,7 +49,8 @@ class QQFormerLayer(nn.Module):
 
 
 class QQFormer(nn.Module):
-    def __init__(self, d: int, n_queries: int, n_layers: int, n_heads: int, dropout: float = 0.1, use_text: bool = True):
+    def __init__(self, d: int, n_queries: int, n_layers: int, n_heads: int, dropout: float = 0.1,
+                 use_text: bool = True):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(1, n_queries, d) * 0.02)
         self.layers = nn.ModuleList(QQFormerLayer(d, n_heads, dropout) for _ in range(n_layers))

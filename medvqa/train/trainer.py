@@ -2,7 +2,8 @@
 
 A model's `forward(batch)` returns `{"logits", "losses": {name: tensor}}` and carries
 `loss_weights`; the trainer sums the weighted losses and owns the optimiser, warm-up + cosine
-schedule, clipping, AMP (CUDA), seeding, selection on validation (without one: the last epoch), atomic checkpoints, resume,
+schedule, clipping, AMP (CUDA), seeding, selection on validation (without one: the last epoch), atomic checkpoints,
+resume,
 and callbacks (progress, cancel, live metrics) through which the app drives it.
 Under `torchrun` it shards batches with a DistributedSampler and only rank 0 writes.
 """
@@ -55,7 +56,8 @@ class FitResult:
 class WeightEMA:
     """Exponential moving average of the floating-point weights and buffers (Polyak averaging).
     Validation and the saved checkpoint use the average; training goes on with the live weights.
-    The decay warms up as (1 + n) / (10 + n), as TensorFlow's ExponentialMovingAverage with num_updates, so the random init fades fast."""
+    The decay warms up as (1 + n) / (10 + n), as TensorFlow's ExponentialMovingAverage with num_updates, so the random
+    init fades fast."""
 
     def __init__(self, model, decay: float):
         self.decay, self.n = decay, 0
@@ -113,7 +115,8 @@ def _param_groups(model, cfg):
     for n, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((bool(pre) and n.startswith(pre), id(p) in decayed), []).append(p)
-    return [{"params": groups[k], "weight_decay": cfg.weight_decay if k[1] else 0.0} | ({"lr": cfg.lr_pretrained} if k[0] else {})
+    return [{"params": groups[k], "weight_decay": cfg.weight_decay if k[1] else 0.0}
+            | ({"lr": cfg.lr_pretrained} if k[0] else {})
             for k in ((False, True), (False, False), (True, True), (True, False)) if k in groups]
 
 
@@ -161,7 +164,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
     total = cfg.epochs * len(loader)
     warm = max(1, int(cfg.warmup * total))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
+        opt,
+        lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, total - warm))))
     use_amp = cfg.amp and device.type == "cuda"
     ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
 
@@ -187,7 +191,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             sampler.set_epoch(epoch)
         net.train()
         sums, counts = {}, {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if is_rank0() else True)  # None: off when not a terminal
+        # None: off when not a terminal
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if is_rank0() else True)
         for batch in bar:
             if cb.should_stop and cb.should_stop():
                 res.cancelled = True
@@ -234,7 +239,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
                         "epoch": epoch + 1, "step": step, "best": json.dumps(res.best),
-                        "history": json.dumps(res.history)} | ({"ema": ema.state_dict()} if ema is not None else {}), tmp)
+                        "history": json.dumps(res.history)}
+                       | ({"ema": ema.state_dict()} if ema is not None else {}), tmp)
             os.replace(tmp, state_path)
         if cb.on_epoch:
             cb.on_epoch(epoch + 1, metrics)
