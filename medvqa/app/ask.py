@@ -95,8 +95,8 @@ def _nearest(ck, im, question, dataset, k: int = 4):
         return (f"*Nearest training cases: building this model's index in the background "
                 f"({done} / {total or '?'} cases); ask again in a while.*", None)
     near = Predictor.load(ck).nearest(im, question, index, k)
-    def cell(t):   # dataset text inside a Markdown table row
-        return str(t).replace("|", "\\|").replace("\n", " ")
+    def cell(t):   # dataset text inside a Markdown table row: one line, shown literally
+        return escape_md(str(t).replace("\n", " "))
     rows = [f"| {cell(n['question'])} | {cell(n['answer'])} | {n['similarity']:.2f} |" for n in near]
     table = "\n".join(["**Nearest training cases** (this model's features)", "",
                        "| question | answer | cosine |", "|---|---|---|", *rows])
