@@ -225,23 +225,17 @@ class Predictor:
         of the vocabulary, or its index), by `method` (default: `default_method`), read at the input
         of image-backbone block `layer` (for "rollout": the block it starts from; default:
         medvqa.explain.gradcam's choice)."""
-        from medvqa.explain.gradcam import explain
+        return explain_many([self], image, question, [method], [target], layer)[0]
 
-        im = load_image(image)
-        q = self._check_question(question)
+    def _target(self, target: str | int | None) -> int | None:
         if isinstance(target, str):
             from medvqa.data import normalize_answer
 
             idx = self.vocab.encode(normalize_answer(target))
             if idx < 0:
                 raise InputError(f"{target!r} is not an answer this model can give")
-            target = idx
-        # Only what a method must re-run runs: the cached backbone pass gives the tokens, the target
-        # answer and the rollout's start; the lock keeps its hooks off other requests' forwards.
-        cached = self.backbone.encode([im])[0]
-        with self.backbone.lock, torch.enable_grad():
-            return explain(self.encoders, self.model, im, q, method=method or self.default_method, target=target,
-                           layer=layer, cached=cached)
+            return idx
+        return target
 
     def _records_dataset(self, records, progress: bool):
         from medvqa.data.cache import FeatureCache
@@ -287,4 +281,31 @@ class Predictor:
         return self.read_logits(records, self.logits_records(records, progress, batch_size))
 
 
-__all__ = ["Answer", "ImageError", "Predictor"]
+def explain_many(predictors, image, question, methods=None, targets=None, layer: int | None = None) -> list:
+    """`Predictor.explain` of several models for one image and question: per model its entry of
+    `methods` (None: its default_method) and `targets` (None: its predicted answer). Models that read
+    one backbone with one method share its work: the cached backbone pass gives the tokens and the
+    rollout's start, and one gradient pass through the backbone blocks serves every model's rollout
+    (medvqa.explain.gradcam.explain_models). -> one H×W map per predictor."""
+    from medvqa.explain.gradcam import explain_models
+
+    im = load_image(image)
+    q = Predictor._check_question(question)
+    methods = methods or [None] * len(predictors)
+    targets = [p._target(t) for p, t in zip(predictors, targets or [None] * len(predictors))]   # bad ones first
+    groups: dict = {}   # (backbone, method) -> indices of the predictors in it
+    for i, (p, m) in enumerate(zip(predictors, methods)):
+        groups.setdefault((p.backbone, m or p.default_method), []).append(i)
+    maps = [None] * len(predictors)
+    for (bb, method), idx in groups.items():
+        # Only what a method must re-run runs; the lock keeps its hooks off other requests' forwards.
+        cached = bb.encode([im])[0]
+        with bb.lock, torch.enable_grad():
+            out = explain_models(bb.encoders, [predictors[i].model for i in idx], im, q, method,
+                                 [targets[i] for i in idx], layer=layer, cached=cached)
+        for i, m in zip(idx, out):
+            maps[i] = m
+    return maps
+
+
+__all__ = ["Answer", "ImageError", "Predictor", "explain_many"]
