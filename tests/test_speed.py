@@ -158,3 +158,23 @@ def test_index_builds_in_the_background(cks, tmp_path, monkeypatch):
         time.sleep(0.2)
     assert builds.progress(p.path) == {"done": 10, "total": 10, "error": None}
     assert len(load_index(p.path)["records"]) == len(load_split("folder", csv, "train").records)
+
+
+@pytest.mark.parametrize("shipped", [False, True], ids=["tiny", "shipped"])
+def test_shared_rollout_pass_gives_each_models_own_map(cks, shipped):
+    """explain_many runs the backbone blocks' gradient pass once for every model on it; each model's
+    map equals its own Predictor.explain (a pass of its own), and two models' maps differ (no mixing)."""
+    from medvqa.predict import explain_many
+
+    ps = ([Predictor.load(f"{m}-vqa-rad") for m in ("cmi-mtl", "cmdpi", "baseline")] if shipped
+          else list(cks.values()))
+    assert len({p.backbone for p in ps}) == 1
+    im, q = (Image.open(ROOT / "assets" / "examples" / json.loads(
+        (ROOT / "assets" / "examples" / "examples.json").read_text())[0]["image"]).convert("RGB") if shipped
+        else _image(4)), "Is there a mass in the left lung?"
+    for method in ("head-rollout", "token-rollout"):
+        many = explain_many(ps, im, q, [method] * len(ps))
+        for p, m in zip(ps, many):
+            assert np.abs(m - p.explain(im, q, method=method)).max() < 1e-4
+        assert min(np.abs(a - b).max() for i, a in enumerate(many) for b in many[i + 1:]) > 1e-3
+    assert all(w.grad is None for p in ps for w in p.model.parameters())   # input gradients only

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
-                               examples, model_title, saliency_figure, top_k_markdown)
+                               examples, model_title, saliency_figures, top_k_markdown)
 from medvqa.data import ImageError, load_image, normalize_answer
 from medvqa.encode import MAX_BATCH
 from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
@@ -47,20 +47,24 @@ def ask_json(image: FileData, question: str, dataset: str) -> dict:
     return {"dataset": dataset, "question": question, "models": out}
 
 
-def _cam(ck, im, question, method, target, opacity, heatmap=True):
-    """A slot's saliency overlay, labelled with the method shown: a method the model does not
+def _cams(cks, im, question, method, targets, opacity, heatmap=True, predicted=None) -> list:
+    """The slots' saliency overlays, each labelled with the method shown: a method a model does not
     support (query-attention on CMDPI) falls back to the model's own, and the label says so. With
-    the heatmap off, the plain image."""
+    the heatmap off, the plain image. Computed together: models on one backbone share its pass."""
     if not heatmap:
-        return gr.update(visible=True, value=im, label="Saliency: heatmap off")
-    p = Predictor.load(ck)
-    m = method if method in p.methods else p.default_method
-    tgt = target if target and target != "(predicted answer)" else None
-    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD
-                                else f" ({method}: not available for this model)")
-    if tgt is not None and m in GRADIENT_FREE:
-        label += " (gradient-free: the same map for every answer)"
-    return gr.update(visible=True, value=saliency_figure(p, im, question, m, tgt, opacity), label=label)
+        return [gr.update(visible=True, value=im, label="Saliency: heatmap off") for _ in cks]
+    ps = [Predictor.load(ck) for ck in cks]
+    ms = [method if method in p.methods else p.default_method for p in ps]
+    tgts = [t if t and t != "(predicted answer)" else None for t in targets]
+    figs = saliency_figures(ps, im, question, ms, tgts, opacity, predicted)
+    out = []
+    for m, t, fig in zip(ms, tgts, figs):
+        label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD
+                                    else f" ({method}: not available for this model)")
+        if t is not None and m in GRADIENT_FREE:
+            label += " (gradient-free: the same map for every answer)"
+        out.append(gr.update(visible=True, value=fig, label=label))
+    return out
 
 
 INDEX_BUILDS = IndexBuilds()
@@ -118,15 +122,13 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
     if im is None:
         raise gr.Error("upload an image or pick an example")
     res = ask_json(file, question, dataset)
-    cks = checkpoints_for(dataset)
+    cks = checkpoints_for(dataset)[:N_SLOTS]
     answers = [res["models"][ck.name]["answer"] for ck in cks]
     agree = len(set(answers)) == 1
+    cams = _cams(cks, im, question, method, [None] * len(cks), opacity, heatmap, predicted=answers)
     outs = []
-    for i in range(N_SLOTS):
-        if i >= len(cks):
-            outs += [gr.update(visible=False)] * 6
-            continue
-        ck, a = cks[i], res["models"][cks[i].name]
+    for ck, cam in zip(cks, cams):
+        a = res["models"][ck.name]
         lines = [f"### {escape_md(model_title(ck))}", answer_markdown(a)]
         if a.get("free_text") is not None:
             lines.append(f"Free-form answer (AHead, generated): *{escape_md(a['free_text']) or '—'}*")
@@ -135,31 +137,39 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
             lines.append(("✅ matches" if ok else "❌ differs from")
                          + f" the ground truth: **{escape_md(ground_truth)}**")
         outs += [gr.update(visible=True, value="\n\n".join(lines)),
-                 gr.update(visible=True, value=top_k_markdown(a["top_k"])),
-                 _cam(ck, im, question, method, None, opacity, heatmap),
+                 gr.update(visible=True, value=top_k_markdown(a["top_k"])), cam,
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
         table, thumbs = _nearest(ck, im, question, dataset)
         outs += [gr.update(visible=True, value=table), gr.update(visible=thumbs is not None, value=thumbs)]
+    outs += [gr.update(visible=False)] * (6 * (N_SLOTS - len(cks)))
     banner = ("" if len(cks) < 2 else
               "**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.")
     return [banner, im] + outs
 
 
-def recam(slot, file, question, dataset, method, target, opacity, heatmap=True):
+def _recam(slots, file, question, dataset, method, targets, opacity, heatmap) -> list:
+    """The maps of `slots` again, in one shared pass; a slot with no model: unchanged."""
     cks = checkpoints_for(dataset)
-    if slot >= len(cks) or not file:
-        return gr.update()
+    have = [i for i in slots if i < len(cks)]
+    if not file or not have:
+        return [gr.update() for _ in slots]
     try:
         im = load_image(file, name="the uploaded file")
-        return _cam(cks[slot], im, question, method, target, opacity, heatmap)
+        tgts = [targets[slots.index(i)] for i in have]
+        cams = dict(zip(have, _cams([cks[i] for i in have], im, question, method, tgts, opacity, heatmap)))
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from None
+    return [cams.get(i, gr.update()) for i in slots]
+
+
+def recam(slot, file, question, dataset, method, target, opacity, heatmap=True):
+    return _recam([slot], file, question, dataset, method, [target], opacity, heatmap)[0]
 
 
 def recam_all(file, question, dataset, method, opacity, heatmap, *targets):
     """Every slot's map again (the heatmap switched on or off)."""
-    return [recam(i, file, question, dataset, method, t, opacity, heatmap) for i, t in enumerate(targets)]
+    return _recam(list(range(len(targets))), file, question, dataset, method, list(targets), opacity, heatmap)
 
 
 def first_screen(ex: list[dict]):
