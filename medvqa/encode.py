@@ -128,8 +128,8 @@ class Backbone:
         if len(questions) != 1:
             return self.encoders.question_inputs(questions)
         hit = self.questions.get(questions[0])
-        if hit is None:
-            with torch.no_grad():
+        if hit is None:   # never inference tensors: a saliency map's graph reads them too
+            with torch.inference_mode(False), torch.no_grad():
                 hit = self.encoders.question_inputs(questions)
             self.questions.put(questions[0], hit)
         return hit

@@ -302,7 +302,7 @@ def explain_many(predictors, image, question, methods=None, targets=None, layer:
         cached = bb.encode([im])[0]
         with bb.lock, torch.enable_grad():
             out = explain_models(bb.encoders, [predictors[i].model for i in idx], im, q, method,
-                                 [targets[i] for i in idx], layer=layer, cached=cached)
+                                 [targets[i] for i in idx], layer=layer, cached=cached, text=bb.question_inputs([q]))
         for i, m in zip(idx, out):
             maps[i] = m
     return maps

@@ -4,6 +4,8 @@ and a saliency overlay per model (by default each model's own best-localising ma
 and target written on the image beside a colour bar, and a switch to hide it."""
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 from gradio import FileData
 
@@ -106,12 +108,15 @@ def _nearest(ck, im, question, dataset, k: int = 4):
                        "| question | answer | cosine |", "|---|---|---|", *rows])
     if root is None:
         return table, None
-    thumbs = []
-    for n in near:  # PIL thumbnails: Gradio serves only files under the app's own folders
-        thumb = load_image(root / n["image"])
-        thumb.thumbnail((256, 256))
-        thumbs.append((thumb, f"{n['answer']} (cos {n['similarity']:.2f})"))
-    return table, thumbs
+    return table, [(_thumbnail(str(root / n["image"])), f"{n['answer']} (cos {n['similarity']:.2f})") for n in near]
+
+
+@functools.lru_cache(maxsize=64)   # at most 64 × 256² RGB (12 MB); neighbours recur across clicks
+def _thumbnail(path: str):
+    """A training image as a PIL thumbnail: Gradio serves only files under the app's own folders."""
+    thumb = load_image(path)
+    thumb.thumbnail((256, 256))
+    return thumb
 
 
 def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True):

@@ -97,13 +97,14 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
 
 def explain_models(encoders, models, image: Image.Image, question: str, method: str = DEFAULT_METHOD,
                    targets=None, batch_size: int = 32, layer: int | None = None,
-                   cached: dict | None = None) -> list[np.ndarray]:
+                   cached: dict | None = None, text: dict | None = None) -> list[np.ndarray]:
     """`explain` for several models that read the same backbone `encoders`, one map per model (and
     per entry of `targets`, default each model's predicted answer). A rollout's gradient pass through
-    the backbone blocks is run once for all of them (`gradient_rollouts`); the other methods run per model."""
+    the backbone blocks is run once for all of them (`gradient_rollouts`); the other methods run per model.
+    `text`: the question's encoding (Encoders.question_inputs), when already computed."""
     if method not in METHOD_NAMES:
         raise InputError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    text = encoders.question_inputs([question])                      # the text backbone is shared too
+    text = encoders.question_inputs([question]) if text is None else text   # the text backbone is shared too
     wrappers = [ImageToLogits(encoders, m, text).eval() for m in models]
     targets = list(targets) if targets is not None else [None] * len(models)
     x = encoders.preprocess([image])                                                   # (1, 3, S, S)
