@@ -137,9 +137,19 @@ class Predictor:
         return backbone(self.encoders)
 
     # -- batched tokens ---------------------------------------------------------------------------
-    def _tokens(self, images, questions) -> dict:
+    def _outputs(self, images, questions) -> tuple[dict, dict]:
+        """The model's input batch (the backbone's tokens, cached) and its logits and fused features.
+        One image's outputs are kept in its backbone cache entry, per model and question, and leave the
+        cache with it: an ask's answer, map caption and nearest cases run the head once."""
         bb = self.backbone
-        return {"image_tokens": bb.image_tokens(images), **bb.question_inputs(questions)}
+        entries = bb.encode(images)
+        batch = {"image_tokens": torch.stack([e["tokens"] for e in entries]), **bb.question_inputs(questions)}
+        kept = entries[0].setdefault("outputs", {}) if len(entries) == 1 else {}
+        out = kept.get((self, questions[0]))
+        if out is None:
+            out = {k: v for k, v in self.model(batch).items() if k in ("logits", "fused")}
+            kept[(self, questions[0])] = out
+        return batch, out
 
     def _free_text(self, batch) -> list[str | None]:
         if getattr(self.model, "use_ahead", False):
@@ -163,8 +173,8 @@ class Predictor:
         free = [None] * len(qs)
         # The heads are stateless: concurrent requests run them side by side (the backbone batches them).
         with torch.inference_mode():
-            batch = self._tokens(ims, qs)
-            logits = self.model(batch)["logits"].float()
+            batch, out = self._outputs(ims, qs)
+            logits = out["logits"].float()
             # The AHead learnt from open questions only: it writes free text where the classifier's
             # answer is open, and is not asked (nor paid for) on yes/no answers.
             rows = [r for r, i in enumerate(logits.argmax(-1).tolist()) if answer_kind(self.vocab.answers[i]) == "open"]
@@ -196,8 +206,8 @@ class Predictor:
         global image and question vectors."""
         im, q = load_image(image), self._check_question(question)
         with torch.inference_mode():
-            batch = self._tokens([im], [q])
-            fused = self.model(batch)["fused"][0]
+            batch, out = self._outputs([im], [q])
+            fused = out["fused"][0]
         return {"fused": fused.numpy(), "image_global": batch["image_tokens"][0, 0].numpy(),
                 "question_global": batch["text_pooled"][0].numpy()}
 

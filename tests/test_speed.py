@@ -178,3 +178,20 @@ def test_shared_rollout_pass_gives_each_models_own_map(cks, shipped):
             assert np.abs(m - p.explain(im, q, method=method)).max() < 1e-4
         assert min(np.abs(a - b).max() for i, a in enumerate(many) for b in many[i + 1:]) > 1e-3
     assert all(w.grad is None for p in ps for w in p.model.parameters())   # input gradients only
+
+
+def test_answer_and_features_run_the_head_once(cks):
+    p = cks["baseline"]
+    calls = []
+    hook = p.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        im, q = _image(5), "Is the heart enlarged?"
+        a = p.answer(im, q)
+        f = p.features(im, q)["fused"]
+        assert len(calls) == 1 and p.answer(im, q).top_k == a.top_k
+        p.answer(im, "Is the lung clear?")                       # another question: the head again
+        assert len(calls) == 2
+        p.backbone.clear()                                       # the outputs leave the cache with the image
+        assert np.array_equal(p.features(im, q)["fused"], f) and len(calls) == 3
+    finally:
+        hook.remove()

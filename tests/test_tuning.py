@@ -62,7 +62,7 @@ def test_tuned_blocks_train_survive_save_load_and_give_the_same_logits_through_t
                  "view": torch.zeros(3, dtype=torch.long), "text_tokens": enc.text_states(t["input_ids"], t["attention_mask"], 0),
                  "text_mask": t["attention_mask"], "input_ids": t["input_ids"]}
         via_training = trained(batch)["logits"]
-    via_predictor = p.model(p._tokens(ims, qs))["logits"]
+    via_predictor = p.model(p._outputs(ims, qs)[0])["logits"]
     assert torch.allclose(via_training, via_predictor, atol=1e-5), (via_training - via_predictor).abs().max()
     # Saving the reloaded model writes the same tensors again.
     from medvqa.train.checkpoint import save_checkpoint
