@@ -58,6 +58,11 @@ class _LRU:
             self._d.clear()
 
 
+class Entry(dict):
+    """One image's cached pass. Weakly referenceable: an entry a request still holds is found even
+    after the LRU let it go (20 concurrent images, 8 kept: no image is encoded twice for one ask)."""
+
+
 class Backbone:
     """Cached, micro-batched image tokens (and cached single-question inputs) of one Encoders."""
 
@@ -68,6 +73,7 @@ class Backbone:
         self.images, self.questions = _LRU(cache_images), _LRU(CACHE_QUESTIONS)
         self.max_batch, self.wait_s = max_batch, wait_ms / 1000
         self.batches: list[int] = []          # sizes of the batched forwards run (the bench reads them)
+        self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # digest -> Entry still in use
         self._queue: Queue = Queue()
         threading.Thread(target=self._serve, daemon=True, name="medvqa-backbone").start()
 
@@ -77,7 +83,7 @@ class Backbone:
         the input of each backbone block (the last: the final norm's input)}, from the cache or one
         batched forward shared with concurrent requests."""
         keys = [image_digest(im) for im in images]
-        out, wait = [self.images.get(k) for k in keys], {}
+        out, wait = [self.images.get(k) or self._held.get(k) for k in keys], {}
         for i, (k, hit) in enumerate(zip(keys, out)):
             if hit is None and k not in wait:
                 wait[k] = Future()
@@ -106,6 +112,7 @@ class Backbone:
                 entries = self._forward(torch.cat([px for px, _ in todo.values()]))
                 for (k, (_, futs)), e in zip(todo.items(), entries):
                     self.images.put(k, e)
+                    self._held[k] = e
                     for f in futs:
                         f.set_result(e)
             except Exception as e:  # every waiting request gets the error; the server keeps serving
@@ -119,7 +126,7 @@ class Backbone:
         self.batches.append(len(px))
         blocks = torch.stack(out.hidden_states, 1)                                    # (B, L+1, 1+N, Di)
         # clone: a row view would keep the whole batch's storage alive in the cache
-        return [{"tokens": h.clone(), "blocks": b.clone()} for h, b in zip(out.last_hidden_state, blocks)]
+        return [Entry(tokens=h.clone(), blocks=b.clone()) for h, b in zip(out.last_hidden_state, blocks)]
 
     # -- question inputs ----------------------------------------------------------------------------
     def question_inputs(self, questions: list[str]) -> dict:
@@ -136,6 +143,7 @@ class Backbone:
 
     def clear(self):
         self.images.clear()
+        self._held.clear()
         self.questions.clear()
 
 

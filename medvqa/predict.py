@@ -291,6 +291,16 @@ class Predictor:
         return self.read_logits(records, self.logits_records(records, progress, batch_size))
 
 
+def answer_many(predictors, image, question, top_k: int = 5) -> list[Answer]:
+    """`Predictor.answer` of several models for one image and question. The image's backbone pass is
+    held until every model has answered: under load the cache may let it go in between."""
+    im, q = load_image(image), Predictor._check_question(question)
+    held = [p.backbone.encode([im]) for p in predictors]
+    answers = [p.answer(im, q, top_k) for p in predictors]
+    del held   # only now may the pass go
+    return answers
+
+
 def explain_many(predictors, image, question, methods=None, targets=None, layer: int | None = None) -> list:
     """`Predictor.explain` of several models for one image and question: per model its entry of
     `methods` (None: its default_method) and `targets` (None: its predicted answer). Models that read
@@ -318,4 +328,4 @@ def explain_many(predictors, image, question, methods=None, targets=None, layer:
     return maps
 
 
-__all__ = ["Answer", "ImageError", "Predictor", "explain_many"]
+__all__ = ["Answer", "ImageError", "Predictor", "answer_many", "explain_many"]

@@ -195,3 +195,24 @@ def test_answer_and_features_run_the_head_once(cks):
         assert np.array_equal(p.features(im, q)["fused"], f) and len(calls) == 3
     finally:
         hook.remove()
+
+
+def test_twenty_concurrent_asks_encode_each_image_once(cks):
+    """More concurrent images than the cache keeps: every model of an ask still reads its one pass."""
+    from medvqa.encode import CACHE_IMAGES
+    from medvqa.predict import answer_many
+
+    ps = list(cks.values())
+    cases = [(_image(40 + i), f"Question {i}?") for i in range(20)]
+    assert len(cases) > CACHE_IMAGES
+    want = [[a.top_k for a in answer_many(ps, im, q)] for im, q in cases]
+    bb = ps[0].backbone
+    bb.clear()
+    n = len(bb.batches)
+    with cf.ThreadPoolExecutor(20) as ex:
+        got = list(ex.map(lambda c: [a.top_k for a in answer_many(ps, *c)], cases))
+    assert sum(bb.batches[n:]) == 20
+    for w, g in zip(want, got):
+        for wm, gm in zip(w, g):
+            assert [a for a, _ in gm] == [a for a, _ in wm]
+            assert np.allclose([s for _, s in gm], [s for _, s in wm], atol=1e-4)

@@ -18,7 +18,7 @@ from medvqa.data import ImageError, load_image, normalize_answer
 from medvqa.encode import MAX_BATCH
 from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
 from medvqa.explain.neighbours import IndexBuilds, load_index
-from medvqa.predict import Predictor
+from medvqa.predict import Predictor, answer_many
 
 OWN_METHOD = "each model's own"   # Predictor.default_method: the head-selected rollout
 FAST_METHODS = [OWN_METHOD] + [m for m in METHOD_NAMES if m not in SLOW_METHODS]
@@ -39,9 +39,9 @@ def ask_json(image: FileData, question: str, dataset: str) -> dict:
         raise gr.Error("upload an image first")
     try:
         im = load_image(image_path, name="the uploaded file")
-        out = {}
-        for ck in checkpoints_for(dataset):
-            out[ck.name] = Predictor.load(ck).answer(im, question).to_dict()
+        cks = checkpoints_for(dataset)
+        answers = answer_many([Predictor.load(ck) for ck in cks], im, question)
+        out = {ck.name: a.to_dict() for ck, a in zip(cks, answers)}
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from None
     if not out:
