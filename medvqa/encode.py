@@ -35,7 +35,7 @@ def image_digest(im) -> str:
     return h.hexdigest()
 
 
-class _LRU:
+class LRU:
     def __init__(self, size: int):
         self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
 
@@ -70,7 +70,7 @@ class Backbone:
                  wait_ms: float = WAIT_MS):
         self.encoders = encoders
         self.lock = threading.RLock()
-        self.images, self.questions = _LRU(cache_images), _LRU(CACHE_QUESTIONS)
+        self.images, self.questions = LRU(cache_images), LRU(CACHE_QUESTIONS)
         self.max_batch, self.wait_s = max_batch, wait_ms / 1000
         self.batches: list[int] = []          # sizes of the batched forwards run (the bench reads them)
         self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # digest -> Entry still in use

@@ -19,6 +19,7 @@ import torch
 from medvqa.calibration import UNCERTAIN_BELOW, probabilities, top1
 from medvqa.data import AnswerVocab, ImageError, InputError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
+from medvqa.encode import LRU
 from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, default_method, supports
 from medvqa.train.checkpoint import CheckpointError, load_checkpoint
 
@@ -29,6 +30,7 @@ def checkpoints_dir() -> Path:
     """Where checkpoints are looked up by name ($MEDVQA_CHECKPOINTS overrides the shipped folder)."""
     return Path(os.environ.get("MEDVQA_CHECKPOINTS") or SHIPPED)
 MAX_QUESTION_CHARS = 500
+KEPT_OUTPUTS = 32   # head outputs kept per cached image (models × questions), a few KB each
 
 
 def set_cpu_threads():
@@ -144,11 +146,12 @@ class Predictor:
         bb = self.backbone
         entries = bb.encode(images)
         batch = {"image_tokens": torch.stack([e["tokens"] for e in entries]), **bb.question_inputs(questions)}
-        kept = entries[0].setdefault("outputs", {}) if len(entries) == 1 else {}
-        out = kept.get((self, questions[0]))
+        kept = entries[0].setdefault("outputs", LRU(KEPT_OUTPUTS)) if len(entries) == 1 else None
+        out = kept and kept.get((self, questions[0]))
         if out is None:
             out = {k: v for k, v in self.model(batch).items() if k in ("logits", "fused")}
-            kept[(self, questions[0])] = out
+            if kept is not None:
+                kept.put((self, questions[0]), out)
         return batch, out
 
     def _free_text(self, batch) -> list[str | None]:
