@@ -35,7 +35,7 @@ def image_digest(im) -> str:
     return h.hexdigest()
 
 
-class _LRU:
+class LRU:
     def __init__(self, size: int):
         self.size, self._d, self._lock = size, OrderedDict(), threading.Lock()
 
@@ -58,6 +58,11 @@ class _LRU:
             self._d.clear()
 
 
+class Entry(dict):
+    """One image's cached pass. Weakly referenceable: an entry a request still holds is found even
+    after the LRU let it go (20 concurrent images, 8 kept: no image is encoded twice for one ask)."""
+
+
 class Backbone:
     """Cached, micro-batched image tokens (and cached single-question inputs) of one Encoders."""
 
@@ -65,9 +70,10 @@ class Backbone:
                  wait_ms: float = WAIT_MS):
         self.encoders = encoders
         self.lock = threading.RLock()
-        self.images, self.questions = _LRU(cache_images), _LRU(CACHE_QUESTIONS)
+        self.images, self.questions = LRU(cache_images), LRU(CACHE_QUESTIONS)
         self.max_batch, self.wait_s = max_batch, wait_ms / 1000
         self.batches: list[int] = []          # sizes of the batched forwards run (the bench reads them)
+        self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # digest -> Entry still in use
         self._queue: Queue = Queue()
         threading.Thread(target=self._serve, daemon=True, name="medvqa-backbone").start()
 
@@ -77,7 +83,7 @@ class Backbone:
         the input of each backbone block (the last: the final norm's input)}, from the cache or one
         batched forward shared with concurrent requests."""
         keys = [image_digest(im) for im in images]
-        out, wait = [self.images.get(k) for k in keys], {}
+        out, wait = [self.images.get(k) or self._held.get(k) for k in keys], {}
         for i, (k, hit) in enumerate(zip(keys, out)):
             if hit is None and k not in wait:
                 wait[k] = Future()
@@ -106,6 +112,7 @@ class Backbone:
                 entries = self._forward(torch.cat([px for px, _ in todo.values()]))
                 for (k, (_, futs)), e in zip(todo.items(), entries):
                     self.images.put(k, e)
+                    self._held[k] = e
                     for f in futs:
                         f.set_result(e)
             except Exception as e:  # every waiting request gets the error; the server keeps serving
@@ -119,7 +126,7 @@ class Backbone:
         self.batches.append(len(px))
         blocks = torch.stack(out.hidden_states, 1)                                    # (B, L+1, 1+N, Di)
         # clone: a row view would keep the whole batch's storage alive in the cache
-        return [{"tokens": h.clone(), "blocks": b.clone()} for h, b in zip(out.last_hidden_state, blocks)]
+        return [Entry(tokens=h.clone(), blocks=b.clone()) for h, b in zip(out.last_hidden_state, blocks)]
 
     # -- question inputs ----------------------------------------------------------------------------
     def question_inputs(self, questions: list[str]) -> dict:
@@ -128,14 +135,15 @@ class Backbone:
         if len(questions) != 1:
             return self.encoders.question_inputs(questions)
         hit = self.questions.get(questions[0])
-        if hit is None:
-            with torch.no_grad():
+        if hit is None:   # never inference tensors: a saliency map's graph reads them too
+            with torch.inference_mode(False), torch.no_grad():
                 hit = self.encoders.question_inputs(questions)
             self.questions.put(questions[0], hit)
         return hit
 
     def clear(self):
         self.images.clear()
+        self._held.clear()
         self.questions.clear()
 
 

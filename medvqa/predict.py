@@ -19,6 +19,7 @@ import torch
 from medvqa.calibration import UNCERTAIN_BELOW, probabilities, top1
 from medvqa.data import AnswerVocab, ImageError, InputError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
+from medvqa.encode import LRU
 from medvqa.explain import DEFAULT_METHOD, METHOD_NAMES, default_method, supports
 from medvqa.train.checkpoint import CheckpointError, load_checkpoint
 
@@ -29,6 +30,7 @@ def checkpoints_dir() -> Path:
     """Where checkpoints are looked up by name ($MEDVQA_CHECKPOINTS overrides the shipped folder)."""
     return Path(os.environ.get("MEDVQA_CHECKPOINTS") or SHIPPED)
 MAX_QUESTION_CHARS = 500
+KEPT_OUTPUTS = 32   # head outputs kept per cached image (models × questions), a few KB each
 
 
 def set_cpu_threads():
@@ -137,9 +139,20 @@ class Predictor:
         return backbone(self.encoders)
 
     # -- batched tokens ---------------------------------------------------------------------------
-    def _tokens(self, images, questions) -> dict:
+    def _outputs(self, images, questions) -> tuple[dict, dict]:
+        """The model's input batch (the backbone's tokens, cached) and its logits and fused features.
+        One image's outputs are kept in its backbone cache entry, per model and question, and leave the
+        cache with it: an ask's answer, map caption and nearest cases run the head once."""
         bb = self.backbone
-        return {"image_tokens": bb.image_tokens(images), **bb.question_inputs(questions)}
+        entries = bb.encode(images)
+        batch = {"image_tokens": torch.stack([e["tokens"] for e in entries]), **bb.question_inputs(questions)}
+        kept = entries[0].setdefault("outputs", LRU(KEPT_OUTPUTS)) if len(entries) == 1 else None
+        out = kept and kept.get((self, questions[0]))
+        if out is None:
+            out = {k: v for k, v in self.model(batch).items() if k in ("logits", "fused")}
+            if kept is not None:
+                kept.put((self, questions[0]), out)
+        return batch, out
 
     def _free_text(self, batch) -> list[str | None]:
         if getattr(self.model, "use_ahead", False):
@@ -163,8 +176,8 @@ class Predictor:
         free = [None] * len(qs)
         # The heads are stateless: concurrent requests run them side by side (the backbone batches them).
         with torch.inference_mode():
-            batch = self._tokens(ims, qs)
-            logits = self.model(batch)["logits"].float()
+            batch, out = self._outputs(ims, qs)
+            logits = out["logits"].float()
             # The AHead learnt from open questions only: it writes free text where the classifier's
             # answer is open, and is not asked (nor paid for) on yes/no answers.
             rows = [r for r, i in enumerate(logits.argmax(-1).tolist()) if answer_kind(self.vocab.answers[i]) == "open"]
@@ -196,8 +209,8 @@ class Predictor:
         global image and question vectors."""
         im, q = load_image(image), self._check_question(question)
         with torch.inference_mode():
-            batch = self._tokens([im], [q])
-            fused = self.model(batch)["fused"][0]
+            batch, out = self._outputs([im], [q])
+            fused = out["fused"][0]
         return {"fused": fused.numpy(), "image_global": batch["image_tokens"][0, 0].numpy(),
                 "question_global": batch["text_pooled"][0].numpy()}
 
@@ -225,23 +238,17 @@ class Predictor:
         of the vocabulary, or its index), by `method` (default: `default_method`), read at the input
         of image-backbone block `layer` (for "rollout": the block it starts from; default:
         medvqa.explain.gradcam's choice)."""
-        from medvqa.explain.gradcam import explain
+        return explain_many([self], image, question, [method], [target], layer)[0]
 
-        im = load_image(image)
-        q = self._check_question(question)
+    def _target(self, target: str | int | None) -> int | None:
         if isinstance(target, str):
             from medvqa.data import normalize_answer
 
             idx = self.vocab.encode(normalize_answer(target))
             if idx < 0:
                 raise InputError(f"{target!r} is not an answer this model can give")
-            target = idx
-        # Only what a method must re-run runs: the cached backbone pass gives the tokens, the target
-        # answer and the rollout's start; the lock keeps its hooks off other requests' forwards.
-        cached = self.backbone.encode([im])[0]
-        with self.backbone.lock, torch.enable_grad():
-            return explain(self.encoders, self.model, im, q, method=method or self.default_method, target=target,
-                           layer=layer, cached=cached)
+            return idx
+        return target
 
     def _records_dataset(self, records, progress: bool):
         from medvqa.data.cache import FeatureCache
@@ -287,4 +294,41 @@ class Predictor:
         return self.read_logits(records, self.logits_records(records, progress, batch_size))
 
 
-__all__ = ["Answer", "ImageError", "Predictor"]
+def answer_many(predictors, image, question, top_k: int = 5) -> list[Answer]:
+    """`Predictor.answer` of several models for one image and question. The image's backbone pass is
+    held until every model has answered: under load the cache may let it go in between."""
+    im, q = load_image(image), Predictor._check_question(question)
+    held = [p.backbone.encode([im]) for p in predictors]
+    answers = [p.answer(im, q, top_k) for p in predictors]
+    del held   # only now may the pass go
+    return answers
+
+
+def explain_many(predictors, image, question, methods=None, targets=None, layer: int | None = None) -> list:
+    """`Predictor.explain` of several models for one image and question: per model its entry of
+    `methods` (None: its default_method) and `targets` (None: its predicted answer). Models that read
+    one backbone with one method share its work: the cached backbone pass gives the tokens and the
+    rollout's start, and one gradient pass through the backbone blocks serves every model's rollout
+    (medvqa.explain.gradcam.explain_models). -> one H×W map per predictor."""
+    from medvqa.explain.gradcam import explain_models
+
+    im = load_image(image)
+    q = Predictor._check_question(question)
+    methods = methods or [None] * len(predictors)
+    targets = [p._target(t) for p, t in zip(predictors, targets or [None] * len(predictors))]   # bad ones first
+    groups: dict = {}   # (backbone, method) -> indices of the predictors in it
+    for i, (p, m) in enumerate(zip(predictors, methods)):
+        groups.setdefault((p.backbone, m or p.default_method), []).append(i)
+    maps = [None] * len(predictors)
+    for (bb, method), idx in groups.items():
+        # Only what a method must re-run runs; the lock keeps its hooks off other requests' forwards.
+        cached = bb.encode([im])[0]
+        with bb.lock, torch.enable_grad():
+            out = explain_models(bb.encoders, [predictors[i].model for i in idx], im, q, method,
+                                 [targets[i] for i in idx], layer=layer, cached=cached, text=bb.question_inputs([q]))
+        for i, m in zip(idx, out):
+            maps[i] = m
+    return maps
+
+
+__all__ = ["Answer", "ImageError", "Predictor", "answer_many", "explain_many"]

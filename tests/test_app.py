@@ -178,21 +178,21 @@ def test_browser_heatmap_toggle(app_url):
 def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path):
     """query-attention is CMI-MTL's and the baseline's, not CMDPI's: CMDPI's slot shows its own map
     (the rollout), labelled so, instead of failing the whole answer."""
-    from medvqa.app.ask import OWN_METHOD, _cam
+    from medvqa.app.ask import OWN_METHOD, _cams
     from medvqa.app.common import checkpoints_for
 
-    cks = {ck.name: ck for ck in checkpoints_for("vqa-rad")}
+    cks = checkpoints_for("vqa-rad")              # cmi-mtl, cmdpi, baseline
     im = Image.open(_img(tmp_path / "s.png", 40)).convert("RGB")
     q = "Is there a fracture?"
-    u = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5)
-    assert u["label"] == "Saliency: head-rollout (query-attention: not available for this model)"
-    w, h = u["value"].size
+    mtl, cmdpi, base = _cams(cks, im, q, "query-attention", [None] * 3, 0.5)
+    assert cmdpi["label"] == "Saliency: head-rollout (query-attention: not available for this model)"
+    w, h = cmdpi["value"].size
     assert w > im.width and h > im.height         # the caption above the map and the colour bar beside it
-    off = _cam(cks["cmdpi-vqa-rad"], im, q, "query-attention", None, 0.5, heatmap=False)
+    off = _cams(cks[1:2], im, q, "query-attention", [None], 0.5, heatmap=False)[0]
     assert off["value"] is im and off["label"] == "Saliency: heatmap off"
-    assert _cam(cks["cmi-mtl-vqa-rad"], im, q, OWN_METHOD, None, 0.5)["label"] == "Saliency: head-rollout"
-    assert _cam(cks["baseline-vqa-rad"], im, q, "query-attention", None, 0.5)["label"] == "Saliency: query-attention"
-    assert "the same map for every answer" in _cam(cks["cmi-mtl-vqa-rad"], im, q, "query-attention", "yes", 0.5)["label"]
+    assert _cams(cks[:1], im, q, OWN_METHOD, [None], 0.5)[0]["label"] == "Saliency: head-rollout"
+    assert base["label"] == mtl["label"] == "Saliency: query-attention"
+    assert "the same map for every answer" in _cams(cks[:1], im, q, "query-attention", ["yes"], 0.5)[0]["label"]
 
 
 def test_review_survives_restart_and_exports(app_url):

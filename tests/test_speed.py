@@ -158,3 +158,61 @@ def test_index_builds_in_the_background(cks, tmp_path, monkeypatch):
         time.sleep(0.2)
     assert builds.progress(p.path) == {"done": 10, "total": 10, "error": None}
     assert len(load_index(p.path)["records"]) == len(load_split("folder", csv, "train").records)
+
+
+@pytest.mark.parametrize("shipped", [False, True], ids=["tiny", "shipped"])
+def test_shared_rollout_pass_gives_each_models_own_map(cks, shipped):
+    """explain_many runs the backbone blocks' gradient pass once for every model on it; each model's
+    map equals its own Predictor.explain (a pass of its own), and two models' maps differ (no mixing)."""
+    from medvqa.predict import explain_many
+
+    ps = ([Predictor.load(f"{m}-vqa-rad") for m in ("cmi-mtl", "cmdpi", "baseline")] if shipped
+          else list(cks.values()))
+    assert len({p.backbone for p in ps}) == 1
+    im, q = (Image.open(ROOT / "assets" / "examples" / json.loads(
+        (ROOT / "assets" / "examples" / "examples.json").read_text())[0]["image"]).convert("RGB") if shipped
+        else _image(4)), "Is there a mass in the left lung?"
+    for method in ("head-rollout", "token-rollout"):
+        many = explain_many(ps, im, q, [method] * len(ps))
+        for p, m in zip(ps, many):
+            assert np.abs(m - p.explain(im, q, method=method)).max() < 1e-4
+        assert min(np.abs(a - b).max() for i, a in enumerate(many) for b in many[i + 1:]) > 1e-3
+    assert all(w.grad is None for p in ps for w in p.model.parameters())   # input gradients only
+
+
+def test_answer_and_features_run_the_head_once(cks):
+    p = cks["baseline"]
+    calls = []
+    hook = p.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        im, q = _image(5), "Is the heart enlarged?"
+        a = p.answer(im, q)
+        f = p.features(im, q)["fused"]
+        assert len(calls) == 1 and p.answer(im, q).top_k == a.top_k
+        p.answer(im, "Is the lung clear?")                       # another question: the head again
+        assert len(calls) == 2
+        p.backbone.clear()                                       # the outputs leave the cache with the image
+        assert np.array_equal(p.features(im, q)["fused"], f) and len(calls) == 3
+    finally:
+        hook.remove()
+
+
+def test_twenty_concurrent_asks_encode_each_image_once(cks):
+    """More concurrent images than the cache keeps: every model of an ask still reads its one pass."""
+    from medvqa.encode import CACHE_IMAGES
+    from medvqa.predict import answer_many
+
+    ps = list(cks.values())
+    cases = [(_image(40 + i), f"Question {i}?") for i in range(20)]
+    assert len(cases) > CACHE_IMAGES
+    want = [[a.top_k for a in answer_many(ps, im, q)] for im, q in cases]
+    bb = ps[0].backbone
+    bb.clear()
+    n = len(bb.batches)
+    with cf.ThreadPoolExecutor(20) as ex:
+        got = list(ex.map(lambda c: [a.top_k for a in answer_many(ps, *c)], cases))
+    assert sum(bb.batches[n:]) == 20
+    for w, g in zip(want, got):
+        for wm, gm in zip(w, g):
+            assert [a for a, _ in gm] == [a for a, _ in wm]
+            assert np.allclose([s for _, s in gm], [s for _, s in wm], atol=1e-4)

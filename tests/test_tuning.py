@@ -2,6 +2,7 @@
 reader of a checkpoint gets them through the Predictor's backbone."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -62,7 +63,7 @@ def test_tuned_blocks_train_survive_save_load_and_give_the_same_logits_through_t
                  "view": torch.zeros(3, dtype=torch.long), "text_tokens": enc.text_states(t["input_ids"], t["attention_mask"], 0),
                  "text_mask": t["attention_mask"], "input_ids": t["input_ids"]}
         via_training = trained(batch)["logits"]
-    via_predictor = p.model(p._tokens(ims, qs))["logits"]
+    via_predictor = p.model(p._outputs(ims, qs)[0])["logits"]
     assert torch.allclose(via_training, via_predictor, atol=1e-5), (via_training - via_predictor).abs().max()
     # Saving the reloaded model writes the same tensors again.
     from medvqa.train.checkpoint import save_checkpoint
@@ -73,6 +74,14 @@ def test_tuned_blocks_train_survive_save_load_and_give_the_same_logits_through_t
     # Saliency and free text read the same backbone without knowing.
     cam = p.explain(ims[0], qs[0], method="rollout")
     assert cam.shape == (48, 40)
+    # Beside an untuned model, explain_many gives the tuned one its own backbone pass.
+    from medvqa.predict import explain_many
+
+    plain = Predictor.load(tiny_checkpoint(tmp_path / "plain", model))
+    assert plain.backbone is not p.backbone
+    both = explain_many([p, plain], ims[0], qs[0], ["rollout"] * 2)
+    for m, one in zip(both, (cam, plain.explain(ims[0], qs[0], method="rollout"))):
+        assert np.abs(m - one).max() < 1e-5
 
 
 def test_a_checkpoint_without_tuned_blocks_loads_exactly_as_before(tmp_path, capsys):

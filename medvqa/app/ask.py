@@ -4,6 +4,8 @@ and a saliency overlay per model (by default each model's own best-localising ma
 and target written on the image beside a colour bar, and a switch to hide it."""
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 from gradio import FileData
 
@@ -11,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
-                               examples, model_title, saliency_figure, top_k_markdown)
+                               examples, model_title, saliency_figures, top_k_markdown)
 from medvqa.data import ImageError, load_image, normalize_answer
 from medvqa.encode import MAX_BATCH
 from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
 from medvqa.explain.neighbours import IndexBuilds, load_index
-from medvqa.predict import Predictor
+from medvqa.predict import Predictor, answer_many
 
 OWN_METHOD = "each model's own"   # Predictor.default_method: the head-selected rollout
 FAST_METHODS = [OWN_METHOD] + [m for m in METHOD_NAMES if m not in SLOW_METHODS]
@@ -37,9 +39,9 @@ def ask_json(image: FileData, question: str, dataset: str) -> dict:
         raise gr.Error("upload an image first")
     try:
         im = load_image(image_path, name="the uploaded file")
-        out = {}
-        for ck in checkpoints_for(dataset):
-            out[ck.name] = Predictor.load(ck).answer(im, question).to_dict()
+        cks = checkpoints_for(dataset)
+        answers = answer_many([Predictor.load(ck) for ck in cks], im, question)
+        out = {ck.name: a.to_dict() for ck, a in zip(cks, answers)}
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from None
     if not out:
@@ -47,20 +49,24 @@ def ask_json(image: FileData, question: str, dataset: str) -> dict:
     return {"dataset": dataset, "question": question, "models": out}
 
 
-def _cam(ck, im, question, method, target, opacity, heatmap=True):
-    """A slot's saliency overlay, labelled with the method shown: a method the model does not
+def _cams(cks, im, question, method, targets, opacity, heatmap=True, predicted=None) -> list:
+    """The slots' saliency overlays, each labelled with the method shown: a method a model does not
     support (query-attention on CMDPI) falls back to the model's own, and the label says so. With
-    the heatmap off, the plain image."""
+    the heatmap off, the plain image. Computed together: models on one backbone share its pass."""
     if not heatmap:
-        return gr.update(visible=True, value=im, label="Saliency: heatmap off")
-    p = Predictor.load(ck)
-    m = method if method in p.methods else p.default_method
-    tgt = target if target and target != "(predicted answer)" else None
-    label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD
-                                else f" ({method}: not available for this model)")
-    if tgt is not None and m in GRADIENT_FREE:
-        label += " (gradient-free: the same map for every answer)"
-    return gr.update(visible=True, value=saliency_figure(p, im, question, m, tgt, opacity), label=label)
+        return [gr.update(visible=True, value=im, label="Saliency: heatmap off") for _ in cks]
+    ps = [Predictor.load(ck) for ck in cks]
+    ms = [method if method in p.methods else p.default_method for p in ps]
+    tgts = [t if t and t != "(predicted answer)" else None for t in targets]
+    figs = saliency_figures(ps, im, question, ms, tgts, opacity, predicted)
+    out = []
+    for m, t, fig in zip(ms, tgts, figs):
+        label = f"Saliency: {m}" + ("" if m == method or method == OWN_METHOD
+                                    else f" ({method}: not available for this model)")
+        if t is not None and m in GRADIENT_FREE:
+            label += " (gradient-free: the same map for every answer)"
+        out.append(gr.update(visible=True, value=fig, label=label))
+    return out
 
 
 INDEX_BUILDS = IndexBuilds()
@@ -102,12 +108,15 @@ def _nearest(ck, im, question, dataset, k: int = 4):
                        "| question | answer | cosine |", "|---|---|---|", *rows])
     if root is None:
         return table, None
-    thumbs = []
-    for n in near:  # PIL thumbnails: Gradio serves only files under the app's own folders
-        thumb = load_image(root / n["image"])
-        thumb.thumbnail((256, 256))
-        thumbs.append((thumb, f"{n['answer']} (cos {n['similarity']:.2f})"))
-    return table, thumbs
+    return table, [(_thumbnail(str(root / n["image"])), f"{n['answer']} (cos {n['similarity']:.2f})") for n in near]
+
+
+@functools.lru_cache(maxsize=64)   # at most 64 × 256² RGB (12 MB); neighbours recur across clicks
+def _thumbnail(path: str):
+    """A training image as a PIL thumbnail: Gradio serves only files under the app's own folders."""
+    thumb = load_image(path)
+    thumb.thumbnail((256, 256))
+    return thumb
 
 
 def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True):
@@ -118,15 +127,13 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
     if im is None:
         raise gr.Error("upload an image or pick an example")
     res = ask_json(file, question, dataset)
-    cks = checkpoints_for(dataset)
+    cks = checkpoints_for(dataset)[:N_SLOTS]
     answers = [res["models"][ck.name]["answer"] for ck in cks]
     agree = len(set(answers)) == 1
+    cams = _cams(cks, im, question, method, [None] * len(cks), opacity, heatmap, predicted=answers)
     outs = []
-    for i in range(N_SLOTS):
-        if i >= len(cks):
-            outs += [gr.update(visible=False)] * 6
-            continue
-        ck, a = cks[i], res["models"][cks[i].name]
+    for ck, cam in zip(cks, cams):
+        a = res["models"][ck.name]
         lines = [f"### {escape_md(model_title(ck))}", answer_markdown(a)]
         if a.get("free_text") is not None:
             lines.append(f"Free-form answer (AHead, generated): *{escape_md(a['free_text']) or '—'}*")
@@ -135,31 +142,39 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
             lines.append(("✅ matches" if ok else "❌ differs from")
                          + f" the ground truth: **{escape_md(ground_truth)}**")
         outs += [gr.update(visible=True, value="\n\n".join(lines)),
-                 gr.update(visible=True, value=top_k_markdown(a["top_k"])),
-                 _cam(ck, im, question, method, None, opacity, heatmap),
+                 gr.update(visible=True, value=top_k_markdown(a["top_k"])), cam,
                  gr.update(visible=True, choices=["(predicted answer)"] + Predictor.load(ck).vocab.answers,
                            value="(predicted answer)")]
         table, thumbs = _nearest(ck, im, question, dataset)
         outs += [gr.update(visible=True, value=table), gr.update(visible=thumbs is not None, value=thumbs)]
+    outs += [gr.update(visible=False)] * (6 * (N_SLOTS - len(cks)))
     banner = ("" if len(cks) < 2 else
               "**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.")
     return [banner, im] + outs
 
 
-def recam(slot, file, question, dataset, method, target, opacity, heatmap=True):
+def _recam(slots, file, question, dataset, method, targets, opacity, heatmap) -> list:
+    """The maps of `slots` again, in one shared pass; a slot with no model: unchanged."""
     cks = checkpoints_for(dataset)
-    if slot >= len(cks) or not file:
-        return gr.update()
+    have = [i for i in slots if i < len(cks)]
+    if not file or not have:
+        return [gr.update() for _ in slots]
     try:
         im = load_image(file, name="the uploaded file")
-        return _cam(cks[slot], im, question, method, target, opacity, heatmap)
+        tgts = [targets[slots.index(i)] for i in have]
+        cams = dict(zip(have, _cams([cks[i] for i in have], im, question, method, tgts, opacity, heatmap)))
     except (ImageError, ValueError) as e:
         raise gr.Error(str(e)) from None
+    return [cams.get(i, gr.update()) for i in slots]
+
+
+def recam(slot, file, question, dataset, method, target, opacity, heatmap=True):
+    return _recam([slot], file, question, dataset, method, [target], opacity, heatmap)[0]
 
 
 def recam_all(file, question, dataset, method, opacity, heatmap, *targets):
     """Every slot's map again (the heatmap switched on or off)."""
-    return [recam(i, file, question, dataset, method, t, opacity, heatmap) for i, t in enumerate(targets)]
+    return _recam(list(range(len(targets))), file, question, dataset, method, list(targets), opacity, heatmap)
 
 
 def first_screen(ex: list[dict]):

@@ -50,14 +50,25 @@ def model_title(ckpt: Path) -> str:
 def saliency_figure(p, im, question: str, method: str, target: str | None = None, opacity: float = 0.5):
     """The map the app shows: `method`'s saliency (Predictor `p`) for `target` (default: the predicted
     answer), blended over the image under a caption naming the method and the answer, with a colour bar."""
-    from medvqa.explain import GRADIENT_FREE, captioned
+    return saliency_figures([p], im, question, [method], [target], opacity)[0]
 
-    cam = p.explain(im, question, method=method, target=target)
-    if method in GRADIENT_FREE:
-        caption = f"{method} (question-conditioned, any answer)"
-    else:
-        caption = f"{method} for {'answer' if target else 'predicted answer'} '{target or p.answer(im, question).text}'"
-    return captioned(im, caption, cam, opacity)
+
+def saliency_figures(preds, im, question: str, methods, targets, opacity: float = 0.5, predicted=None) -> list:
+    """`saliency_figure` of several Predictors at once (medvqa.predict.explain_many: models on one
+    backbone share its pass). `predicted`: the models' answers when already known (else one head
+    pass each finds them): the map of "the predicted answer" is then the very answer shown."""
+    from medvqa.explain import GRADIENT_FREE, captioned
+    from medvqa.predict import explain_many
+
+    predicted = predicted or [None if m in GRADIENT_FREE or t else p.answer_batch([im], [question], 1, False)[0].text
+                              for p, m, t in zip(preds, methods, targets)]
+    cams = explain_many(preds, im, question, methods, [t or a for t, a in zip(targets, predicted)])
+    figs = []
+    for m, t, a, cam in zip(methods, targets, predicted, cams):
+        caption = (f"{m} (question-conditioned, any answer)" if m in GRADIENT_FREE
+                   else f"{m} for {'answer' if t else 'predicted answer'} '{t or a}'")
+        figs.append(captioned(im, caption, cam, opacity))
+    return figs
 
 
 def examples() -> list[dict]:

@@ -92,31 +92,53 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
     "rollout", the block the rollout starts from. `cached`: the image's backbone pass
     (medvqa.encode.Backbone.encode): then the target, the query attention and the rollout's first
     blocks need no backbone pass of their own."""
+    return explain_models(encoders, [model], image, question, method, [target], batch_size, layer, cached)[0]
+
+
+def explain_models(encoders, models, image: Image.Image, question: str, method: str = DEFAULT_METHOD,
+                   targets=None, batch_size: int = 32, layer: int | None = None,
+                   cached: dict | None = None, text: dict | None = None) -> list[np.ndarray]:
+    """`explain` for several models that read the same backbone `encoders`, one map per model (and
+    per entry of `targets`, default each model's predicted answer). A rollout's gradient pass through
+    the backbone blocks is run once for all of them (`gradient_rollouts`); the other methods run per model.
+    `text`: the question's encoding (Encoders.question_inputs), when already computed."""
     if method not in METHOD_NAMES:
         raise InputError(f"unknown saliency method {method!r}; choose one of {', '.join(METHOD_NAMES)}")
-    wrapper = ImageToLogits(encoders, model, encoders.question_inputs([question])).eval()
-    x = encoders.preprocess([image])
+    text = encoders.question_inputs([question]) if text is None else text   # the text backbone is shared too
+    wrappers = [ImageToLogits(encoders, m, text).eval() for m in models]
+    targets = list(targets) if targets is not None else [None] * len(models)
+    x = encoders.preprocess([image])                                                   # (1, 3, S, S)
     tokens = None if cached is None else cached["tokens"][None]                        # (1, 1+N, Di)
-    if target is None and method not in GRADIENT_FREE:   # a gradient-free map needs no target: one forward less
-        with torch.no_grad():
-            target = int((wrapper(x) if tokens is None else wrapper.head(tokens)).argmax(-1))
     blocks = encoders.image.encoder.layer
     layer = default_layer(encoders) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise InputError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
-    if method in ROLLOUTS:
+    if method in ROLLOUTS:   # the target of each model comes from its head on the shared pass
         start = layer % len(blocks)
-        m = gradient_rollout(wrapper, x, target, start=start, readout=ROLLOUTS[method],
-                             block_input=None if cached is None else cached["blocks"][start][None])   # (grid, grid)
-    elif method == "query-attention":
-        m = query_attention(wrapper, x, tokens=tokens)                                   # (grid, grid)
+        maps = gradient_rollouts(wrappers, x, targets, start=start, readout=ROLLOUTS[method],
+                                 block_input=None if cached is None else cached["blocks"][start][None])
     else:
-        kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
-        with CAM_METHODS[method](model=wrapper, target_layers=[blocks[layer].norm1],
-                                 reshape_transform=vit_reshape(encoders.grid), **kw) as cam:
-            if method in SLOW_METHODS:
-                cam.batch_size = batch_size
-            m = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]       # (S, S) in [0, 1]
+        maps = [_model_map(w, x, t, method, blocks[layer].norm1, batch_size, tokens) for w, t in zip(wrappers, targets)]
+    return [_image_map(m, image) for m in maps]
+
+
+def _model_map(wrapper, x, target, method, norm, batch_size, tokens) -> np.ndarray:
+    """A map of the Grad-CAM family read at `norm`, or the query attention: (grid, grid) or (S, S)."""
+    if method == "query-attention":   # gradient-free: no target, no backbone layer
+        return query_attention(wrapper, x, tokens=tokens)                                # (grid, grid)
+    if target is None:
+        with torch.no_grad():
+            target = int((wrapper(x) if tokens is None else wrapper.head(tokens)).argmax(-1))
+    kw = {"ablation_layer": AblationLayerVit()} if method == "ablationcam" else {}
+    with CAM_METHODS[method](model=wrapper, target_layers=[norm],
+                             reshape_transform=vit_reshape(wrapper.encoders.grid), **kw) as cam:
+        if method in SLOW_METHODS:
+            cam.batch_size = batch_size
+        return cam(input_tensor=x, targets=[ClassifierOutputTarget(target)])[0]          # (S, S) in [0, 1]
+
+
+def _image_map(m: np.ndarray, image: Image.Image) -> np.ndarray:
+    """A map on the patch grid (or the backbone's input size) -> the image's own size, min-max scaled to [0, 1]."""
     m = np.nan_to_num(m.astype(np.float32))
     out = np.asarray(Image.fromarray(m).resize(image.size, Image.BILINEAR), dtype=np.float32)
     lo, hi = float(out.min()), float(out.max())
@@ -156,10 +178,11 @@ def relevance(attn, grads, tokens, until: int | None = None) -> torch.Tensor:
     return R
 
 
-def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sigma: float = ROLLOUT_SIGMA,
+def gradient_rollout(wrapper: ImageToLogits, x, target: int | None, start: int = 0, sigma: float = ROLLOUT_SIGMA,
                      readout: str = "cls", block_input=None) -> np.ndarray:
     """Gradient-weighted attention rollout (Chefer, Gur & Wolf, CVPR 2021, "Generic
-    attention-model explainability"; `relevance`) from block `start` on. Unlike a CAM it follows
+    attention-model explainability"; `relevance`) from block `start` on, for answer `target`
+    (None: the predicted one). Unlike a CAM it follows
     attention back from the tokens the head reads to the patches they gathered from.
     readout "cls": the map is the CLS token's row of R over the patch grid (Chefer's choice for a
     classifier on [CLS]). "tokens": the rows of every output token h_t, weighted by |∇h_t · h_t|,
@@ -173,7 +196,16 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
     is not. Only blocks `start` on run with gradients, from `block_input` (1, T, D), the input of
     block `start` (medvqa.encode caches it; else one gradient-free pass computes it).
     -> (grid, grid) float32."""
-    vit = wrapper.encoders.image
+    return gradient_rollouts([wrapper], x, [target], start, sigma, readout, block_input)[0]
+
+
+def gradient_rollouts(wrappers: list[ImageToLogits], x, targets: list, start: int = 0, sigma: float = ROLLOUT_SIGMA,
+                      readout: str = "cls", block_input=None) -> list[np.ndarray]:
+    """`gradient_rollout` for several models on one backbone (the `encoders` of `wrappers[0]`): one
+    eager forward of blocks `start` on with a graph, shared by all of them; then per model only its
+    head on the output and the input gradients of its target logit (torch.autograd.grad, so that
+    nothing accumulates in any weight's .grad and no model's gradients reach another's map)."""
+    vit = wrappers[0].encoders.image
     blocks = vit.encoder.layer[start:]
     if block_input is None:
         with torch.no_grad():
@@ -184,25 +216,27 @@ def gradient_rollout(wrapper: ImageToLogits, x, target: int, start: int = 0, sig
         with eager_attention(vit):
             h = block_input.detach().clone().requires_grad_(True)       # (1, T, D)
             for b in blocks:                                            # Dinov2Model.forward from block `start`
-                inputs.append(h)
+                inputs.append(h.detach())
                 h = b(h, None)
             h = vit.layernorm(h)                                        # (1, T, D)
     finally:
         for hk in hooks:
             hk.remove()
-    for t in (h, *attn):
-        t.retain_grad()
-    wrapper.head(h)[0, target].backward()
-    grads = [a.grad for a in attn]
-    attn, inputs = [a.detach() for a in attn], [t.detach() for t in inputs]
-    if readout == "head":
-        row = attn[-1][0, ROLLOUT_HEAD, 0] @ relevance(attn, grads, inputs, until=len(attn) - 1)  # (T,)
-    else:
-        R = relevance(attn, grads, inputs)
-        row = R[0] if readout == "cls" else (h.grad * h)[0].sum(-1).abs().detach() @ R          # (T,)
-    g = wrapper.encoders.grid
-    m = row[-g * g:].reshape(g, g).numpy()
-    return gaussian_filter(m, sigma) if sigma > 0 else m
+    A = [a.detach() for a in attn]
+    g = wrappers[0].encoders.grid
+    maps = []
+    for w, target in zip(wrappers, targets):
+        logits = w.head(h)[0]                                           # (C,)
+        target = int(logits.argmax()) if target is None else target
+        *grads, dh = torch.autograd.grad(logits[target], attn + [h], retain_graph=True)
+        if readout == "head":
+            row = A[-1][0, ROLLOUT_HEAD, 0] @ relevance(A, grads, inputs, until=len(A) - 1)   # (T,)
+        else:
+            R = relevance(A, grads, inputs)
+            row = R[0] if readout == "cls" else (dh * h.detach())[0].sum(-1).abs() @ R        # (T,)
+        m = row[-g * g:].reshape(g, g).numpy()
+        maps.append(gaussian_filter(m, sigma) if sigma > 0 else m)
+    return maps
 
 
 def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA, tokens=None) -> np.ndarray:

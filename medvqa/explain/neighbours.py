@@ -25,10 +25,17 @@ BUILD_CHUNK = 256   # records per progress step of a background build
 
 def weights_digest(ckpt) -> str:
     """Cheap identity of a checkpoint's weights: size and first MiB of each weights file."""
+    files = sorted(Path(ckpt).glob("*.safetensors"))   # the model and any tuned backbone blocks
+    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _digest(files: tuple) -> str:
+    """Keyed by each file's (path, size, mtime): a click reads no MiB again, a rewritten file is read anew."""
     h = hashlib.sha1()
-    for f in sorted(Path(ckpt).glob("*.safetensors")):   # the model and any tuned backbone blocks
+    for f, size, _ in files:
         with open(f, "rb") as fh:
-            h.update(fh.read(1 << 20) + str(f.stat().st_size).encode())
+            h.update(fh.read(1 << 20) + str(size).encode())
     return h.hexdigest()[:16]
 
 
