@@ -165,7 +165,8 @@ def test_browser_heatmap_toggle(app_url):
     """Real headless Chromium: the Heatmap switch hides every model's map (the plain image, labelled
     so) and brings the maps back."""
     with _page(app_url) as page:
-        page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
+        # The first screen (the first example, shown on load) has the maps: clicking that example again
+        # would start a second ask whose answer could land after the switch and overwrite it.
         page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
         page.get_by_label("Heatmap").uncheck()
         page.get_by_text("Saliency: heatmap off").nth(2).wait_for(timeout=60_000)       # all three slots
