@@ -91,6 +91,17 @@ def test_cam_layer_choice(ckpt):
         p.explain(_image(), "Where is the lesion?", layer=99)
 
 
+def test_head_rollout_starts_two_thirds_in(ckpt):
+    """head-rollout's default start is block 2L/3 (chosen on SLAKE validate), the other methods' L/3."""
+    p, q = Predictor.load(ckpt), "Where is the lesion?"
+    n = len(p.encoders.image.encoder.layer)
+    assert 2 * n // 3 != n // 3
+    own = p.explain(_image(), q, method="head-rollout")
+    assert np.array_equal(own, p.explain(_image(), q, method="head-rollout", layer=2 * n // 3))
+    assert not np.array_equal(own, p.explain(_image(), q, method="head-rollout", layer=n // 3))
+    assert np.array_equal(p.explain(_image(), q, method="rollout"), p.explain(_image(), q, method="rollout", layer=n // 3))
+
+
 def test_rollout_one_block_is_the_cls_row(ckpt):
     """Started at the last block, the rollout is I + mean_heads((∇A ⊙ A)⁺): its CLS row over the
     patches is that block's gradient-weighted attention from CLS, here computed with autograd.grad

@@ -36,11 +36,8 @@ def main(out: str = "assets/screenshots") -> dict:
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
-        page.goto("http://127.0.0.1:7861/")
-        page.get_by_text(ex["question"]).first.click()
-        page.get_by_text("Top answers").nth(1).wait_for(timeout=120_000)
-        page.locator("text=processing").first.wait_for(state="hidden", timeout=120_000)
-        page.wait_for_timeout(3000)
+        page.goto("http://127.0.0.1:7861/")   # the first screen: the first example, answered on load
+        _wait_for_images(page, 1 + len(r["models"]))   # its preview and every model's map
         page.screenshot(path=str(out_dir / "ask.png"), full_page=True)
         for tab in TABS[1:]:
             page.get_by_role("tab", name=tab).click()
@@ -56,6 +53,17 @@ def main(out: str = "assets/screenshots") -> dict:
         browser.close()
     demo.close()
     return timing
+
+
+def _wait_for_images(page, at_least: int, timeout_ms: int = 180_000):
+    """Until `at_least` images are shown and every shown image has loaded: a slot's map and thumbnails
+    arrive after its answer, so a fixed wait catches some models half drawn."""
+    page.wait_for_function(
+        """n => { const shown = [...document.images].filter(i => i.offsetParent !== null);
+                  return shown.length >= n && shown.every(i => i.complete && i.naturalWidth > 0); }""",
+        arg=at_least, timeout=timeout_ms)
+    page.locator("text=processing").first.wait_for(state="hidden", timeout=timeout_ms)
+    page.wait_for_timeout(1000)
 
 
 if __name__ == "__main__":

@@ -86,11 +86,11 @@ def pointing_game(predictors: dict, cases: list[Case], methods=None, layers=(Non
     centre = [center_hit(c) for c in cases]
     results, skipped = [], []
     for name, p in predictors.items():
-        resolved = [default_layer(p.encoders) if layer is None else layer for layer in layers]  # reported as numbers
         for method in methods or [p.default_method]:
             if method not in p.methods:
                 skipped.append({"model": name, "method": method})
                 continue
+            resolved = [default_layer(p.encoders, method) if layer is None else layer for layer in layers]  # as numbers
             for layer in [None] if method in GRADIENT_FREE else resolved:
                 hits = [hit(p.explain(c.record.image, c.record.question, method=method, layer=layer), c.boxes)
                         for c in tqdm(cases, desc=f"{name} {method} {layer}", disable=None if progress else True,
