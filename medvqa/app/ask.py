@@ -219,10 +219,12 @@ def build_tab(demo: gr.Blocks):
                         with gr.Column(visible=True):
                             md = gr.Markdown(visible=False)
                             lab = gr.Markdown(visible=False)   # calibrated, honestly rounded (never "100 %")
-                            cam = gr.Image(label="Saliency", interactive=False, visible=False, height=300)
+                            cam = gr.Image(label="Saliency", interactive=False, visible=False, height=300,
+                                           elem_classes="saliency")
                             tgt = gr.Dropdown(label="Saliency for answer", visible=False, allow_custom_value=False)
                             near_md = gr.Markdown(visible=False)
-                            near = gr.Gallery(label="Nearest training cases", visible=False, columns=2, height=260)
+                            near = gr.Gallery(label="Nearest training cases", visible=False, columns=2, height=260,
+                                              elem_classes="nearest")
                             slots.append((md, lab, cam, tgt, near_md, near))
         outputs = [banner, preview] + [c for s in slots for c in s]
         inputs = [file, question, dataset, method, opacity, ground_truth, heatmap]

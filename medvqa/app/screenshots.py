@@ -37,7 +37,7 @@ def main(out: str = "assets/screenshots") -> dict:
         browser = pw.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         page.goto("http://127.0.0.1:7861/")   # the first screen: the first example, answered on load
-        _wait_for_images(page, 1 + len(r["models"]))   # its preview and every model's map
+        _wait_for_images(page, len(r["models"]))   # every model's map, and its nearest cases
         page.screenshot(path=str(out_dir / "ask.png"), full_page=True)
         for tab in TABS[1:]:
             page.get_by_role("tab", name=tab).click()
@@ -55,14 +55,25 @@ def main(out: str = "assets/screenshots") -> dict:
     return timing
 
 
-def _wait_for_images(page, at_least: int, timeout_ms: int = 180_000):
-    """Until `at_least` images are shown and every shown image has loaded: a slot's map and thumbnails
-    arrive after its answer, so a fixed wait catches some models half drawn."""
-    page.wait_for_function(
-        """n => { const shown = [...document.images].filter(i => i.offsetParent !== null);
-                  return shown.length >= n && shown.every(i => i.complete && i.naturalWidth > 0); }""",
-        arg=at_least, timeout=timeout_ms)
+def _wait_for_images(page, maps: int, timeout_ms: int = 180_000):
+    """Until `maps` saliency maps are shown and every map and nearest-case thumbnail has loaded: they
+    arrive after the answers, and Gradio's images load lazily (below the fold, only once scrolled to,
+    which a full-page screenshot does not do), so they are switched to eager first."""
+    page.wait_for_function("n => document.querySelectorAll('.saliency img').length >= n", arg=maps, timeout=timeout_ms)
     page.locator("text=processing").first.wait_for(state="hidden", timeout=timeout_ms)
+    deadline = time.time() + timeout_ms / 1000
+    while True:   # the shown ones only: a gallery keeps hidden copies for its preview
+        page.evaluate("document.querySelectorAll('img[loading=lazy]').forEach(i => { i.loading = 'eager'; })")
+        shown = page.locator(".saliency img:visible, .nearest img:visible").all()
+        if all(img.evaluate("i => i.complete && i.naturalWidth > 0") for img in shown):
+            break
+        if time.time() > deadline:
+            raise TimeoutError("the maps and nearest cases did not load")
+        page.wait_for_timeout(1000)
+    for y in range(0, page.evaluate("document.body.scrollHeight"), 800):   # as a visitor would: every part painted
+        page.evaluate(f"window.scrollTo(0, {y})")
+        page.wait_for_timeout(400)
+    page.evaluate("window.scrollTo(0, 0)")
     page.wait_for_timeout(1000)
 
 
