@@ -172,10 +172,10 @@ def test_shared_rollout_pass_gives_each_models_own_map(cks, shipped):
     im, q = (Image.open(ROOT / "assets" / "examples" / json.loads(
         (ROOT / "assets" / "examples" / "examples.json").read_text())[0]["image"]).convert("RGB") if shipped
         else _image(4)), "Is there a mass in the left lung?"
-    for method in ("head-rollout", "token-rollout"):
-        many = explain_many(ps, im, q, [method] * len(ps))
+    for method in ("head-rollout", "token-rollout"):   # from block 0: on `tiny` the default start leaves the last block,
+        many = explain_many(ps, im, q, [method] * len(ps), layer=0)   # whose head-rollout is one backbone head, the same for every model
         for p, m in zip(ps, many):
-            assert np.abs(m - p.explain(im, q, method=method)).max() < 1e-4
+            assert np.abs(m - p.explain(im, q, method=method, layer=0)).max() < 1e-4
         assert min(np.abs(a - b).max() for i, a in enumerate(many) for b in many[i + 1:]) > 1e-3
     assert all(w.grad is None for p in ps for w in p.model.parameters())   # input gradients only
 
