@@ -91,8 +91,8 @@ def explain(encoders, model, image: Image.Image, question: str, method: str = DE
             cached: dict | None = None) -> np.ndarray:
     """Saliency map (H×W float32 in [0, 1], the image's own size) for answer class `target`
     (default: the predicted answer), read at the input of ViT block `layer` (default: `default_layer`,
-    chosen on SLAKE validation by the pointing game); for a rollout, the block it starts from. `cached`: the image's backbone pass
-    (medvqa.encode.Backbone.encode): then the target, the query attention and the rollout's first
+    chosen on SLAKE validation by the pointing game); for a rollout, the block it starts from.
+    `cached`: the image's backbone pass (medvqa.encode.Backbone.encode): then the target, the query attention and the rollout's first
     blocks need no backbone pass of their own."""
     return explain_models(encoders, [model], image, question, method, [target], batch_size, layer, cached)[0]
 
