@@ -176,6 +176,25 @@ def test_browser_heatmap_toggle(app_url):
         assert page.get_by_text("Saliency: heatmap off").count() == 0
 
 
+def test_browser_heatmap_switched_during_an_ask_stays_switched(app_url, monkeypatch):
+    """Real headless Chromium: the switch flipped while an ask runs holds when the ask's answers land
+    (they were drawn with the switch as it stood at the click)."""
+    import time
+
+    import medvqa.app.ask as ask
+
+    slow = ask.ask_json
+    monkeypatch.setattr(ask, "ask_json", lambda *a: (time.sleep(3), slow(*a))[1])   # an ask as slow as a real one
+    with _page(app_url) as page:
+        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        page.get_by_text("Is this an axial plane?").first.click()
+        page.get_by_label("Heatmap").uncheck()              # the switch's own redraw lands before the ask's answers
+        page.get_by_text("Saliency: heatmap off").nth(2).wait_for(timeout=60_000)
+        page.wait_for_timeout(8_000)                        # the ask (3 s + tiny models) and what follows it are done
+        assert page.get_by_text("Saliency: head-rollout").count() == 0
+        assert page.get_by_text("Saliency: heatmap off").count() == 3
+
+
 def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path):
     """query-attention is CMI-MTL's and the baseline's, not CMDPI's: CMDPI's slot shows its own map
     (the rollout), labelled so, instead of failing the whole answer."""

@@ -150,7 +150,7 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
     outs += [gr.update(visible=False)] * (6 * (N_SLOTS - len(cks)))
     banner = ("" if len(cks) < 2 else
               "**The models agree.**" if agree else "**The models disagree** — compare their saliency maps.")
-    return [banner, im] + outs
+    return [banner, im, heatmap] + outs
 
 
 def _recam(slots, file, question, dataset, method, targets, opacity, heatmap) -> list:
@@ -175,6 +175,14 @@ def recam(slot, file, question, dataset, method, target, opacity, heatmap=True):
 def recam_all(file, question, dataset, method, opacity, heatmap, *targets):
     """Every slot's map again (the heatmap switched on or off)."""
     return _recam(list(range(len(targets))), file, question, dataset, method, list(targets), opacity, heatmap)
+
+
+def redraw_if_switched(drawn, file, question, dataset, method, opacity, heatmap, *targets):
+    """After an ask: its maps were drawn with the switch as it stood at the click (`drawn`). A switch
+    flipped while the ask ran was redrawn first and then overwritten by it, so draw them again."""
+    if drawn == heatmap:
+        return [gr.update() for _ in targets]
+    return recam_all(file, question, dataset, method, opacity, heatmap, *targets)
 
 
 def first_screen(ex: list[dict]):
@@ -226,14 +234,17 @@ def build_tab(demo: gr.Blocks):
                             near = gr.Gallery(label="Nearest training cases", visible=False, columns=2, height=260,
                                               elem_classes="nearest")
                             slots.append((md, lab, cam, tgt, near_md, near))
-        outputs = [banner, preview] + [c for s in slots for c in s]
+        drawn = gr.State(True)   # the Heatmap switch as the shown maps were drawn
+        outputs = [banner, preview, drawn] + [c for s in slots for c in s]
         inputs = [file, question, dataset, method, opacity, ground_truth, heatmap]
+        redraw = (redraw_if_switched, [drawn, file, question, dataset, method, opacity, heatmap] + [s[3] for s in slots],
+                  [s[2] for s in slots])
 
         def pick(i):
             e = ex[i]
             return e["path"], e["path"], e["question"], e["dataset"], e["answer"]
         gallery.click(pick, [gallery], [file, preview, question, dataset, ground_truth], api_visibility="private").then(
-            run_ask, inputs, outputs, api_visibility="private")
+            run_ask, inputs, outputs, api_visibility="private").then(*redraw, api_visibility="private")
 
         def on_load():
             try:
@@ -244,8 +255,8 @@ def build_tab(demo: gr.Blocks):
         demo.load(on_load, None, [file, question, dataset, ground_truth] + outputs, api_visibility="private")
         file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth],
                     api_visibility="private")
-        go.click(run_ask, inputs, outputs, api_visibility="private")
-        question.submit(run_ask, inputs, outputs, api_visibility="private")
+        for ev in (go.click, question.submit):
+            ev(run_ask, inputs, outputs, api_visibility="private").then(*redraw, api_visibility="private")
         for i, (_, _, cam, tgt, _, _) in enumerate(slots):
             tgt.input(lambda *a, i=i: recam(i, *a), [file, question, dataset, method, tgt, opacity, heatmap],
                       [cam], api_visibility="private")
