@@ -46,7 +46,7 @@ def main():
     ap.add_argument("--root", required=True)
     ap.add_argument("--split", choices=("validate", "test"), required=True)
     a = ap.parse_args()
-    val = load_split("slake", a.root, "validate")
+    val = load_split("slake", a.root, "validate").records
     out = {}
     for name in CHECKPOINTS:
         p = Predictor.load(name)
@@ -65,7 +65,7 @@ def main():
                     scores.append(ece(zv, yv, t))
                 row[scheme] = round(float(np.mean(scores)), 2)
         else:
-            test = load_split("slake", a.root, "test")
+            test = load_split("slake", a.root, "test").records
             zt, yt = p.logits_records(test, progress=False), labels_of(test, p.vocab)
             kt = kinds(p, zt)
             keep = yv >= 0

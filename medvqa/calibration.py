@@ -4,7 +4,9 @@ Every model turns its answer logits into probabilities by one softmax over the v
 shown probability is softmax(logits / T) with one scalar T > 0 per checkpoint, fitted by minimising
 the NLL on held-out questions (the validation split, or the held-out slice of train) — never on test.
 Dividing by T keeps the order of the logits, so the predicted answer never changes.
-T lives in the checkpoint's config.json (`temperature`, `temperature_source`, `temperature_fit`).
+T lives in the checkpoint's config.json (`temperature`, `temperature_source`, `temperature_fit`). A checkpoint may
+carry a second one, `temperature_yes_no`, for the questions whose top answer is yes or no (`temperature` then
+serves the rest): two answers against hundreds are two regimes, and the kind is known before T is applied.
 """
 from __future__ import annotations
 
@@ -22,12 +24,35 @@ NO_HELD_OUT = ("none: trained on all of train, so no held-out questions are left
                "(`medvqa calibrate --transfer-from` carries the T of the same recipe trained with a held-out slice)")
 
 
-def probabilities(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """(…, C) logits -> (…, C) softmax(logits / T)."""
-    return (logits.float() / temperature).softmax(-1)
+YES_NO = ("yes", "no")   # the answers that `temperature_yes_no` serves as top-1
 
 
-def top1(logits: torch.Tensor, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def probabilities(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """(…, C) logits -> (…, C) softmax(logits / T); T one scalar or one per row, (…,)."""
+    t = temperature.unsqueeze(-1) if torch.is_tensor(temperature) else temperature
+    return (logits.float() / t).softmax(-1)
+
+
+def yes_no_rows(logits: torch.Tensor, answers: list[str]) -> torch.Tensor:
+    """(N, C) logits -> (N,) bool: the top-1 answer is yes or no (the same at every T)."""
+    return torch.tensor([a in YES_NO for a in answers], dtype=torch.bool)[logits.argmax(-1)]
+
+
+def row_temperatures(logits: torch.Tensor, answers: list[str], cfg: dict) -> torch.Tensor:
+    """(N, C) logits -> (N,) the T of each row from config.json's entries."""
+    t = torch.full((len(logits),), float(cfg.get("temperature", 1.0)))
+    if cfg.get("temperature_yes_no") is not None:
+        t[yes_no_rows(logits, answers)] = float(cfg["temperature_yes_no"])
+    return t
+
+
+def describe(cfg: dict) -> str:
+    """'T = 1.41' or 'T = 1.41, yes/no 1.91', as every surface names the checkpoint's temperature."""
+    t = f"T = {float(cfg.get('temperature', 1.0)):.3g}"
+    return t + (f", yes/no {float(cfg['temperature_yes_no']):.3g}" if cfg.get("temperature_yes_no") is not None else "")
+
+
+def top1(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, C) logits -> (N,) predicted class, (N,) its probability at temperature T."""
     conf, idx = probabilities(logits, temperature).max(-1)
     return idx, conf
@@ -56,10 +81,12 @@ def reliability_bins(confidence, correct, n_bins: int = N_BINS) -> list[dict]:
              "n": int((bins == b).sum())} for b in range(n_bins) if (bins == b).any()]
 
 
-def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true answers at temperature T (labels -1, out of vocabulary, left out)."""
+def nll(logits: torch.Tensor, labels: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> float:
+    """Mean negative log-likelihood of the true answers at temperature T, a scalar or (N,) (labels -1, out of
+    vocabulary, left out)."""
     keep = labels >= 0
-    return float(F.cross_entropy(logits[keep].float() / temperature, labels[keep]))
+    t = temperature[keep].unsqueeze(-1) if torch.is_tensor(temperature) else temperature
+    return float(F.cross_entropy(logits[keep].float() / t, labels[keep]))
 
 
 def fit_temperature(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -88,13 +115,20 @@ def labels_of(records, vocab) -> torch.Tensor:
     return torch.tensor([vocab.encode(r.answer_norm) for r in records], dtype=torch.long)
 
 
-def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str) -> dict:
+def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: torch.Tensor | None = None) -> dict:
     """Fit T on held-out (logits, labels) -> the config.json entries, with the NLL and ECE it moved
-    on those same questions (a check that the fit did something, not a test result)."""
-    t = fit_temperature(logits, labels)
+    on those same questions (a check that the fit did something, not a test result). With `yes_no`
+    ((N,) bool, from `yes_no_rows`): one T for those rows, `temperature_yes_no`, and one for the rest."""
+    entries = {"temperature": round(fit_temperature(logits, labels), 4)}
+    if yes_no is not None:
+        entries = {"temperature": round(fit_temperature(logits[~yes_no], labels[~yes_no]), 4),
+                   "temperature_yes_no": round(fit_temperature(logits[yes_no], labels[yes_no]), 4)}
+        t = torch.where(yes_no, entries["temperature_yes_no"], entries["temperature"])
+    else:
+        t = entries["temperature"]
     idx, raw = top1(logits)
     ok = (idx == labels).numpy()
-    return {"temperature": round(t, 4), "temperature_source": source, "temperature_fit": {
+    return entries | {"temperature_source": source, "temperature_fit": {
         "n": int(len(labels)),
         "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
         "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
@@ -106,7 +140,8 @@ def write_temperature(ckpt: Path, entries: dict) -> dict:
     keeping every other key: written to a temporary file beside it, then swapped in whole."""
     path = Path(ckpt) / "config.json"
     cfg = json.loads(path.read_text())
-    cfg.pop("temperature_fit", None)   # a transferred T has no fit of its own; an older fit must not stay
+    for k in ("temperature_fit", "temperature_yes_no"):   # a transferred or one-T fit must not keep an older one's
+        cfg.pop(k, None)
     cfg.update(entries)
     tmp = path.with_name(f".config.json.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(cfg, indent=1))

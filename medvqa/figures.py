@@ -71,14 +71,14 @@ def group_bars(results: dict, key: str, out: Path) -> list[str]:
 
 
 def reliability(calib: dict, out: Path) -> list[str]:
-    """calib: name -> {"before" / "after": (bins from calibration.reliability_bins, ece), "temperature": T}.
+    """calib: name -> {"before" / "after": (bins from calibration.reliability_bins, ece), "temperature": 'T = …'}.
     One column per checkpoint; the top row at T = 1, the bottom row at the checkpoint's T."""
     from medvqa.calibration import N_BINS
 
     plt = _plt()
     fig, axes = plt.subplots(2, len(calib), figsize=(4 * len(calib), 8), squeeze=False)
     for j, (name, c) in enumerate(calib.items()):
-        for i, (when, label) in enumerate((("before", "T = 1"), ("after", f"T = {c['temperature']:.2f}"))):
+        for i, (when, label) in enumerate((("before", "T = 1"), ("after", c["temperature"]))):
             bins, ece = c[when]
             ax = axes[i][j]
             ax.plot([0, 1], [0, 1], "--", color="grey", lw=1)
@@ -118,7 +118,7 @@ def cam_grid(predictors: dict, records, out: Path, method: str = "gradcam") -> l
 
 def make_all(checkpoints: list, dataset: str, root, split: str, out, cam_cases: int = 4, umap: bool = True,
              progress: bool = True) -> dict:
-    from medvqa.calibration import expected_calibration_error, reliability_bins
+    from medvqa.calibration import describe, expected_calibration_error, reliability_bins
     from medvqa.data import load_split
     from medvqa.eval import evaluate
     from medvqa.predict import Predictor
@@ -133,8 +133,8 @@ def make_all(checkpoints: list, dataset: str, root, split: str, out, cam_cases: 
         answers, conf = p.read_logits(records, logits)
         results[name] = evaluate(records, answers, conf)
         ok = [answers[r.qid] == r.answer_norm for r in records]
-        calib[name] = {"temperature": p.temperature}
-        for when, t in (("before", 1.0), ("after", p.temperature)):
+        calib[name] = {"temperature": describe(p.config)}
+        for when, t in (("before", 1.0), ("after", None)):   # None: the checkpoint's own T
             at_t = p.read_logits(records, logits, t)[1]
             c = [at_t[r.qid] for r in records]
             calib[name][when] = (reliability_bins(c, ok), expected_calibration_error(c, ok))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from medvqa.calibration import UNCERTAIN_BELOW, probabilities, top1
+from medvqa.calibration import UNCERTAIN_BELOW, probabilities, row_temperatures, top1
 from medvqa.data import AnswerVocab, ImageError, InputError, load_image
 from medvqa.data.datasets import CLOSED_ANSWERS
 from medvqa.encode import LRU
@@ -114,6 +114,10 @@ class Predictor:
         self.vocab = AnswerVocab(config["answers"])
         self.temperature = float(config.get("temperature", 1.0))   # medvqa.calibration; 1.0: never fitted
 
+    def temperatures(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, C) logits -> (N,) the calibration T of each row (two when `temperature_yes_no` was fitted)."""
+        return row_temperatures(logits, self.vocab.answers, self.config)
+
     @classmethod
     def load(cls, name_or_dir) -> "Predictor":
         path = resolve_checkpoint(name_or_dir).resolve()
@@ -193,7 +197,7 @@ class Predictor:
 
     def answer_batch(self, images, questions, top_k: int = 5, free_text: bool = True) -> list[Answer]:
         logits, free = self._forward(images, questions, free_text)
-        probs = probabilities(logits, self.temperature)                  # (B, C), calibrated
+        probs = probabilities(logits, self.temperatures(logits))         # (B, C), calibrated
         out = []
         for p, ft in zip(probs, free):
             s, i = p.topk(min(top_k, len(p)))
@@ -284,8 +288,8 @@ class Predictor:
         return dataset_logits(self.model, ds, batch_size=batch_size)
 
     def read_logits(self, records, logits: torch.Tensor, temperature: float | None = None) -> tuple[dict, dict]:
-        """-> (qid -> answer, qid -> top-1 probability at `temperature`, default the checkpoint's T)."""
-        pred, conf = top1(logits, self.temperature if temperature is None else temperature)
+        """-> (qid -> answer, qid -> top-1 probability at `temperature`, default the checkpoint's own)."""
+        pred, conf = top1(logits, self.temperatures(logits) if temperature is None else temperature)
         return ({r.qid: self.vocab.answers[i] for r, i in zip(records, pred.tolist())},
                 {r.qid: float(c) for r, c in zip(records, conf.tolist())})
 

@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from medvqa.calibration import (expected_calibration_error, fit_temperature, nll, percent, probabilities, top1,
-                                write_temperature)
+from medvqa.calibration import (describe, expected_calibration_error, fit_report, fit_temperature, nll, percent,
+                                probabilities, row_temperatures, top1, write_temperature, yes_no_rows)
 from medvqa.cli import main
 from tests.helpers import make_cases_csv, tiny_checkpoint
 
@@ -42,6 +42,26 @@ def test_fit_finds_an_underconfident_model_too_and_skips_unknown_answers():
         fit_temperature(logits[:3], torch.full((3,), -1))
 
 
+def test_two_temperatures_fit_two_regimes_and_keep_the_argmax():
+    """Rows whose top answer is yes / no overconfident by 3, the rest by 1.5: one T fits neither, two fit
+    each, and the calibrated confidence is better than with one (ECE on the same rows)."""
+    answers = ["yes", "no", "liver", "lung", "heart", "brain"]
+    z, labels = _overconfident(c=6, sharpen=1.0)                                 # calibrated at T = 1
+    yn = yes_no_rows(z, answers)
+    logits = torch.where(yn[:, None], 3.0 * z, 1.5 * z)                         # (N, C), argmax unchanged
+    assert torch.equal(yes_no_rows(logits, answers), yn) and 0.2 < yn.float().mean() < 0.5
+    one, two = fit_report(logits, labels, "unit"), fit_report(logits, labels, "unit", yes_no=yn)
+    assert two["temperature_yes_no"] == pytest.approx(3.0, rel=0.15) and two["temperature"] == pytest.approx(1.5, rel=0.15)
+    assert "temperature_yes_no" not in one
+    assert two["temperature_fit"]["ece_after"] < one["temperature_fit"]["ece_after"]
+    assert two["temperature_fit"]["nll_after"] < one["temperature_fit"]["nll_after"]
+    t = row_temperatures(logits, answers, two)                                    # (N,)
+    assert torch.equal(t == two["temperature_yes_no"], yn)
+    assert torch.equal(top1(logits, t)[0], logits.argmax(-1))
+    assert describe(two) == f"T = {two['temperature']:.3g}, yes/no {two['temperature_yes_no']:.3g}"
+    assert describe(one) == f"T = {one['temperature']:.3g}"
+
+
 def test_percent_never_claims_certainty():
     assert [percent(p) for p in (1.0, 0.9996, 0.995, 0.994, 0.5, 0.012, 0.004, 0.0)] == [
         "> 99 %", "> 99 %", "> 99 %", "99 %", "50 %", "1 %", "< 1 %", "< 1 %"]
@@ -69,6 +89,14 @@ def test_stored_temperature_is_applied_after_reload(tmp_path):
     assert [s for _, s in a.top_k] == pytest.approx(expected.sort(descending=True).values.tolist(), abs=1e-4)
     assert torch.allclose(p.probs([im], [q])[0], raw, atol=1e-6)                  # the model's own softmax stays T = 1
     Predictor._cache.clear()
+    # A second T for yes / no top answers: the row's own T is applied; a later one-T fit drops it.
+    top_is_yes_no = p.vocab.answers[int(raw.argmax())] in ("yes", "no")
+    write_temperature(ck, {"temperature": 3.0, "temperature_yes_no": 0.5, "temperature_source": "unit test"})
+    a = Predictor.load(ck).answer(im, q)
+    assert a.score == pytest.approx(float(probabilities(raw.log(), 0.5 if top_is_yes_no else 3.0).max()), abs=1e-4)
+    assert a.score != pytest.approx(float(probabilities(raw.log(), 3.0 if top_is_yes_no else 0.5).max()), abs=1e-4)
+    Predictor._cache.clear()
+    assert "temperature_yes_no" not in write_temperature(ck, {"temperature": 2.0, "temperature_source": "unit test"})
 
 
 def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsys):
@@ -91,6 +119,14 @@ def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsy
     Predictor._cache.clear()
     assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--json"]) == 0    # root from the train command
     assert json.loads(capsys.readouterr().out)["temperature"] == pytest.approx(t_train, abs=1e-3)
+    assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--yes-no", "--transfer-from",
+                 str(tmp_path / "held")]) == 2
+    assert "give one" in capsys.readouterr().err
+    rc = main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--yes-no"])   # 4 questions: maybe one kind only
+    out, err = capsys.readouterr()
+    has_two = "temperature_yes_no" in json.loads((tmp_path / "held" / "config.json").read_text())
+    assert (rc, has_two) in ((0, True), (2, False)), err
+    assert rc == 0 and "yes/no" in out or err.strip().count("\n") == 0 and "without --yes-no" in err
 
     assert main(common + ["--out", str(tmp_path / "all"), "--workdir", str(tmp_path / "r0"), "--val-fraction", "0"]) == 0
     capsys.readouterr()

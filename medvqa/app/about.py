@@ -6,7 +6,7 @@ import json
 import gradio as gr
 
 from medvqa.app.common import DATASETS, checkpoints_for, model_title
-from medvqa.calibration import UNCERTAIN_BELOW
+from medvqa.calibration import UNCERTAIN_BELOW, describe
 from medvqa.eval import wilson_interval
 
 
@@ -22,9 +22,9 @@ def _ece(t: dict, cfg: dict) -> str:
     """'18.25 → 3.9 (T = 1.83)': test ECE of the top-1 confidence before and after temperature scaling."""
     if "ece" not in t:
         return "–"
-    if "ece_calibrated" not in t or cfg.get("temperature", 1.0) == 1.0:
+    if "ece_calibrated" not in t or (cfg.get("temperature", 1.0) == 1.0 and cfg.get("temperature_yes_no") is None):
         return f"{t['ece']} (not calibrated)"
-    return f"{t['ece']} → {t['ece_calibrated']} (T = {cfg.get('temperature', 1.0):.2f})"
+    return f"{t['ece']} → {t['ece_calibrated']} ({describe(cfg)})"
 
 
 def accuracy_table() -> str:

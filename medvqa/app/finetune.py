@@ -12,6 +12,7 @@ from pathlib import Path
 import gradio as gr
 from gradio import FileData
 
+from medvqa.calibration import describe
 from medvqa.app.common import BUILTIN, checkpoints_dir, data_root, escape_md, unzip_cases, user_checkpoints_dir
 from medvqa.models.cmdpi import ABLATIONS as CMDPI_ABLATIONS
 from medvqa.models.cmi_mtl import ABLATIONS as CMI_ABLATIONS
@@ -148,7 +149,7 @@ def _status_markdown(s: dict) -> str:
     if s["status"] == "done":
         line += f"\n\nSaved to `{s['out']}`; it is now selectable in **Ask & compare**."
         cfg = json.loads((Path(s["out"]) / "config.json").read_text())   # `train` fitted T at the end of the run
-        line += f"\n\nConfidence calibrated: T = {cfg['temperature']:.3g}, {escape_md(cfg['temperature_source'])}."
+        line += f"\n\nConfidence calibrated: {describe(cfg)}, {escape_md(cfg['temperature_source'])}."
     if s["status"] == "cancelled":
         line += "\n\nCancelled: nothing was written."
     if s.get("error"):

@@ -20,7 +20,7 @@ def cmd_calibrate(a):
     """Fit T on held-out questions the checkpoint never trained on (the validation split, or its own
     held-out slice of train), or carry T over from a checkpoint of the same recipe trained with a
     held-out slice (--transfer-from); write it into the checkpoint's config.json."""
-    from medvqa.calibration import fit_report, labels_of, write_temperature
+    from medvqa.calibration import describe, fit_report, labels_of, write_temperature, yes_no_rows
     from medvqa.config import preset_from_dict
     from medvqa.data import dataset_splits, load_split
     from medvqa.predict import Predictor, resolve_checkpoint
@@ -29,11 +29,13 @@ def cmd_calibrate(a):
 
     ckpt = resolve_checkpoint(a.checkpoint)
     cfg = read_config(ckpt)
+    if a.transfer_from and a.yes_no:
+        raise UserError("--yes-no fits two temperatures; --transfer-from copies the other checkpoint's: give one")
     if a.transfer_from:
         src = read_config(resolve_checkpoint(a.transfer_from))
         if "temperature_fit" not in src:
             raise UserError(f"--transfer-from {a.transfer_from}: its temperature was not fitted on held-out questions")
-        entries = {"temperature": src["temperature"], "temperature_source": f"transferred from "
+        entries = {k: src[k] for k in ("temperature", "temperature_yes_no") if k in src} | {"temperature_source": f"transferred from "
                    f"{Path(a.transfer_from).name} ({src['model']} on {src['dataset']}; {src['temperature_source']})"}
     else:
         dataset, root = a.dataset or cfg["dataset"], a.root or _recorded_root(cfg)
@@ -46,14 +48,19 @@ def cmd_calibrate(a):
                             "held-out questions; fit T on the same recipe trained with a held-out slice, then "
                             "--transfer-from it")
         p = Predictor.load(ckpt)
-        entries = fit_report(p.logits_records(recs, progress=not a.json), labels_of(recs, p.vocab),
-                             f"fitted on {name} of {dataset}: {len(recs)} questions")
+        logits = p.logits_records(recs, progress=not a.json)
+        try:
+            entries = fit_report(logits, labels_of(recs, p.vocab), f"fitted on {name} of {dataset}: {len(recs)} "
+                                 "questions" + (", yes/no top answers apart" if a.yes_no else ""),
+                                 yes_no_rows(logits, p.vocab.answers) if a.yes_no else None)
+        except ValueError as e:   # no answer in the vocabulary, overall or (--yes-no) among one kind of rows
+            raise UserError(f"{ckpt.name}: {e}" + ("; without --yes-no one T may still fit" if a.yes_no else "")) from None
     write_temperature(ckpt, entries)
     if a.json:
         print_json(entries)
     else:
         fit = entries.get("temperature_fit")
-        print(f"{ckpt}: T = {entries['temperature']:.4f}, {entries['temperature_source']}" + (
+        print(f"{ckpt}: {describe(entries)}, {entries['temperature_source']}" + (
             f"; on those questions NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, "
             f"ECE {fit['ece_before']:.2f} -> {fit['ece_after']:.2f}" if fit else ""))
     return 0
@@ -70,5 +77,7 @@ def register(sub):
     ca.add_argument("--transfer-from", metavar="CHECKPOINT",
                     help="take T from this checkpoint (the same recipe trained with a held-out slice) "
                          "instead of fitting")
+    ca.add_argument("--yes-no", action="store_true",
+                    help="two temperatures: one for questions whose top answer is yes or no, one for the rest")
     ca.add_argument("--json", action="store_true")
     ca.set_defaults(func=cmd_calibrate)

@@ -100,6 +100,7 @@ def _answers(a, records, source):
 
 
 def cmd_eval(a):
+    from medvqa.calibration import describe
     from medvqa.eval import evaluate, paired_comparison, seen_in_train, swap_images
 
     if a.by == "seen":
@@ -120,7 +121,7 @@ def cmd_eval(a):
     seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None
     res = evaluate(split.records, preds, conf, seen)
     if p is not None:
-        res["calibration"] = {"temperature": p.temperature,
+        res["calibration"] = {"temperature": p.temperature, "temperature_yes_no": p.config.get("temperature_yes_no"),
                               "source": p.config.get("temperature_source", "none: never fitted (T = 1)"),
                               "ece_before": evaluate(split.records, preds, conf_t1).get("ece"),
                               "ece_after": res.get("ece")}
@@ -146,7 +147,7 @@ def cmd_eval(a):
     if "calibration" in res:
         c = res["calibration"]
         print(f"ECE of top-1 confidence: {c['ece_before']:.2f} before temperature scaling, {c['ece_after']:.2f} after "
-              f"(T = {c['temperature']:.4g}; {c['source']})")
+              f"({describe(p.config)}; {c['source']})")
     elif "ece" in res:
         print(f"ECE of top-1 confidence: {res['ece']:.2f}")
     key = {"organ": "by_organ", "question_type": "by_question_type", "seen": "by_seen"}.get(a.by)
