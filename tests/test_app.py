@@ -304,6 +304,15 @@ def test_fine_tune_names_never_collide(tmp_path, monkeypatch):
     assert _fresh_name("baseline-uploaded-ft-20261129-131850") == "baseline-uploaded-ft-20261129-131850-3"
 
 
+def test_fine_tune_offers_only_the_terms_its_run_trains():
+    """The tab fine-tunes (`train`): CMDPI's pretraining terms would be ignored there, so they are not offered."""
+    from medvqa.app.finetune import _ablations, start
+
+    assert _ablations("cmdpi")["choices"] == ["diff", "mixup"]
+    with pytest.raises(ValueError, match="diff, mixup"):
+        start("cmdpi", "vqa-rad", None, "tiny", 1, 1e-4, ["global"])
+
+
 def test_feature_points_follow_the_weights(tmp_path, monkeypatch):
     """A precomputed UMAP file is used only for the weights it was computed from: the shipped
     ones match the shipped checkpoints, and a retrained checkpoint never shows old points."""

@@ -63,6 +63,11 @@ def test_bad_input_one_line_exit_2(capsys, tmp_path):
     rc, out, err = run(capsys, "train", "--model", "baseline", "--dataset", "folder", "--root", str(tmp_path),
                        "--out", str(tmp_path / "ck"), "--ablate", "cmcl")
     assert rc == 2 and "no parts to switch off" in err and err.strip().count("\n") == 0
+    for cmd, term in (("train", "global"), ("pretrain", "mixup")):   # CMDPI's other stage's term would be ignored
+        rc, out, err = run(capsys, cmd, "--model", "cmdpi", "--preset", "tiny", "--dataset", "folder", "--root",
+                           str(tmp_path), "--out", str(tmp_path / "ck"), "--ablate", term)
+        stage = "finetune" if cmd == "train" else "pretrain"
+        assert rc == 2 and f"not a part of cmdpi's {stage}" in err and err.strip().count("\n") == 0, err
     for model, flag, bad in (("cmi-mtl", "--queries", "0"), ("cmdpi", "--image-pool", "5"), ("cmi-mtl", "--dropout", "1.5"),
                              ("baseline", "--weight-decay", "-1"), ("baseline", "--ema", "1"),
                              ("baseline", "--val-fraction", "1"), ("cmdpi", "--lam", "gauss"),

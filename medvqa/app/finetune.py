@@ -14,7 +14,7 @@ from gradio import FileData
 
 from medvqa.calibration import describe
 from medvqa.app.common import BUILTIN, checkpoints_dir, data_root, escape_md, unzip_cases, user_checkpoints_dir
-from medvqa.models.cmdpi import ABLATIONS as CMDPI_ABLATIONS
+from medvqa.models.cmdpi import STAGE_ABLATIONS
 from medvqa.models.cmi_mtl import ABLATIONS as CMI_ABLATIONS
 from medvqa.train.trainer import Callbacks
 
@@ -93,7 +93,7 @@ def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0
 
     if not torch.cuda.is_available() and int(epochs) > MAX_CPU_EPOCHS:
         raise ValueError(f"on CPU keep runs short: at most {MAX_CPU_EPOCHS} epochs")
-    known = CMDPI_ABLATIONS if model == "cmdpi" else CMI_ABLATIONS if model == "cmi-mtl" else ()
+    known = ABLATIONS.get(model, ())
     if any(x not in known for x in ablate or ()):
         raise ValueError(f"{model} has the ablations {', '.join(known) or '(none)'}")
     with JOB.lock:
@@ -157,7 +157,8 @@ def _status_markdown(s: dict) -> str:
     return line
 
 
-ABLATIONS = {"baseline": (), "cmi-mtl": CMI_ABLATIONS, "cmdpi": CMDPI_ABLATIONS}   # the switches each model has
+# the switches each model has here: the tab fine-tunes (`train`), so CMDPI offers its fine-tuning terms only
+ABLATIONS = {"baseline": (), "cmi-mtl": CMI_ABLATIONS, "cmdpi": STAGE_ABLATIONS["finetune"]}
 
 
 def _ablations(model: str):

@@ -46,10 +46,11 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     from medvqa.train import tuning
     from medvqa.train.data import prepare
 
-    known = {"cmdpi": cmdpi.ABLATIONS, "cmi-mtl": ABLATIONS}.get(a.model, ())
+    known = {"cmdpi": cmdpi.STAGE_ABLATIONS.get(stage, cmdpi.ABLATIONS), "cmi-mtl": ABLATIONS}.get(a.model, ())
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
-        raise UserError(f"--ablate {' '.join(bad)}: not a part of {a.model} "
+        part = f"{a.model}'s {stage}" if a.model == "cmdpi" and stage else a.model
+        raise UserError(f"--ablate {' '.join(bad)}: not a part of {part} "
                         + (f"(choose from {', '.join(known)})" if known else "(it has no parts to switch off)"))
     preset = get_preset(a.preset)
     t = preset.train

@@ -25,6 +25,7 @@ from medvqa.models.dist import gather_rows
 from medvqa.models.encoders import pool_patch_grid
 
 ABLATIONS = ("global", "local", "inter", "intra", "diff", "mixup")
+STAGE_ABLATIONS = {"pretrain": ABLATIONS[:4], "finetune": ABLATIONS[4:]}   # each stage's own terms
 
 
 def patchify(pixels, p: int):
