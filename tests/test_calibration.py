@@ -1,6 +1,7 @@
 """Temperature scaling: the fit, its storage in config.json, the Predictor applying it, the CLI, and
 how the app shows probabilities (never "100 %", uncertain answers with their runner-up)."""
 import json
+import shlex
 
 import pytest
 import torch
@@ -111,6 +112,9 @@ def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsy
     m = json.loads(capsys.readouterr().out)
     cfg = json.loads((tmp_path / "held" / "config.json").read_text())
     assert cfg["temperature"] > 0 and cfg["temperature_fit"]["n"] == 4
+    # the command that made it, though this process's sys.argv is pytest's
+    assert cfg["command"] == "python -m medvqa " + shlex.join(common + ["--out", str(tmp_path / "held"), "--workdir",
+                                                                        str(tmp_path / "r1"), "--val-fraction", "0.25"])
     assert cfg["temperature_source"] == "fitted on a held-out 25% of train questions (seed 0): 4 questions"
     assert "ece_calibrated" in m["test"] and "ece" in m["test"]
     t_train = cfg["temperature"]

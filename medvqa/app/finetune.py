@@ -90,6 +90,7 @@ def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0
     import torch
 
     from medvqa.cli import build_parser
+    from medvqa.cli.common import parse
 
     if not torch.cuda.is_available() and int(epochs) > MAX_CPU_EPOCHS:
         raise ValueError(f"on CPU keep runs short: at most {MAX_CPU_EPOCHS} epochs")
@@ -101,7 +102,7 @@ def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0
             raise ValueError("a fine-tuning run is already going: wait for it or cancel it")
         name = _fresh_name(f"{model}-{source.split()[0]}-ft-{time.strftime('%Y%m%d-%H%M%S')}")
         argv, out = _argv(model, source, upload, preset, epochs, lr, ablate, name, tune_image_blocks)
-        ns = build_parser().parse_args(argv)
+        ns = parse(build_parser(), argv)
         JOB.cancel.clear()
         state = {"status": "running", "name": name, "out": str(out), "step": 0, "total": 0, "history": [],
                  "started": time.time()}

@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from medvqa.cli import analysis, calibrate, data, predict, train
+from medvqa.cli.common import parse
 from medvqa.cli.common import is_user_error
 
 
@@ -25,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     # argparse exits 2 with its own one-line message for bad arguments: that is the contract.
-    a = parser.parse_args(argv)
+    a = parse(parser, argv)
     try:
         return a.func(a) or 0
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from medvqa.data import DataError, ImageError, InputError
@@ -38,3 +39,11 @@ def print_json(obj):
             return [clean(v) for v in x]
         return x
     print(json.dumps(clean(obj)))
+
+
+def parse(parser, argv=None):
+    """parser.parse_args, keeping the arguments as `argv`: a checkpoint records the command that made it,
+    also when the app or a sweep runs it in-process (where sys.argv is theirs)."""
+    a = parser.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
+    return a

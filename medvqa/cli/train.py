@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from medvqa.cli.common import UserError, print_json
+from medvqa.cli.common import UserError, parse, print_json
 from medvqa.cli.options import SECTIONS, add_options, apply_options, given
 from medvqa.models.cmi_mtl import ABLATIONS
 
@@ -102,7 +102,7 @@ def _base_config(a, preset, data, model, **extra) -> dict:
     return {"model": a.model, "preset": preset.to_dict(), "dataset": a.dataset, "root": str(a.root),
             "vocab_protocol": a.vocab,
             "answers": data.vocab.answers, "ahead_vocab": data.ahead_vocab, "selection": data.selection,
-            "command": "python -m medvqa " + shlex.join(sys.argv[1:]), "git_revision": git_revision(),
+            "command": "python -m medvqa " + shlex.join(a.argv), "git_revision": git_revision(),
             "n_params": sum(p.numel() for p in model.parameters()), **extra}
 
 
@@ -318,7 +318,7 @@ def cmd_sweep(a):
         for argv, done in steps:
             if not (done / "metrics.json").is_file():
                 print(f"[sweep] python -m medvqa {shlex.join(argv)}", file=sys.stderr)
-                ns = parser.parse_args(argv)
+                ns = parse(parser, argv)
                 ns.func(ns)
         m = json.loads((ck / "metrics.json").read_text())
         t = m.get("test", {})   # none: a dataset without a test split, or a checkpoint trained without --report-test
