@@ -119,11 +119,12 @@ def test_every_sweep_config_parses(config):
 def test_cancel_after_the_last_step_writes_no_checkpoint(tmp_path):
     """The app's cancel can arrive while `train` evaluates after its last step: nothing is written."""
     from medvqa.cli import build_parser
+    from medvqa.cli.common import parse
     from medvqa.train.trainer import Callbacks
     from tests.helpers import make_cases_csv
 
     make_cases_csv(tmp_path / "data", 16)
-    a = build_parser().parse_args(["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder",
+    a = parse(build_parser(), ["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder",
                                    "--root", str(tmp_path / "data"), "--out", str(tmp_path / "ck"),
                                    "--workdir", str(tmp_path / "run"), "--epochs", "1", "--json"])
     epochs = []
