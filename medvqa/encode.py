@@ -5,7 +5,10 @@ backbone config and weights shares it). It keeps the tokens of the last few imag
 so the three models' answers, the gradient-free maps and the nearest cases of one ask cost one
 backbone pass, and a changed question, target answer or method costs none. Images that miss the
 cache go through a micro-batcher: requests arriving within `wait_ms` of each other share one batched
-forward, and each gets back its own rows. Each image is encoded independently of the others in its
+forward, and each gets back its own rows. The forward runs in a requesting thread (the first to find
+no batch running leads it), never in a thread of its own: torch's OpenMP team is per thread, and the
+caller's team, still spinning after its last op, took a core from a server thread's pass (one
+encode 78 ms there against 52 ms in the caller, docs/experiments.md). Each image is encoded independently of the others in its
 batch (a ViT has no padding), so batching never changes an answer beyond float rounding.
 
 `Backbone.lock` guards every pass through the backbone: saliency methods hook its blocks and switch
@@ -17,7 +20,7 @@ import hashlib
 import threading
 import weakref
 from collections import OrderedDict
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 from queue import Empty, Queue
 
 import torch
@@ -75,7 +78,7 @@ class Backbone:
         self.batches: list[int] = []          # sizes of the batched forwards run (the bench reads them)
         self._held: weakref.WeakValueDictionary = weakref.WeakValueDictionary()   # digest -> Entry still in use
         self._queue: Queue = Queue()
-        threading.Thread(target=self._serve, daemon=True, name="medvqa-backbone").start()
+        self._leading = threading.Lock()      # held by the thread running a batch
 
     # -- image tokens -------------------------------------------------------------------------------
     def encode(self, images) -> list[dict]:
@@ -83,42 +86,58 @@ class Backbone:
         the input of each backbone block (the last: the final norm's input)}, from the cache or one
         batched forward shared with concurrent requests."""
         keys = [image_digest(im) for im in images]
-        out, wait = [self.images.get(k) or self._held.get(k) for k in keys], {}
+        out, pending = [self.images.get(k) or self._held.get(k) for k in keys], {}
         for i, (k, hit) in enumerate(zip(keys, out)):
-            if hit is None and k not in wait:
-                wait[k] = Future()
-                self._queue.put((k, self.encoders.preprocess([images[i]]), wait[k]))   # (1, 3, S, S)
+            if hit is None and k not in pending:
+                pending[k] = Future()
+                self._queue.put((k, self.encoders.preprocess([images[i]]), pending[k]))   # (1, 3, S, S)
+        for f in pending.values():
+            while not f.done():   # lead a batch, or wait for the one running (it may not hold ours)
+                if self._leading.acquire(blocking=False):
+                    self._lead()
+                else:
+                    wait([f], timeout=self.wait_s)
         for i, k in enumerate(keys):
             if out[i] is None:
-                out[i] = wait[k].result()
+                out[i] = pending[k].result()
         return out
 
     def image_tokens(self, images) -> torch.Tensor:
         """(B, 1+N, Di): the backbone's [CLS] then patch tokens, as the heads read them."""
         return torch.stack([e["tokens"] for e in self.encode(images)])
 
-    def _serve(self):
-        while True:
-            batch = [self._queue.get()]
-            try:
-                while len(batch) < self.max_batch:
-                    batch.append(self._queue.get(timeout=self.wait_s))
-            except Empty:
-                pass
-            todo = {}
-            for k, px, fut in batch:   # the same image twice in one batch: encoded once
-                todo.setdefault(k, (px, []))[1].append(fut)
-            try:
-                entries = self._forward(torch.cat([px for px, _ in todo.values()]))
-                for (k, (_, futs)), e in zip(todo.items(), entries):
-                    self.images.put(k, e)
-                    self._held[k] = e
-                    for f in futs:
-                        f.set_result(e)
-            except Exception as e:  # every waiting request gets the error; the server keeps serving
-                for _, futs in todo.values():
-                    for f in futs:
-                        f.set_exception(e)
+    def _lead(self):
+        """With `_leading` held: run one batch of what is queued (waiting `wait_s` for company), then let go."""
+        try:
+            batch = [self._queue.get_nowait()]
+        except Empty:             # another leader took ours: it is done or running
+            self._leading.release()
+            return
+        try:
+            while len(batch) < self.max_batch:
+                batch.append(self._queue.get(timeout=self.wait_s))
+        except Empty:
+            pass
+        try:
+            self._run(batch)
+        finally:
+            self._leading.release()
+
+    def _run(self, batch):
+        todo = {}
+        for k, px, fut in batch:   # the same image twice in one batch: encoded once
+            todo.setdefault(k, (px, []))[1].append(fut)
+        try:
+            entries = self._forward(torch.cat([px for px, _ in todo.values()]))
+            for (k, (_, futs)), e in zip(todo.items(), entries):
+                self.images.put(k, e)
+                self._held[k] = e
+                for f in futs:
+                    f.set_result(e)
+        except Exception as e:  # every waiting request gets the error; the others keep being served
+            for _, futs in todo.values():
+                for f in futs:
+                    f.set_exception(e)
 
     def _forward(self, px) -> list[dict]:
         with self.lock, torch.no_grad():   # not inference mode: a saliency map may backpropagate from these

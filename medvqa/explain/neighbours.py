@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from medvqa.predict import SHIPPED
 
@@ -139,6 +140,8 @@ class IndexBuilds:
 def nearest(index: dict, vector: np.ndarray, k: int = 5) -> list[dict]:
     """Cosine top-k -> [{qid, image, question, answer, similarity}], most similar first."""
     v = vector / max(float(np.linalg.norm(vector)), 1e-8)
-    sim = index["features"] @ v.astype(np.float32)
+    # torch, not numpy: numpy's OpenBLAS threads spin on after a product and took the cores from the
+    # next backbone pass (55 -> 113-157 ms, docs/experiments.md)
+    sim = (torch.from_numpy(index["features"]).float() @ torch.from_numpy(v.astype(np.float32))).numpy()  # (N,)
     top = np.argsort(-sim)[:k]
     return [{**index["records"][i], "similarity": round(float(sim[i]), 4)} for i in top]
