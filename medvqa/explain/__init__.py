@@ -4,9 +4,13 @@ for: the CLI and the app can list the method names without it."""
 # "token-rollout": the same rollout read from every output token the head is sensitive to;
 # "head-rollout": the same rollout with the last block read through one selected head (per-head selection);
 # "query-attention": the head's own question-conditioned attention over the image tokens (CMI-MTL's
-# QQ-Former, the baseline's pooling), gradient-free. Ours; the rest pytorch-grad-cam's.
+# QQ-Former, the baseline's pooling), gradient-free;
+# "head-attention": the selected head's [CLS] attention of the last backbone block alone, and
+# "plain-head-rollout": that row carried back through the plain (Abnar & Zuidema, 2020) rollout of the
+# blocks before it: head-rollout without gradients, read from the cached backbone pass, so the same map
+# for every model on one frozen backbone, question and answer. Ours; the rest pytorch-grad-cam's.
 METHOD_NAMES = ("gradcam", "gradcam++", "xgradcam", "layercam", "eigencam", "rollout", "token-rollout",
-                "head-rollout", "query-attention", "scorecam", "ablationcam")
+                "head-rollout", "plain-head-rollout", "head-attention", "query-attention", "scorecam", "ablationcam")
 # The default where a user does not choose: the map that localised best in the pointing game on
 # SLAKE validation, for every model (docs/experiments.md, Saliency): the head-selected rollout.
 DEFAULT_METHOD = "head-rollout"
@@ -29,9 +33,10 @@ def supports(model, method: str) -> bool:
 
 
 SLOW_METHODS = ("scorecam", "ablationcam")   # one forward per feature channel: seconds to minutes on CPU
-GRADIENT_FREE = ("query-attention",)         # read from the head's attention: no target answer, no backbone layer
+GRADIENT_FREE = ("query-attention", "plain-head-rollout", "head-attention")   # no target answer
+BACKBONE_ONLY = ("plain-head-rollout", "head-attention")   # the image backbone's alone: no question, no model
 
-__all__ = ["BELOW_RANDOM", "DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "captioned",
+__all__ = ["BACKBONE_ONLY", "BELOW_RANDOM", "DEFAULT_METHOD", "GRADIENT_FREE", "METHOD_NAMES", "SLOW_METHODS", "captioned",
            "default_method", "explain",
            "supports", "overlay"]
 

@@ -26,6 +26,7 @@ from medvqa.data import InputError
 from medvqa.explain import DEFAULT_METHOD, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS, supports
 
 ROLLOUTS = {"rollout": "cls", "token-rollout": "tokens", "head-rollout": "head"}   # method -> readout
+PLAIN = {"plain-head-rollout": None, "head-attention": -1}   # gradient-free: method -> first block (None: `layer`)
 CAM_METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "xgradcam": XGradCAM, "layercam": LayerCAM,
                "eigencam": EigenCAM, "scorecam": ScoreCAM, "ablationcam": AblationCAM}
 
@@ -83,7 +84,7 @@ def default_layer(encoders, method: str = DEFAULT_METHOD) -> int:
     head-rollout starts two thirds in (block 8): on SLAKE validation (210 questions, three models) it
     hit as often as from block 4 (41.43 / 41.43 / 41.43 against 41.43 / 41.43 / 40.95) at half the cost."""
     n = len(encoders.image.encoder.layer)
-    return 2 * n // 3 if method == "head-rollout" else n // 3
+    return 2 * n // 3 if method in ("head-rollout", "plain-head-rollout") else n // 3
 
 
 def explain(encoders, model, image: Image.Image, question: str, method: str = DEFAULT_METHOD,
@@ -115,13 +116,21 @@ def explain_models(encoders, models, image: Image.Image, question: str, method: 
     layer = default_layer(encoders, method) if layer is None else layer
     if not -len(blocks) <= layer < len(blocks):
         raise InputError(f"layer {layer}: the image backbone has {len(blocks)} blocks")
-    if method in ROLLOUTS:   # the target of each model comes from its head on the shared pass
+    if method in PLAIN:      # the backbone's own attention: one map serves every model
+        start = (layer if PLAIN[method] is None else PLAIN[method]) % len(blocks)
+        states = cached["blocks"] if cached is not None else _block_inputs(encoders, x)
+        maps = [plain_head_rollout(encoders, states, start)] * len(models)
+    elif method in ROLLOUTS:   # the target of each model comes from its head on the shared pass
         start = layer % len(blocks)
         maps = gradient_rollouts(wrappers, x, targets, start=start, readout=ROLLOUTS[method],
                                  block_input=None if cached is None else cached["blocks"][start][None])
     else:
         maps = [_model_map(w, x, t, method, blocks[layer].norm1, batch_size, tokens) for w, t in zip(wrappers, targets)]
-    return [_image_map(m, image) for m in maps]
+    scaled: dict = {}   # a map shared by several models is resized once
+    for m in maps:
+        if id(m) not in scaled:
+            scaled[id(m)] = _image_map(m, image)
+    return [scaled[id(m)] for m in maps]
 
 
 def _model_map(wrapper, x, target, method, norm, batch_size, tokens) -> np.ndarray:
@@ -178,6 +187,37 @@ def relevance(attn, grads, tokens, until: int | None = None) -> torch.Tensor:
         keep[1:] = (~outlier_tokens(t[0, 1:])).float()                  # (T,): the [CLS] key is always kept
         R = R + ((g * a).clamp(min=0).mean(1)[0] * keep) @ R
     return R
+
+
+def attention_probs(block, h) -> torch.Tensor:
+    """A DINOv2 block's attention probabilities from its input h (1, T, D) -> (1, heads, T, T), as its
+    eager kernel computes them (the cached pass ran the fused one, which returns none)."""
+    a = block.attention
+    x = block.norm1(h)
+    q, k = (p(x).view(1, -1, a.num_attention_heads, a.head_dim).transpose(1, 2) for p in (a.q_proj, a.k_proj))
+    return (q @ k.transpose(-1, -2) * a.scaling).softmax(-1)
+
+
+def _block_inputs(encoders, x) -> torch.Tensor:
+    """(1, 3, S, S) -> (L+1, T, D) the input of each image block, as medvqa.encode caches them."""
+    with torch.no_grad():
+        return torch.cat(encoders.image(pixel_values=x, output_hidden_states=True).hidden_states)
+
+
+@torch.no_grad()
+def plain_head_rollout(encoders, states, start: int, sigma: float = ROLLOUT_SIGMA) -> np.ndarray:
+    """Head ROLLOUT_HEAD's [CLS] row of the last block carried back through the plain rollout (the
+    heads' mean attention, outlier keys removed; `relevance` with unit gradients) of blocks `start`
+    to the last but one; `start` = the last block: that head's attention alone. Gradient-free: the
+    blocks' inputs `states` (L+1, T, D) come from the backbone pass. -> (grid, grid) float32."""
+    blocks = encoders.image.encoder.layer
+    ins = [states[i][None] for i in range(start, len(blocks))]                # each (1, T, D)
+    A = [attention_probs(b, h) for b, h in zip(blocks[start:], ins)]          # each (1, heads, T, T)
+    T = states.shape[-2]
+    R = relevance(A[:-1], [torch.ones(())] * (len(A) - 1), ins[:-1]) if len(A) > 1 else torch.eye(T)   # (T, T)
+    g = encoders.grid
+    m = (A[-1][0, ROLLOUT_HEAD, 0] @ R)[-g * g:].reshape(g, g).float().numpy()
+    return gaussian_filter(m, sigma) if sigma > 0 else m
 
 
 def gradient_rollout(wrapper: ImageToLogits, x, target: int | None, start: int = 0, sigma: float = ROLLOUT_SIGMA,
