@@ -143,18 +143,18 @@ def test_browser_click_example(app_url, tmp_path):
 
     with _page(app_url) as page:
         # the first example's answers and maps are there on load, computed once for every visitor
-        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-attention").nth(2).wait_for(timeout=60_000)
         bb = Predictor.load(os.path.join(os.environ["MEDVQA_CHECKPOINTS"], "cmi-mtl-vqa-rad")).backbone
         n = len(bb.batches)
         second = page.context.browser.new_page(viewport={"width": 1366, "height": 900})
         second.goto(app_url)
-        second.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        second.get_by_text("Saliency: head-attention").nth(2).wait_for(timeout=60_000)
         assert len(bb.batches) == n, "a visitor's page load ran the backbone"
         second.close()
         page.get_by_text("Is there evidence of an aortic aneurysm?").first.click()
         page.get_by_text("Top answers").nth(1).wait_for(timeout=60_000)
         page.locator("text=Saliency").first.wait_for(timeout=60_000)
-        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)   # each model's own map
+        page.get_by_text("Saliency: head-attention").nth(2).wait_for(timeout=60_000)   # each model's own map
         assert page.get_by_text("CMI-MTL").count() >= 1 and page.get_by_text("CMDPI").count() >= 1 and page.get_by_text("Baseline").count() >= 1
         page.wait_for_timeout(1500)
         page.screenshot(path=str(tmp_path / "ask.png"), full_page=True)
@@ -167,12 +167,12 @@ def test_browser_heatmap_toggle(app_url):
     with _page(app_url) as page:
         # The first screen (the first example, shown on load) has the maps: clicking that example again
         # would start a second ask whose answer could land after the switch and overwrite it.
-        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-attention").nth(2).wait_for(timeout=60_000)
         page.get_by_label("Heatmap").uncheck()
         page.get_by_text("Saliency: heatmap off").nth(2).wait_for(timeout=60_000)       # all three slots
-        assert page.get_by_text("Saliency: head-rollout").count() == 0
+        assert page.get_by_text("Saliency: head-attention").count() == 0
         page.get_by_label("Heatmap").check()
-        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-attention").nth(2).wait_for(timeout=60_000)
         assert page.get_by_text("Saliency: heatmap off").count() == 0
 
 
@@ -186,12 +186,12 @@ def test_browser_heatmap_switched_during_an_ask_stays_switched(app_url, monkeypa
     slow = ask.ask_json
     monkeypatch.setattr(ask, "ask_json", lambda *a: (time.sleep(3), slow(*a))[1])   # an ask as slow as a real one
     with _page(app_url) as page:
-        page.get_by_text("Saliency: head-rollout").nth(2).wait_for(timeout=60_000)
+        page.get_by_text("Saliency: head-attention").nth(2).wait_for(timeout=60_000)
         page.get_by_text("Is this an axial plane?").first.click()
         page.get_by_label("Heatmap").uncheck()              # the switch's own redraw lands before the ask's answers
         page.get_by_text("Saliency: heatmap off").nth(2).wait_for(timeout=60_000)
         page.wait_for_timeout(8_000)                        # the ask (3 s + tiny models) and what follows it are done
-        assert page.get_by_text("Saliency: head-rollout").count() == 0
+        assert page.get_by_text("Saliency: head-attention").count() == 0
         assert page.get_by_text("Saliency: heatmap off").count() == 3
 
 
@@ -205,12 +205,12 @@ def test_saliency_method_a_model_lacks_falls_back_and_says_so(app_url, tmp_path)
     im = Image.open(_img(tmp_path / "s.png", 40)).convert("RGB")
     q = "Is there a fracture?"
     mtl, cmdpi, base = _cams(cks, im, q, "query-attention", [None] * 3, 0.5)
-    assert cmdpi["label"] == "Saliency: head-rollout (query-attention: not available for this model)"
+    assert cmdpi["label"] == "Saliency: head-attention (query-attention: not available for this model)"
     w, h = cmdpi["value"].size
     assert w > im.width and h > im.height         # the caption above the map and the colour bar beside it
     off = _cams(cks[1:2], im, q, "query-attention", [None], 0.5, heatmap=False)[0]
     assert off["value"] is im and off["label"] == "Saliency: heatmap off"
-    assert _cams(cks[:1], im, q, OWN_METHOD, [None], 0.5)[0]["label"] == "Saliency: head-rollout"
+    assert _cams(cks[:1], im, q, OWN_METHOD, [None], 0.5)[0]["label"] == "Saliency: head-attention"
     assert base["label"] == mtl["label"] == "Saliency: query-attention"
     assert "the same map for every answer" in _cams(cks[:1], im, q, "query-attention", ["yes"], 0.5)[0]["label"]
 
@@ -366,6 +366,6 @@ def test_review_shows_each_models_map_to_keep_with_the_verdict(app_url):
     for k, s in enumerate(shown[:3]):
         method, fig = s
         ans, _, _, cam, wrong = slots[SLOT_WIDTH * k: SLOT_WIDTH * (k + 1)]
-        assert method == "head-rollout" and cam["value"] is fig and cam["label"].endswith("map: head-rollout")
+        assert method == "head-attention" and cam["value"] is fig and cam["label"].endswith("map: head-attention")
         assert wrong["value"] is False and wrong["visible"]
     assert shown[3] is None                                          # no fourth model installed

@@ -52,8 +52,8 @@ def test_query_attention_is_cmi_mtls_question_aware_reading(ckpt):
     a = p.explain(_image(), q, method="query-attention")
     assert np.array_equal(a, p.explain(_image(), q, method="query-attention", target=p.vocab.answers[-1]))
     assert np.abs(a - p.explain(_image(), "Is this a CT scan of the chest?", method="query-attention")).mean() > 1e-3
-    assert p.default_method == "head-rollout" and np.array_equal(p.explain(_image(), q, method="head-rollout"),
-                                                                 p.explain(_image(), q))
+    assert p.default_method == "head-attention" and np.array_equal(p.explain(_image(), q, method="head-attention"),
+                                                                   p.explain(_image(), q))
 
 
 def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
@@ -64,7 +64,7 @@ def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
     from medvqa.explain.gradcam import ImageToLogits, query_attention
 
     base = Predictor.load(tiny_checkpoint(tmp_path / "b", "baseline"))
-    assert "query-attention" in base.methods and base.default_method == "head-rollout"
+    assert "query-attention" in base.methods and base.default_method == "head-attention"
     w = ImageToLogits(base.encoders, base.model, base.encoders.question_inputs(["Is there a fracture?"]))
     x = base.encoders.preprocess([_image().convert("RGB")])
     g = base.encoders.grid
@@ -76,8 +76,8 @@ def test_query_attention_needs_a_question_conditioned_attention(tmp_path):
     assert torch.allclose((weights[..., None] * base.model.proj_v(tokens)).sum(1), pooled, atol=1e-5)
     np.testing.assert_allclose(query_attention(w, x, sigma=0), weights[0, -g * g:].reshape(g, g).numpy(), rtol=1e-6)
     cmdpi = Predictor.load(tiny_checkpoint(tmp_path / "c", "cmdpi"))
-    assert "query-attention" not in cmdpi.methods and cmdpi.default_method == "head-rollout"
-    with pytest.raises(ValueError, match="use head-rollout"):
+    assert "query-attention" not in cmdpi.methods and cmdpi.default_method == "head-attention"
+    with pytest.raises(ValueError, match="use head-attention"):
         cmdpi.explain(_image(), "Is there a fracture?", method="query-attention")
 
 
@@ -151,13 +151,37 @@ def test_head_rollout_one_block_is_the_selected_heads_cls_row(ckpt):
     np.testing.assert_allclose(got.flatten(), a[0, ROLLOUT_HEAD, 0, 1:].numpy(), rtol=1e-5, atol=1e-7)
 
 
+def test_gradient_free_head_maps_read_the_backbones_own_attention(ckpt):
+    """head-attention is the selected head's [CLS] row of the last block (the eager kernel's), whatever
+    the question or target; plain-head-rollout started at the last block is the same map; both read
+    the cached pass and give what an uncached one gives."""
+    import torch
+
+    from medvqa.explain.gradcam import ROLLOUT_HEAD, eager_attention, explain, plain_head_rollout
+
+    p = Predictor.load(ckpt)
+    enc, vit = p.encoders, p.encoders.image
+    x, last = enc.preprocess([_image().convert("RGB")]), len(vit.encoder.layer) - 1
+    with torch.no_grad(), eager_attention(vit):
+        out = vit(pixel_values=x, output_attentions=True, output_hidden_states=True)
+    got = plain_head_rollout(enc, torch.cat(out.hidden_states), last, sigma=0)
+    np.testing.assert_allclose(got.flatten(), out.attentions[last][0, ROLLOUT_HEAD, 0, 1:].numpy(), rtol=1e-5, atol=1e-7)
+    a = p.explain(_image(), "Where is the lesion?", method="head-attention")
+    assert np.array_equal(a, p.explain(_image(), "Is it normal?", method="head-attention", target=p.vocab.answers[-1]))
+    assert np.array_equal(a, p.explain(_image(), "Is it normal?", method="plain-head-rollout", layer=last))
+    uncached = explain(enc, p.model, _image().convert("RGB"), "Where is the lesion?", "plain-head-rollout", layer=0)
+    cached = p.explain(_image(), "Where is the lesion?", method="plain-head-rollout", layer=0)
+    np.testing.assert_allclose(cached, uncached, atol=1e-5)
+    assert np.abs(cached - a).mean() > 1e-3                        # the earlier blocks' rollout moves the map
+
+
 def test_explain_cli(ckpt, tmp_path, capsys):
     _image().save(tmp_path / "x.png")
     rc = main(["explain", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--question", "Is it normal?",
                "--out", str(tmp_path / "cam.png")])
     assert rc == 0 and Image.open(tmp_path / "cam.png").size == (90, 70)
     assert np.load(tmp_path / "cam.npy").shape == (70, 90)
-    assert capsys.readouterr().err.startswith("head-rollout for answer")   # the model's own map by default
+    assert capsys.readouterr().err.startswith("head-attention for answer")   # the model's own map by default
     p = Predictor.load(ckpt)
     rc = main(["explain", "--checkpoint", str(ckpt), "--image", str(tmp_path / "x.png"), "--question", "Is it normal?",
                "--method", "query-attention", "--target", p.vocab.answers[0], "--out", str(tmp_path / "cam2.png")])

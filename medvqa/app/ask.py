@@ -20,7 +20,7 @@ from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHO
 from medvqa.explain.neighbours import IndexBuilds, load_index
 from medvqa.predict import Predictor, answer_many
 
-OWN_METHOD = "each model's own"   # Predictor.default_method: the head-selected rollout
+OWN_METHOD = "each model's own"   # Predictor.default_method: the selected backbone head's attention
 FAST_METHODS = [OWN_METHOD] + [m for m in METHOD_NAMES if m not in SLOW_METHODS]
 
 

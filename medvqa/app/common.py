@@ -57,7 +57,7 @@ def saliency_figures(preds, im, question: str, methods, targets, opacity: float 
     """`saliency_figure` of several Predictors at once (medvqa.predict.explain_many: models on one
     backbone share its pass). `predicted`: the models' answers when already known (else one head
     pass each finds them): the map of "the predicted answer" is then the very answer shown."""
-    from medvqa.explain import GRADIENT_FREE, captioned
+    from medvqa.explain import BACKBONE_ONLY, GRADIENT_FREE, captioned
     from medvqa.predict import explain_many
 
     predicted = predicted or [None if m in GRADIENT_FREE or t else p.answer_batch([im], [question], 1, False)[0].text
@@ -65,7 +65,8 @@ def saliency_figures(preds, im, question: str, methods, targets, opacity: float 
     cams = explain_many(preds, im, question, methods, [t or a for t, a in zip(targets, predicted)])
     figs = []
     for m, t, a, cam in zip(methods, targets, predicted, cams):
-        caption = (f"{m} (question-conditioned, any answer)" if m in GRADIENT_FREE
+        caption = (f"{m} (the image backbone's: any question, any answer)" if m in BACKBONE_ONLY
+                   else f"{m} (question-conditioned, any answer)" if m in GRADIENT_FREE
                    else f"{m} for {'answer' if t else 'predicted answer'} '{t or a}'")
         figs.append(captioned(im, caption, cam, opacity))
     return figs

@@ -292,7 +292,7 @@ def query_attention(wrapper: ImageToLogits, x, sigma: float = ROLLOUT_SIGMA, tok
     if not supports(wrapper.model, "query-attention"):
         raise InputError("query-attention reads a question-conditioned attention over the image tokens, which "
                          f"this {type(wrapper.model).__name__} does not have (CMI-MTL and the baseline do); "
-                         "use head-rollout")
+                         "use head-attention")
     with torch.no_grad():
         tokens = wrapper.image_tokens(x) if tokens is None else tokens
         a = wrapper.model.image_attention(wrapper.batch(tokens))[0]                       # (1+N,)
