@@ -116,19 +116,23 @@ def test_cmcl_masks_same_image_pairs(data):
     assert torch.isfinite(l_masked) and not torch.isclose(l_masked, l_plain)
 
 
-def test_cmi_mtl_readout_ignores_question_padding(data):
-    """x^f must not change when the question is padded further with arbitrary token states."""
-    preset, enc, recs, vocab, ds, av = data
-    torch.manual_seed(0)
-    model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av).eval()   # the model keeps cfg: no reset after
-    batch = batch_of(ds)
+@pytest.mark.parametrize("name", ["cmi-mtl", "cmdpi", "baseline"])
+def test_answer_ignores_question_padding(tmp_path, name):
+    """x^f and the logits must not change when the questions are padded further with arbitrary token
+    states: a batched eval answers as the app's single question does (CMDPI's answer slot once took its
+    position from the batch's padded length)."""
+    model, _, _ = load_checkpoint(tiny_checkpoint(tmp_path, name))
+    batch = batch_of(tiny_data(tmp_path)[4])
     longer = dict(batch)
     B, _, D = batch["text_tokens"].shape
+    torch.manual_seed(0)
     longer["text_tokens"] = torch.cat([batch["text_tokens"], torch.randn(B, 3, D)], 1)
     longer["text_mask"] = torch.cat([batch["text_mask"], torch.zeros(B, 3, dtype=batch["text_mask"].dtype)], 1)
+    longer["input_ids"] = torch.cat([batch["input_ids"], torch.zeros(B, 3, dtype=batch["input_ids"].dtype)], 1)
     with torch.no_grad():
-        a, b = model.forward_features(batch)["fused"], model.forward_features(longer)["fused"]
-    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        a, b = model(batch), model(longer)
+    torch.testing.assert_close(a["fused"], b["fused"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a["logits"], b["logits"], atol=1e-5, rtol=1e-5)
 
 
 def test_cmi_mtl_classifier_starts_at_the_prior(data):

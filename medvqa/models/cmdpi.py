@@ -97,11 +97,14 @@ class RecNet(nn.Module):
         self.layers = nn.TransformerEncoder(layer, n_layers, enable_nested_tensor=False)
 
     def forward(self, h, H_I, H_T, t_pad):
-        # h: (B, d); H_I: (B, N, d); H_T: (B, M, d); t_pad: (B, M) True = padding -> H_o (B, 1+N+M+1, d)
-        B = h.shape[0]
-        v = torch.cat([h[:, None], H_I, H_T, self.answer_slot.expand(B, 1, -1)], 1)
-        v = v + self.pos[:v.shape[1]]
-        no = torch.zeros(B, 1 + H_I.shape[1], dtype=torch.bool, device=h.device)
+        # h: (B, d); H_I: (B, N, d); H_T: (B, M, d); t_pad: (B, M) True = padding (right) -> H_o (B, 1+N+M+1, d)
+        B, N, M = h.shape[0], H_I.shape[1], H_T.shape[1]
+        v = torch.cat([h[:, None], H_I, H_T], 1) + self.pos[:1 + N + M]
+        # The answer slot follows the question's own tokens (Eq. 3): its position is 1+N+len, not 1+N+M, so the
+        # answer does not depend on how long the other questions of the batch are.
+        a = self.answer_slot + self.pos[1 + N + (~t_pad).sum(1)]                  # (B, d)
+        v = torch.cat([v, a[:, None]], 1)
+        no = torch.zeros(B, 1 + N, dtype=torch.bool, device=h.device)
         pad = torch.cat([no, t_pad, no[:, :1]], 1)
         return self.layers(v, src_key_padding_mask=pad)
 
