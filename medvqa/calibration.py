@@ -118,21 +118,28 @@ def labels_of(records, vocab) -> torch.Tensor:
 def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: torch.Tensor | None = None) -> dict:
     """Fit T on held-out (logits, labels) -> the config.json entries, with the NLL and ECE it moved
     on those same questions (a check that the fit did something, not a test result). With `yes_no`
-    ((N,) bool, from `yes_no_rows`): one T for those rows, `temperature_yes_no`, and one for the rest."""
-    entries = {"temperature": round(fit_temperature(logits, labels), 4)}
+    ((N,) bool, from `yes_no_rows`): one T for those rows, `temperature_yes_no`, and one for the rest.
+    The gate: a fitted T is applied only if it lowers the ECE on its own fit questions. T minimises the
+    NLL, but what a reader sees is the shown confidence; where the NLL's T makes that worse even on the
+    questions it was fitted on (logits too far apart for one T to bend, docs/decisions.md), T = 1 is kept."""
+    fitted = {"temperature": round(fit_temperature(logits, labels), 4)}
     if yes_no is not None:
-        entries = {"temperature": round(fit_temperature(logits[~yes_no], labels[~yes_no]), 4),
-                   "temperature_yes_no": round(fit_temperature(logits[yes_no], labels[yes_no]), 4)}
-        t = torch.where(yes_no, entries["temperature_yes_no"], entries["temperature"])
+        fitted = {"temperature": round(fit_temperature(logits[~yes_no], labels[~yes_no]), 4),
+                  "temperature_yes_no": round(fit_temperature(logits[yes_no], labels[yes_no]), 4)}
+        t = torch.where(yes_no, fitted["temperature_yes_no"], fitted["temperature"])
     else:
-        t = entries["temperature"]
+        t = fitted["temperature"]
     idx, raw = top1(logits)
     ok = (idx == labels).numpy()
-    return entries | {"temperature_source": source, "temperature_fit": {
-        "n": int(len(labels)),
-        "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
-        "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
-        "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}}
+    fit = {"n": int(len(labels)),
+           "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
+           "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
+           "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}
+    if fit["ece_after"] < fit["ece_before"]:
+        return fitted | {"temperature_source": source, "temperature_fit": fit}
+    return {"temperature": 1.0, "temperature_source": f"{source}; its fitted {describe(fitted)} did not lower the "
+            f"ECE on those questions ({fit['ece_before']:.2f} -> {fit['ece_after']:.2f}), so T = 1 is kept",
+            "temperature_fit": fit | {"rejected": fitted}}
 
 
 def write_temperature(ckpt: Path, entries: dict) -> dict:

@@ -43,6 +43,24 @@ def test_fit_finds_an_underconfident_model_too_and_skips_unknown_answers():
         fit_temperature(logits[:3], torch.full((3,), -1))
 
 
+def test_a_fitted_t_that_raises_the_ece_on_its_own_questions_is_not_applied():
+    """Half the rows 50 logits apart and right 84 % of the time, half 3 apart and right 95 %: the NLL's T (~27)
+    fixes the first half but drowns the second in underconfidence, so the ECE on the fit questions rises and
+    T = 1 is kept, the rejected T named. A T that lowers the ECE (the overconfident model) is applied."""
+    gap = torch.tensor([50.0] * 50 + [3.0] * 50)
+    logits = torch.stack([gap, torch.zeros(100)], -1)                            # (N, 2)
+    labels = torch.zeros(100, dtype=torch.long)
+    labels[:8] = 1
+    labels[50:52] = 1
+    r = fit_report(logits, labels, "unit")
+    fit = r["temperature_fit"]
+    assert r["temperature"] == 1.0 and fit["rejected"]["temperature"] > 10
+    assert fit["ece_after"] > fit["ece_before"] and fit["nll_after"] < fit["nll_before"]
+    assert r["temperature_source"].startswith("unit; its fitted T = ") and "T = 1 is kept" in r["temperature_source"]
+    good = fit_report(*_overconfident(), "unit")
+    assert good["temperature"] == pytest.approx(4.0, rel=0.1) and "rejected" not in good["temperature_fit"]
+
+
 def test_two_temperatures_fit_two_regimes_and_keep_the_argmax():
     """Rows whose top answer is yes / no overconfident by 3, the rest by 1.5: one T fits neither, two fit
     each, and the calibrated confidence is better than with one (ECE on the same rows)."""
@@ -115,20 +133,25 @@ def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsy
     # the command that made it, though this process's sys.argv is pytest's
     assert cfg["command"] == "python -m medvqa " + shlex.join(common + ["--out", str(tmp_path / "held"), "--workdir",
                                                                         str(tmp_path / "r1"), "--val-fraction", "0.25"])
-    assert cfg["temperature_source"] == "fitted on a held-out 25% of train questions (seed 0): 4 questions"
+    assert cfg["temperature_source"].startswith("fitted on a held-out 25% of train questions (seed 0): 4 questions")
     assert "ece_calibrated" in m["test"] and "ece" in m["test"]
-    t_train = cfg["temperature"]
+
+    def fitted(c):   # the T the fit found, applied or (the ECE gate) kept out
+        return c["temperature_fit"].get("rejected", c)["temperature"]
+
+    t_train = fitted(cfg)
     cfg["temperature"] = 1.0
     (tmp_path / "held" / "config.json").write_text(json.dumps(cfg))
     Predictor._cache.clear()
     assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--json"]) == 0    # root from the train command
-    assert json.loads(capsys.readouterr().out)["temperature"] == pytest.approx(t_train, abs=1e-3)
+    assert fitted(json.loads(capsys.readouterr().out)) == pytest.approx(t_train, abs=1e-3)
     assert main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--yes-no", "--transfer-from",
                  str(tmp_path / "held")]) == 2
     assert "give one" in capsys.readouterr().err
     rc = main(["calibrate", "--checkpoint", str(tmp_path / "held"), "--yes-no"])   # 4 questions: maybe one kind only
     out, err = capsys.readouterr()
-    has_two = "temperature_yes_no" in json.loads((tmp_path / "held" / "config.json").read_text())
+    two = json.loads((tmp_path / "held" / "config.json").read_text())
+    has_two = "temperature_yes_no" in two or "temperature_yes_no" in two["temperature_fit"].get("rejected", {})
     assert (rc, has_two) in ((0, True), (2, False)), err
     assert rc == 0 and "yes/no" in out or err.strip().count("\n") == 0 and "without --yes-no" in err
 

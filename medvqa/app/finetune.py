@@ -150,7 +150,7 @@ def _status_markdown(s: dict) -> str:
     if s["status"] == "done":
         line += f"\n\nSaved to `{s['out']}`; it is now selectable in **Ask & compare**."
         cfg = json.loads((Path(s["out"]) / "config.json").read_text())   # `train` fitted T at the end of the run
-        line += f"\n\nConfidence calibrated: {describe(cfg)}, {escape_md(cfg['temperature_source'])}."
+        line += f"\n\nConfidence temperature: {describe(cfg)}, {escape_md(cfg['temperature_source'])}."
     if s["status"] == "cancelled":
         line += "\n\nCancelled: nothing was written."
     if s.get("error"):

@@ -59,10 +59,10 @@ def cmd_calibrate(a):
     if a.json:
         print_json(entries)
     else:
-        fit = entries.get("temperature_fit")
+        fit = entries.get("temperature_fit")   # a rejected fit's source already gives its numbers
         print(f"{ckpt}: {describe(entries)}, {entries['temperature_source']}" + (
             f"; on those questions NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, "
-            f"ECE {fit['ece_before']:.2f} -> {fit['ece_after']:.2f}" if fit else ""))
+            f"ECE {fit['ece_before']:.2f} -> {fit['ece_after']:.2f}" if fit and "rejected" not in fit else ""))
     return 0
 
 
