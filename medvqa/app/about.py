@@ -23,7 +23,8 @@ def _ece(t: dict, cfg: dict) -> str:
     if "ece" not in t:
         return "–"
     if "ece_calibrated" not in t or (cfg.get("temperature", 1.0) == 1.0 and cfg.get("temperature_yes_no") is None):
-        return f"{t['ece']} (not calibrated)"
+        kept = "T = 1 is kept" in cfg.get("temperature_source", "")   # calibration.fit_report's ECE gate
+        return f"{t['ece']} ({'the fitted T did not lower the ECE: T = 1' if kept else 'not calibrated'})"
     return f"{t['ece']} → {t['ece_calibrated']} ({describe(cfg)})"
 
 
