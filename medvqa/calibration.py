@@ -25,6 +25,7 @@ NO_HELD_OUT = ("none: trained on all of train, so no held-out questions are left
 
 
 YES_NO = ("yes", "no")   # the answers that `temperature_yes_no` serves as top-1
+KEPT_AT_ONE = "so T = 1 is kept"   # the gate's words in `temperature_source` (`gate`, `kept_at_one`)
 
 
 def probabilities(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -135,11 +136,24 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
            "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
            "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
            "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}
+    return gate(fitted, fit, source)
+
+
+def gate(fitted: dict, fit: dict, source: str) -> dict:
+    """The config.json entries of a fitted T (`fitted`: temperature[, temperature_yes_no]) and its fit record:
+    `fitted` if it lowered the ECE on its own fit questions, else T = 1 with `fit["rejected"]` naming it (a pair
+    of Ts is kept or rejected together)."""
     if fit["ece_after"] < fit["ece_before"]:
         return fitted | {"temperature_source": source, "temperature_fit": fit}
     return {"temperature": 1.0, "temperature_source": f"{source}; its fitted {describe(fitted)} did not lower the "
-            f"ECE on those questions ({fit['ece_before']:.2f} -> {fit['ece_after']:.2f}), so T = 1 is kept",
+            f"ECE on those questions ({fit['ece_before']:.2f} -> {fit['ece_after']:.2f}), {KEPT_AT_ONE}"
+            + ("; one T for all answers may pass (calibrate without --yes-no)" if "temperature_yes_no" in fitted else ""),
             "temperature_fit": fit | {"rejected": fitted}}
+
+
+def kept_at_one(cfg: dict) -> bool:
+    """The checkpoint's fitted T failed the gate (its own or, transferred, its source's), so it shows T = 1."""
+    return KEPT_AT_ONE in cfg.get("temperature_source", "")
 
 
 def write_temperature(ckpt: Path, entries: dict) -> dict:

@@ -339,6 +339,7 @@ def test_about_shows_each_accuracy_with_its_interval(tmp_path, monkeypatch):
     import json
 
     from medvqa.app import about
+    from medvqa.calibration import gate
 
     assert about._overall({"overall": 72.73, "n": 451}) == "72.73 (68.4–76.6)"
     assert about._overall({"overall": 50.0}) == "50.0" and about._overall({}) == "–"     # older metrics without n
@@ -351,9 +352,9 @@ def test_about_shows_each_accuracy_with_its_interval(tmp_path, monkeypatch):
     assert "overall (95 % interval)" in rows[0] and "| 72.73 (68.4–76.6) |" in rows[2]
     assert about._ece({"ece": 18.25, "ece_calibrated": 9.26}, {"temperature": 2.2543}) == "18.25 → 9.26 (T = 2.25)"
     assert about._ece({"ece": 15.01, "ece_calibrated": 15.01}, {"temperature": 1.0}) == "15.01 (not calibrated)"
-    gated = {"temperature": 1.0, "temperature_source": "fitted on …; its fitted T = 1.65 did not lower the ECE on "
-             "those questions (11.80 -> 15.66), so T = 1 is kept"}
-    assert about._ece({"ece": 15.01, "ece_calibrated": 15.01}, gated) == "15.01 (the fitted T did not lower the ECE: T = 1)"
+    gated = gate({"temperature": 1.65}, {"ece_before": 11.8, "ece_after": 15.66}, "fitted on a slice")
+    assert about._ece({"ece": 15.01, "ece_calibrated": 15.01}, gated) == \
+        "15.01 (T = 1: the fitted T did not lower the ECE where it was fitted)"
     assert about._ece({"ece": 9.11}, {}) == "9.11 (not calibrated)" and about._ece({}, {}) == "–"
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from medvqa.calibration import (describe, expected_calibration_error, fit_report, fit_temperature, nll, percent,
-                                probabilities, row_temperatures, top1, write_temperature, yes_no_rows)
+from medvqa.calibration import (KEPT_AT_ONE, describe, expected_calibration_error, fit_report, fit_temperature, gate,
+                                kept_at_one, nll, percent, probabilities, row_temperatures, top1, write_temperature,
+                                yes_no_rows)
 from medvqa.cli import main
 from tests.helpers import make_cases_csv, tiny_checkpoint
 
@@ -44,7 +45,7 @@ def test_fit_finds_an_underconfident_model_too_and_skips_unknown_answers():
 
 
 def test_a_fitted_t_that_raises_the_ece_on_its_own_questions_is_not_applied():
-    """Half the rows 50 logits apart and right 84 % of the time, half 3 apart and right 95 %: the NLL's T (~27)
+    """Half the rows 50 logits apart and right 84 % of the time, half 3 apart and right 96 %: the NLL's T (~27)
     fixes the first half but drowns the second in underconfidence, so the ECE on the fit questions rises and
     T = 1 is kept, the rejected T named. A T that lowers the ECE (the overconfident model) is applied."""
     gap = torch.tensor([50.0] * 50 + [3.0] * 50)
@@ -59,6 +60,36 @@ def test_a_fitted_t_that_raises_the_ece_on_its_own_questions_is_not_applied():
     assert r["temperature_source"].startswith("unit; its fitted T = ") and "T = 1 is kept" in r["temperature_source"]
     good = fit_report(*_overconfident(), "unit")
     assert good["temperature"] == pytest.approx(4.0, rel=0.1) and "rejected" not in good["temperature_fit"]
+    # two Ts on rows that mix both halves alike: each kind needs the same T, so the pair fails together
+    pair = fit_report(logits, labels, "unit", yes_no=torch.arange(100) % 2 == 0)
+    assert pair["temperature"] == 1.0 and "temperature_yes_no" not in pair
+    assert set(pair["temperature_fit"]["rejected"]) == {"temperature", "temperature_yes_no"}
+    assert kept_at_one(pair) and "without --yes-no" in pair["temperature_source"]
+
+
+def test_transfer_carries_the_gate(tmp_path, capsys):
+    """--transfer-from applies the gate to a source fitted before it, and carries a rejected fit's T = 1 and reason;
+    the About tab then names why T = 1."""
+    from medvqa.app.about import _ece
+
+    ck = tiny_checkpoint(tmp_path, "baseline")
+    bad = {"n": 9, "nll_before": 2.0, "nll_after": 1.5, "ece_before": 10.0, "ece_after": 12.0}
+    for name, entries in {"ungated": {"temperature": 1.7, "temperature_source": "old fit", "temperature_fit": bad},
+                          "gated": gate({"temperature": 1.7}, bad, "new fit"),
+                          "good": gate({"temperature": 1.7}, bad | {"ece_after": 8.0}, "good fit")}.items():
+        (tmp_path / name).mkdir()
+        for f in ck.iterdir():
+            if f.is_file():
+                (tmp_path / name / f.name).write_bytes(f.read_bytes())
+        write_temperature(tmp_path / name, entries)
+        assert main(["calibrate", "--checkpoint", str(ck), "--transfer-from", str(tmp_path / name), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        cfg = json.loads((ck / "config.json").read_text())
+        assert cfg["temperature"] == out["temperature"] == (1.7 if name == "good" else 1.0), name
+        assert "temperature_fit" not in cfg and kept_at_one(cfg) == (name != "good")
+        assert cfg["temperature_source"].count(KEPT_AT_ONE) == (name != "good")
+        assert _ece({"ece": 12.0, "ece_calibrated": 12.0}, cfg).startswith("12.0 (T = 1: the fitted T did not lower") \
+            == (name != "good")
 
 
 def test_two_temperatures_fit_two_regimes_and_keep_the_argmax():
@@ -140,6 +171,10 @@ def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsy
         return c["temperature_fit"].get("rejected", c)["temperature"]
 
     t_train = fitted(cfg)
+    if "rejected" in cfg["temperature_fit"]:   # the gate kept T = 1, and test's "calibrated" ECE is at T = 1
+        assert cfg["temperature"] == 1.0 and m["test"]["ece_calibrated"] == m["test"]["ece"]
+    else:
+        assert cfg["temperature"] == t_train
     cfg["temperature"] = 1.0
     (tmp_path / "held" / "config.json").write_text(json.dumps(cfg))
     Predictor._cache.clear()

@@ -6,7 +6,7 @@ import json
 import gradio as gr
 
 from medvqa.app.common import DATASETS, checkpoints_for, model_title
-from medvqa.calibration import UNCERTAIN_BELOW, describe
+from medvqa.calibration import UNCERTAIN_BELOW, describe, kept_at_one
 from medvqa.eval import wilson_interval
 
 
@@ -23,8 +23,8 @@ def _ece(t: dict, cfg: dict) -> str:
     if "ece" not in t:
         return "–"
     if "ece_calibrated" not in t or (cfg.get("temperature", 1.0) == 1.0 and cfg.get("temperature_yes_no") is None):
-        kept = "T = 1 is kept" in cfg.get("temperature_source", "")   # calibration.fit_report's ECE gate
-        return f"{t['ece']} ({'the fitted T did not lower the ECE: T = 1' if kept else 'not calibrated'})"
+        why = "T = 1: the fitted T did not lower the ECE where it was fitted" if kept_at_one(cfg) else "not calibrated"
+        return f"{t['ece']} ({why})"
     return f"{t['ece']} → {t['ece_calibrated']} ({describe(cfg)})"
 
 

@@ -20,7 +20,7 @@ def cmd_calibrate(a):
     """Fit T on held-out questions the checkpoint never trained on (the validation split, or its own
     held-out slice of train), or carry T over from a checkpoint of the same recipe trained with a
     held-out slice (--transfer-from); write it into the checkpoint's config.json."""
-    from medvqa.calibration import describe, fit_report, labels_of, write_temperature, yes_no_rows
+    from medvqa.calibration import describe, fit_report, gate, labels_of, write_temperature, yes_no_rows
     from medvqa.config import preset_from_dict
     from medvqa.data import dataset_splits, load_split
     from medvqa.predict import Predictor, resolve_checkpoint
@@ -35,8 +35,12 @@ def cmd_calibrate(a):
         src = read_config(resolve_checkpoint(a.transfer_from))
         if "temperature_fit" not in src:
             raise UserError(f"--transfer-from {a.transfer_from}: its temperature was not fitted on held-out questions")
-        entries = {k: src[k] for k in ("temperature", "temperature_yes_no") if k in src} | {"temperature_source": f"transferred from "
-                   f"{Path(a.transfer_from).name} ({src['model']} on {src['dataset']}; {src['temperature_source']})"}
+        fit = src["temperature_fit"]
+        source = f"transferred from {Path(a.transfer_from).name} ({src['model']} on {src['dataset']}; {src['temperature_source']})"
+        fitted = {k: src[k] for k in ("temperature", "temperature_yes_no") if k in src}
+        # the gate again, for a source fitted before it; a fit it already rejected carries its T = 1 and reason as they are
+        entries = fitted | {"temperature_source": source} if "rejected" in fit else gate(fitted, fit, source)
+        entries.pop("temperature_fit", None)   # the fit was on the source's questions: this checkpoint is no source
     else:
         dataset, root = a.dataset or cfg["dataset"], a.root or _recorded_root(cfg)
         if root is None or not Path(root).exists():
@@ -59,10 +63,10 @@ def cmd_calibrate(a):
     if a.json:
         print_json(entries)
     else:
-        fit = entries.get("temperature_fit")   # a rejected fit's source already gives its numbers
+        fit = entries.get("temperature_fit")
         print(f"{ckpt}: {describe(entries)}, {entries['temperature_source']}" + (
-            f"; on those questions NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, "
-            f"ECE {fit['ece_before']:.2f} -> {fit['ece_after']:.2f}" if fit and "rejected" not in fit else ""))
+            f"; on those questions the fitted T moves NLL {fit['nll_before']:.4f} -> {fit['nll_after']:.4f}, "
+            f"ECE {fit['ece_before']:.2f} -> {fit['ece_after']:.2f}" if fit else ""))
     return 0
 
 

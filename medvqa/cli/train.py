@@ -121,7 +121,7 @@ def _load_init(model, init: Path, quiet: bool):
 
 
 def cmd_train(a):
-    from medvqa.calibration import NO_HELD_OUT, fit_report, labels_of, top1
+    from medvqa.calibration import NO_HELD_OUT, describe, fit_report, labels_of, top1
     from medvqa.eval import evaluate
     from medvqa.models.registry import build
     from medvqa.train.checkpoint import read_config, save_checkpoint
@@ -195,7 +195,7 @@ def cmd_train(a):
     else:
         chosen = (f"best epoch {metrics['best_epoch']} on {data.selection}" if data.val
                   else f"epoch {metrics['best_epoch']}, the last: no validation")
-        print(f"saved {a.out} ({chosen}; {res.seconds:.0f} s)")
+        print(f"saved {a.out} ({chosen}; {res.seconds:.0f} s)\nconfidence: {describe(config)}, {config['temperature_source']}")
         if "test" in metrics:
             m = metrics["test"]
             print(f"test: open {m['open']:.2f}  closed {m['closed']:.2f}  overall {m['overall']:.2f}")
