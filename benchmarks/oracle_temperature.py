@@ -48,12 +48,13 @@ def main():
         pair = lambda ty, to: (ece(z, ok, torch.where(yn, ty, to)), float(ty), float(to))
         _, ty0, to0 = min(pair(ty, to) for ty in GRID[::4] for to in GRID[::4])
         near = lambda t0: GRID[max(0, int(np.searchsorted(GRID, t0)) - 4):int(np.searchsorted(GRID, t0)) + 5]
-        two = min(pair(ty, to) for ty in near(ty0) for to in near(to0))
+        t1 = float(GRID[int(np.argmin(one))])
+        two = min([pair(ty, to) for ty in near(ty0) for to in near(to0)] + [pair(t1, t1)])   # never above one T
         out[name] = {"n": len(z), "shipped_T": p.config.get("temperature", 1.0),
                      "shipped_T_yes_no": p.config.get("temperature_yes_no"),
                      "ece_T1": round(ece(z, ok, torch.ones(len(z))), 2),
                      "ece_shipped": round(ece(z, ok, row_temperatures(z, p.vocab.answers, p.config)), 2),
-                     "oracle_one_T": {"ece": round(min(one), 2), "T": float(GRID[int(np.argmin(one))])},
+                     "oracle_one_T": {"ece": round(min(one), 2), "T": t1},
                      "oracle_two_T": {"ece": round(two[0], 2), "T_yes_no": two[1], "T": two[2]}}
         print(name, json.dumps(out[name]), flush=True)
     if a.out:

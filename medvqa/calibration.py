@@ -136,18 +136,20 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
            "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
            "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
            "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}
-    return gate(fitted, fit, source)
+    entries = gate(fitted, fit, source)
+    if yes_no is not None and "rejected" in entries["temperature_fit"]:   # a pair fails together; one T might not
+        entries["temperature_source"] += "; one T for all answers may pass (calibrate without --yes-no)"
+    return entries
 
 
 def gate(fitted: dict, fit: dict, source: str) -> dict:
     """The config.json entries of a fitted T (`fitted`: temperature[, temperature_yes_no]) and its fit record:
-    `fitted` if it lowered the ECE on its own fit questions, else T = 1 with `fit["rejected"]` naming it (a pair
+    `fitted` if it lowered the ECE on its own fit questions (strictly, to two decimals), else T = 1 with `fit["rejected"]` naming it (a pair
     of Ts is kept or rejected together)."""
     if fit["ece_after"] < fit["ece_before"]:
         return fitted | {"temperature_source": source, "temperature_fit": fit}
     return {"temperature": 1.0, "temperature_source": f"{source}; its fitted {describe(fitted)} did not lower the "
-            f"ECE on those questions ({fit['ece_before']:.2f} -> {fit['ece_after']:.2f}), {KEPT_AT_ONE}"
-            + ("; one T for all answers may pass (calibrate without --yes-no)" if "temperature_yes_no" in fitted else ""),
+            f"ECE on those questions ({fit['ece_before']:.2f} -> {fit['ece_after']:.2f}), {KEPT_AT_ONE}",
             "temperature_fit": fit | {"rejected": fitted}}
 
 

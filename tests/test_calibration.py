@@ -188,7 +188,8 @@ def test_train_fits_t_and_calibrate_refits_transfers_and_refuses(tmp_path, capsy
     two = json.loads((tmp_path / "held" / "config.json").read_text())
     has_two = "temperature_yes_no" in two or "temperature_yes_no" in two["temperature_fit"].get("rejected", {})
     assert (rc, has_two) in ((0, True), (2, False)), err
-    assert rc == 0 and "yes/no" in out or err.strip().count("\n") == 0 and "without --yes-no" in err
+    assert rc == 0 and ("yes/no" in describe(two) or "rejected" in two["temperature_fit"]) and two["temperature_source"] \
+        in out or err.strip().count("\n") == 0 and "without --yes-no" in err
 
     assert main(common + ["--out", str(tmp_path / "all"), "--workdir", str(tmp_path / "r0"), "--val-fraction", "0"]) == 0
     capsys.readouterr()
