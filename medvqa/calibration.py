@@ -144,8 +144,8 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
 
 def gate(fitted: dict, fit: dict, source: str) -> dict:
     """The config.json entries of a fitted T (`fitted`: temperature[, temperature_yes_no]) and its fit record:
-    `fitted` if it lowered the ECE on its own fit questions (strictly, to two decimals), else T = 1 with `fit["rejected"]` naming it (a pair
-    of Ts is kept or rejected together)."""
+    `fitted` if it lowered the ECE on its own fit questions (strictly, to two decimals), else T = 1 with
+    `fit["rejected"]` naming it (a pair of Ts is kept or rejected together)."""
     if fit["ece_after"] < fit["ece_before"]:
         return fitted | {"temperature_source": source, "temperature_fit": fit}
     return {"temperature": 1.0, "temperature_source": f"{source}; its fitted {describe(fitted)} did not lower the "
