@@ -72,8 +72,8 @@ GROUPS = (
         Option("lr_pretrained", "learning rate of the tuned backbone blocks", stages=("train",)),
     )),
     ("options of every model", MODEL, None, (
-        Option("dropout", "dropout of the model: CMI-MTL QQ-Former, fusion, classifier; CMDPI encoders and "
-                          "RecNet; baseline MLP", check=_probability),
+        Option("dropout", "dropout of the model: CMI-MTL QQ-Former, AHead, classifier (the Cross-Mamba blocks have "
+                          "none); CMDPI encoders and RecNet; baseline MLP", check=_probability),
     )),
     ("CMI-MTL", "cmi_mtl", "cmi-mtl", (
         Option("alpha", "α, weight of L_vtc (CMCL)"),
