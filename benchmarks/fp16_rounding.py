@@ -3,6 +3,8 @@
 `save_checkpoint` stores a model over 20 MB in float16 (CMI-MTL), so the epoch is chosen on float32 weights
 but the test is read from rounded ones. This perturbs every weight of a loaded checkpoint by up to half a
 float16 step (relative 2^-11, uniform) and counts the test answers that change, a few draws each.
+A proxy: it perturbs the parameters (not the buffers), and weights small enough for float16 to flush or
+round coarsely are perturbed like the rest.
 
     python benchmarks/fp16_rounding.py --checkpoint cmi-mtl-vqa-rad --dataset vqa-rad --root ../shared/data/vqa_rad
 """

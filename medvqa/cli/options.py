@@ -73,7 +73,8 @@ GROUPS = (
     )),
     ("options of every model", MODEL, None, (
         Option("dropout", "dropout of the model: CMI-MTL QQ-Former, AHead, classifier (the Cross-Mamba blocks have "
-                          "none); CMDPI encoders and RecNet; baseline MLP", check=_probability),
+                          "none, the Transformer fusion of --ablate cmm has); CMDPI encoders and RecNet; "
+                          "baseline MLP", check=_probability),
     )),
     ("CMI-MTL", "cmi_mtl", "cmi-mtl", (
         Option("alpha", "α, weight of L_vtc (CMCL)"),
