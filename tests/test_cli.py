@@ -372,3 +372,62 @@ def test_internal_errors_exit_1_and_user_errors_exit_2(tmp_path, capsys, monkeyp
                          "--layer", "99", "--out", str(tmp_path / "m.png")], "layer 99")):
         rc, out, err = run(capsys, *args)
         assert rc == 2 and says in err and err.strip().count("\n") == 0, err
+
+
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
+    """Inputs a user gets wrong: one line on stderr, exit 2, and nothing of theirs overwritten."""
+    import shutil
+
+    for args in (["eval", "--dataset", "slak"],                                      # argparse's own errors
+                 ["predict", "--checkpoint", "x", "--image", "a.png", "--question", "q", "--top-k", "0"],
+                 ["explain", "--checkpoint", "x", "--image", "a", "--question", "q", "--out", "m.png", "--opacity", "5"],
+                 ["explain", "--checkpoint", "x", "--image", "a", "--question", "q", "--out", "m.png", "--colormap", "no"],
+                 ["pointing-game", "--checkpoint", "x", "--root", "r", "--limit", "-2"]):
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1, err
+    ck = tiny_checkpoint(tmp_path)
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.png")
+    ask = ["--image", str(tmp_path / "a.png"), "--question", "Is it?"]
+    broken = tmp_path / "broken"
+    shutil.copytree(ck, broken)
+    (broken / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:1000])
+    foreign = tmp_path / "foreign"
+    shutil.copytree(ck, foreign)
+    cfg = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**cfg, "model": "foo"}))
+    cases = tmp_path / "cases.csv"
+    cases.write_text("image,question\na.png,Is it?\n")
+    (tmp_path / "empty.csv").write_text("image,question\n")
+    (tmp_path / "note.txt").write_text("keep me")
+    for args, says in ((["predict", "--checkpoint", str(broken), *ask], "unreadable"),
+                       (["predict", "--checkpoint", str(foreign), *ask], "unknown model 'foo'"),
+                       (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out", str(cases)], "input CSV"),
+                       (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out", str(tmp_path)], "a folder"),
+                       (["predict", "--checkpoint", str(ck), "--csv", str(tmp_path / "empty.csv"), "--out",
+                         str(tmp_path / "o.csv")], "no rows"),
+                       (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out", str(tmp_path / "o.csv"),
+                         *ask], "not both"),
+                       (["predict", "--checkpoint", str(ck), *ask, "--out", str(tmp_path / "o.json")], "--out is for"),
+                       (["explain", "--checkpoint", str(ck), *ask, "--out", str(tmp_path / "note.txt" / "m.png")],
+                        "note.txt"),
+                       (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out",
+                         str(tmp_path / "note.txt" / "o.csv")], "no folder"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(tmp_path / "note.txt" / "ck")], "note.txt"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(tmp_path / "note.txt")], "not a checkpoint folder"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(tmp_path / "o"), "--lr", "-1"], "above 0")):
+        rc, out, err = run(capsys, *args)
+        assert rc == 2 and says in err and err.strip().count("\n") == 0, (args, err)
+    assert (tmp_path / "note.txt").read_text() == "keep me" and cases.read_text() == "image,question\na.png,Is it?\n"
+
+
+@pytest.mark.data
+def test_eval_refuses_predictions_for_another_split(tmp_path, capsys):
+    (tmp_path / "p.json").write_text(json.dumps({"no-such-qid": "yes"}))
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "vqa-rad",
+                       "--root", str(data_root("vqa_rad")), "--split", "test")
+    assert rc == 2 and "none of its question ids" in err and err.count("\n") == 1, err

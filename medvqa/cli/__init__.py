@@ -11,12 +11,11 @@ import argparse
 import sys
 
 from medvqa.cli import analysis, calibrate, data, predict, train
-from medvqa.cli.common import parse
-from medvqa.cli.common import is_user_error
+from medvqa.cli.common import Parser, is_user_error, parse
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="medvqa", description="Medical VQA: CMI-MTL and CMDPI, with explanations.")
+    p = Parser(prog="medvqa", description="Medical VQA: CMI-MTL and CMDPI, with explanations.")
     sub = p.add_subparsers(dest="cmd", required=True)
     for family in (data, train, calibrate, predict, analysis):
         family.register(sub)
@@ -25,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    # argparse exits 2 with its own one-line message for bad arguments: that is the contract.
+    # a bad argument: one line and exit 2 (common.Parser)
     a = parse(parser, argv)
     try:
         return a.func(a) or 0

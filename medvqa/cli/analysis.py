@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medvqa.cli.common import UserError, print_json
+from medvqa.cli.common import UserError, count, print_json
 
 
 def cmd_pointing_game(a):
@@ -134,7 +134,7 @@ def register(sub):
                     help="default: each model's own map, the one the app shows")
     pg.add_argument("--layers", type=int, nargs="+", default=[None], 
                     help="image-backbone blocks whose input the CAM reads (default: a third of the way in)")
-    pg.add_argument("--limit", type=int, help="only the first N qualifying questions")
+    pg.add_argument("--limit", type=count, help="only the first N qualifying questions")
     pg.add_argument("--json", action="store_true")
     pg.set_defaults(func=cmd_pointing_game)
 
@@ -145,8 +145,8 @@ def register(sub):
     fa.add_argument("--split", default="test")
     fa.add_argument("--methods", nargs="+", choices=sorted(METHODS),
                     help="default: each model's own map, the one the app shows")
-    fa.add_argument("--limit", type=int, default=50, help="questions sampled from the split (seeded)")
-    fa.add_argument("--steps", type=int, default=10)
+    fa.add_argument("--limit", type=count, default=50, help="questions sampled from the split (seeded)")
+    fa.add_argument("--steps", type=count, default=10)
     fa.add_argument("--seed", type=int, default=0)
     fa.add_argument("--json", action="store_true")
     fa.set_defaults(func=cmd_faithfulness)

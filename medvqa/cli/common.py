@@ -1,6 +1,7 @@
-"""What every command module and the dispatcher share: the user-error type and the JSON printer."""
+"""What every command module and the dispatcher share: the user-error type, argument types and the JSON printer."""
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import sys
@@ -19,14 +20,57 @@ USER_ERRORS = (UserError, DataError, ImageError, InputError, CheckpointError)
 
 
 def is_user_error(e: BaseException, a) -> bool:
-    """A user error, or a file the command line names that is not there (a missing file of
-    our own, a cache entry say, is an internal error)."""
+    """A user error, or a path the command line names that cannot be read or written: the path itself,
+    a folder on its way, a file inside it, or its temporary sibling (`.NAME.tmp`). A file of our
+    own, a cache entry say, is an internal error."""
     if isinstance(e, USER_ERRORS):
         return True
-    if isinstance(e, FileNotFoundError) and e.filename is not None:
-        given = [v for v in vars(a).values() for v in (v if isinstance(v, list) else [v]) if isinstance(v, Path)]
-        return any(Path(e.filename).absolute() == p.absolute() for p in given)
+    if isinstance(e, OSError) and e.filename is not None:
+        f = Path(e.filename).absolute()
+        given = [v.absolute() for v in vars(a).values() for v in (v if isinstance(v, list) else [v])
+                 if isinstance(v, Path)]
+        return any(f == p or p in f.parents or f in p.parents or (f.parent == p.parent and p.name in f.name)
+                   for p in given)
     return False
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's contract for a bad argument: one line on stderr, exit 2 (argparse's own
+    error prints the usage block first). Subcommand parsers inherit it (add_subparsers uses this class)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see: python -m {self.prog} --help)\n")
+
+
+def count(s: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{s}: use 1 or more")
+    return v
+
+
+def fraction(s: str) -> float:
+    """An argparse type: a number in [0, 1]."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not 0 <= v <= 1:
+        raise argparse.ArgumentTypeError(f"{s}: use a value in [0, 1]")
+    return v
+
+
+def colormap(s: str) -> str:
+    """An argparse type: a matplotlib colormap name."""
+    import matplotlib
+
+    if s not in matplotlib.colormaps:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a matplotlib colormap (e.g. jet, viridis, inferno)")
+    return s
 
 
 def print_json(obj):

@@ -116,6 +116,8 @@ def cmd_eval(a):
     mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
     other = _open_answers(a.against, Path(a.against).is_file()) if a.against else None
     preds, conf, p, conf_t1 = _answers(a, split.records, mine)
+    if p is None and not any(r.qid in preds for r in split.records):
+        raise UserError(f"{a.predictions}: none of its question ids is in {a.dataset} {a.split}")
     vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None

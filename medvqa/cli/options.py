@@ -34,6 +34,14 @@ def _positive(v, p):
     return None if v >= 1 else "use a positive count"
 
 
+def _above_zero(v, p):
+    return None if v > 0 else "use a value above 0"
+
+
+def _at_least_zero(v, p):
+    return None if v >= 0 else "use 0 or more"
+
+
 def _probability(v, p):   # dropout, a decay, a fraction: 1 would drop, freeze or hold out everything
     return None if 0 <= v < 1 else "use a value in [0, 1)"
 
@@ -53,12 +61,11 @@ def _lam(v, p):
 GROUPS = (
     ("training", "train", None, (
         Option("epochs", "passes over the training split", check=_positive),
-        Option("lr", "learning rate of the new (randomly initialised) parameters"),
+        Option("lr", "learning rate of the new (randomly initialised) parameters", check=_above_zero),
         Option("batch_size", "questions per step", check=_positive),
         Option("seed", "seed of the initialisation, the batch order and the held-out slice"),
         Option("device", "cuda: AMP (bf16) on; under torchrun one GPU per rank", choices=("cpu", "cuda")),
-        Option("weight_decay", "AdamW weight decay of the matrices",
-               check=lambda v, p: None if v >= 0 else "use 0 or more"),
+        Option("weight_decay", "AdamW weight decay of the matrices", check=_at_least_zero),
         Option("ema", "select and save an exponential moving average of the weights with this per-step "
                       "decay, e.g. 0.995 (0: off)", check=_probability),
         Option("image_views", "augmented views cached per training image (crop, rotation, contrast)",
@@ -69,7 +76,7 @@ GROUPS = (
                                     "input of block L-K (all: every block; paper preset: all)",
                type=str, stages=("train",)),
         Option("tune_text_blocks", "the same for the text backbone", type=str, stages=("train",)),
-        Option("lr_pretrained", "learning rate of the tuned backbone blocks", stages=("train",)),
+        Option("lr_pretrained", "learning rate of the tuned backbone blocks", check=_above_zero, stages=("train",)),
     )),
     ("options of every model", MODEL, None, (
         Option("dropout", "dropout of the model: CMI-MTL QQ-Former, AHead, classifier (the Cross-Mamba blocks have "
@@ -77,20 +84,21 @@ GROUPS = (
                           "baseline MLP", check=_probability),
     )),
     ("CMI-MTL", "cmi_mtl", "cmi-mtl", (
-        Option("alpha", "α, weight of L_vtc (CMCL)"),
-        Option("beta", "β, weight of L_aux (AHead)"),
+        Option("alpha", "α, weight of L_vtc (CMCL)", check=_at_least_zero),
+        Option("beta", "β, weight of L_aux (AHead)", check=_at_least_zero),
         Option("cmm_align", "how CMM brings the other stream to this one's length", choices=("attention", "pool")),
         Option("qqformer_text", "BLIP-2 shared self-attention over [queries ; question]"),
         Option("n_queries", "K learnable QQ-Former queries", flag="--queries", check=_positive),
     )),
     ("CMDPI", "cmdpi", "cmdpi", (
         Option("image_pool", "average-pool the patch grid by this factor before RecNet", check=_grid_divisor),
-        Option("alpha", "α, weight of the inter-modal contrast C_inter", flag="--inter-weight", stages=("pretrain",)),
+        Option("alpha", "α, weight of the inter-modal contrast C_inter", flag="--inter-weight", check=_at_least_zero,
+               stages=("pretrain",)),
         Option("lam", "head-mixup λ: uniform, beta:A,B or fixed:X (Table 5)", check=_lam, stages=("train",)),
         Option("sim_threshold", "similar-image cosine threshold of difference reconstruction (Fig. 14)",
                stages=("train",)),
-        Option("diff_weight", "weight of L_diff (Table 4)", stages=("train",)),
-        Option("mix_weight", "weight of L_mix", stages=("train",)),
+        Option("diff_weight", "weight of L_diff (Table 4)", check=_at_least_zero, stages=("train",)),
+        Option("mix_weight", "weight of L_mix", check=_at_least_zero, stages=("train",)),
     )),
 )
 

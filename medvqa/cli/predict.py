@@ -5,7 +5,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from medvqa.cli.common import UserError, print_json
+from medvqa.cli.common import UserError, colormap, count, fraction, print_json
 
 
 def _predict_one(p, a):
@@ -36,7 +36,9 @@ def _predict_csv(p, a):
         raise UserError(f"{src}: CSV file not found")
     with open(src, newline="", encoding="utf-8-sig") as f:
         rows = list(csv.DictReader(f))
-    if rows and not {"image", "question"} <= set(rows[0]):
+    if not rows:
+        raise UserError(f"{src}: no rows under the header image,question[,answer]")
+    if not {"image", "question"} <= set(rows[0]):
         raise UserError(f"{src}: CSV needs the columns image, question[, answer]")
     out_rows, bad = [], 0
     for i in tqdm(range(0, len(rows), 16), desc="answering", disable=a.json):
@@ -58,7 +60,7 @@ def _predict_csv(p, a):
                                  "uncertain": "yes" if ans.uncertain else "no", "free_text": ans.free_text or "",
                                  "error": ""})
     keys = list(dict.fromkeys(k for r in out_rows for k in r))
-    tmp = Path(a.out).with_suffix(".tmp")
+    tmp = a.out.with_name(a.out.name + ".tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, keys)
         w.writeheader()
@@ -72,14 +74,23 @@ def _predict_csv(p, a):
 def cmd_predict(a):
     from medvqa.predict import Predictor
 
-    p = Predictor.load(a.checkpoint)
-    if a.csv:
+    if a.csv:   # the arguments first, so that a mistake costs no model load
+        if a.image or a.question is not None:
+            raise UserError("give --image and --question, or --csv CASES.csv --out ANSWERS.csv, not both")
         if not a.out:
             raise UserError("--csv needs --out ANSWERS.csv")
-        return _predict_csv(p, a)
+        if a.out.is_dir():
+            raise UserError(f"--out {a.out}: a folder; give the answers' CSV file name")
+        if a.out.absolute() == a.csv.absolute():
+            raise UserError(f"--out {a.out}: the input CSV itself; give another file name")
+        if not a.out.parent.is_dir():
+            raise UserError(f"--out {a.out}: no folder {a.out.parent}")
+        return _predict_csv(Predictor.load(a.checkpoint), a)
     if not (a.image and a.question is not None):
         raise UserError("give --image and --question, or --csv CASES.csv --out ANSWERS.csv")
-    return _predict_one(p, a)
+    if a.out:
+        raise UserError("--out is for --csv; one answer prints on stdout (--json for JSON)")
+    return _predict_one(Predictor.load(a.checkpoint), a)
 
 
 def cmd_explain(a):
@@ -113,7 +124,7 @@ def register(sub):
     pr.add_argument("--question")
     pr.add_argument("--csv", type=Path, help="image,question[,answer] rows; images relative to the CSV")
     pr.add_argument("--out", type=Path)
-    pr.add_argument("--top-k", type=int, default=5)
+    pr.add_argument("--top-k", type=count, default=5)
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=cmd_predict)
 
@@ -129,7 +140,7 @@ def register(sub):
     ex.add_argument("--target", help="an answer of the vocabulary (default: the predicted answer)")
     ex.add_argument("--layer", type=int, help="image-backbone block whose input the CAM reads, or where the rollout "
                     "starts (default: a third of the way in; -1: the last; query-attention reads after the backbone)")
-    ex.add_argument("--opacity", type=float, default=0.5)
-    ex.add_argument("--colormap", default="jet")
+    ex.add_argument("--opacity", type=fraction, default=0.5)
+    ex.add_argument("--colormap", type=colormap, default="jet")
     ex.add_argument("--out", required=True, type=Path)
     ex.set_defaults(func=cmd_explain)

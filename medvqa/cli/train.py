@@ -7,7 +7,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from medvqa.cli.common import UserError, parse, print_json
+from medvqa.cli.common import Parser, UserError, count, parse, print_json
 from medvqa.cli.options import SECTIONS, add_options, apply_options, given
 from medvqa.models.cmi_mtl import ABLATIONS
 
@@ -44,8 +44,10 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train import tuning
+    from medvqa.train.checkpoint import check_out
     from medvqa.train.data import prepare
 
+    check_out(a.out)   # before hours of training, not at the save
     known = {"cmdpi": cmdpi.STAGE_ABLATIONS.get(stage, cmdpi.ABLATIONS), "cmi-mtl": ABLATIONS}.get(a.model, ())
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
@@ -350,7 +352,7 @@ def _write_sweep_tables(rows: list[dict], out: Path) -> str:
 
 def _stage_parser() -> argparse.ArgumentParser:
     """The `train` and `pretrain` commands alone: what a sweep variant's arguments are parsed by."""
-    p = argparse.ArgumentParser(prog="medvqa")
+    p = Parser(prog="medvqa")
     _register_fit(p.add_subparsers(dest="cmd", required=True))
     return p
 
@@ -383,7 +385,7 @@ def _register_fit(sub):
         sp.add_argument("--workdir", type=Path, help="logs, per-epoch state for resume (default runs/<out name>)")
         sp.add_argument("--vocab", choices=("all", "train"), default="all",
                         help="answer vocabulary: all splits (published protocol) or train only")
-        sp.add_argument("--limit", type=int, help="use only the first N training records (smoke tests)")
+        sp.add_argument("--limit", type=count, help="use only the first N training records (smoke tests)")
         sp.add_argument("--no-resume", action="store_true", help="ignore an earlier run's state in --workdir")
         sp.add_argument("--json", action="store_true")
         groups = add_options(sp, stage, models)

@@ -78,10 +78,20 @@ def fp16_where_it_holds(t: torch.Tensor) -> torch.Tensor:
     return h if ok else t
 
 
+def check_out(out: Path):
+    """Saving replaces `out` whole: refuse a file, or a folder that holds something other than a checkpoint.
+    Its parent is made now, so that an unwritable place fails before training, not after."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
+        raise CheckpointError(f"{out}: exists and is not a checkpoint folder; saving would replace it (choose another --out)")
+
+
 def save_checkpoint(out: Path, model: torch.nn.Module, config: dict, metrics: dict | None = None):
     """Write to `<out>.tmp-<pid>`, then swap it in: readers never see half a checkpoint. A model
     behind tuned backbone blocks (medvqa.train.tuning.TunedBackbone) writes those to TUNED_FILE."""
     out = Path(out)
+    check_out(out)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -133,7 +143,7 @@ def read_config(ckpt: Path) -> dict:
 def load_weights(model: torch.nn.Module, ckpt: Path):
     """`ckpt`/model.safetensors into `model`, as float32. Tied tensors (T5 embeddings / lm_head),
     stored once, load through the tensor they share; any other missing or extra key is an error."""
-    sd = _float32(load_file(str(Path(ckpt) / "model.safetensors")))
+    sd = _float32(_read_safetensors(Path(ckpt) / "model.safetensors"))
     try:
         missing, unexpected = model.load_state_dict(sd, strict=False)
     except RuntimeError as e:
@@ -151,7 +161,14 @@ def load_tuned(ckpt: Path, base: dict) -> dict | None:
     path = Path(ckpt) / TUNED_FILE
     if not path.is_file():
         return None
-    return decode_tuned(load_file(str(path)), base)
+    return decode_tuned(_read_safetensors(path), base)
+
+
+def _read_safetensors(path: Path) -> dict:
+    try:
+        return load_file(str(path))
+    except Exception as e:   # safetensors raises its own error type for a truncated or foreign file
+        raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})") from None
 
 
 def _float32(sd: dict) -> dict:
@@ -161,10 +178,12 @@ def _float32(sd: dict) -> dict:
 def load_checkpoint(ckpt: Path):
     """-> (model in eval mode, config dict, metrics dict). Never unpickles anything."""
     from medvqa.config import preset_from_dict
-    from medvqa.models.registry import build
+    from medvqa.models.registry import MODELS, build
 
     cfg = read_config(ckpt)
     preset = preset_from_dict(cfg["preset"])
+    if cfg.get("model") not in MODELS:
+        raise CheckpointError(f"{ckpt}/config.json: unknown model {cfg.get('model')!r} (one of {', '.join(MODELS)})")
     model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"),
                   text_vocab=cfg.get("text_vocab"))
     load_weights(model, ckpt)
