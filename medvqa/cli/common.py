@@ -21,15 +21,16 @@ USER_ERRORS = (UserError, DataError, ImageError, InputError, CheckpointError)
 
 def is_user_error(e: BaseException, a) -> bool:
     """A user error, or a path the command line names that cannot be read or written: the path itself,
-    a folder on its way, a file inside it, or its temporary sibling (`.NAME.tmp`). A file of our
-    own, a cache entry say, is an internal error."""
+    a folder on its way, a file inside it, or its temporary sibling (NAME.tmp, .NAME.tmp-PID). A file
+    of our own elsewhere, a cache entry say, is an internal error."""
     if isinstance(e, USER_ERRORS):
         return True
     if isinstance(e, OSError) and e.filename is not None:
         f = Path(e.filename).absolute()
         given = [v.absolute() for v in vars(a).values() for v in (v if isinstance(v, list) else [v])
                  if isinstance(v, Path)]
-        return any(f == p or p in f.parents or f in p.parents or (f.parent == p.parent and p.name in f.name)
+        return any(f == p or p in f.parents or f in p.parents
+                   or (f.parent == p.parent and (f.name == p.name + ".tmp" or f.name.startswith(f".{p.name}.")))
                    for p in given)
     return False
 

@@ -34,6 +34,17 @@ def _init_distributed(t):
 CMDPI_ARCH = ("d", "adapter_layers", "rec_layers", "rec_heads", "rec_ff", "image_pool", "pixel_patch")
 
 
+def _workdir(a) -> Path:
+    """Logs and per-epoch state (resume): --workdir, else runs/<out name>. Never overlapping --out,
+    which saving replaces whole."""
+    work, out = Path(a.workdir or Path("runs") / Path(a.out).name), Path(a.out)
+    w, o = work.absolute(), out.absolute()
+    if w == o or o in w.parents or w in o.parents:
+        raise UserError(f"--out {out} overlaps the work folder {work} (logs, resume state), which saving would "
+                        f"replace: give another --out or --workdir")
+    return work
+
+
 def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     """Preset from the flags, backbones, cached-feature data: what train and pretrain share.
     With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
@@ -48,6 +59,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     from medvqa.train.data import prepare
 
     check_out(a.out)   # before hours of training, not at the save
+    _workdir(a)
     known = {"cmdpi": cmdpi.STAGE_ABLATIONS.get(stage, cmdpi.ABLATIONS), "cmi-mtl": ABLATIONS}.get(a.model, ())
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
@@ -160,7 +172,7 @@ def cmd_train(a):
         if sampler is None:   # whole images per batch: a tuned block runs once per image and step
             sampler = ImageBatchSampler([r.image for r in train_ds.records], t.batch_size, seed=t.seed)
     config = _base_config(a, preset, data, model, **extra)
-    work = Path(a.workdir or Path("runs") / Path(a.out).name)
+    work = _workdir(a)
     cb = getattr(a, "callbacks", None)   # the app's Fine-tune tab drives these
     res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler, callbacks=cb)
     if res.cancelled:  # the checkpoint folder is only ever written whole: a cancelled run leaves it as it was
@@ -228,7 +240,7 @@ def cmd_pretrain(a):
     model = build("cmdpi", preset, len(data.vocab), text_vocab=vocab_ids)
     config = _base_config(a, preset, data, model, text_vocab=vocab_ids, n_captions=len(captions),
                           pretrain_rows=len(ds))
-    work = Path(a.workdir or Path("runs") / Path(a.out).name)
+    work = _workdir(a)
     t = preset.train
     res = fit(model, ds, None, t, work, config, resume=not a.no_resume,
               batch_sampler=GroupBatchSampler(groups, t.batch_size, pairs=False, seed=t.seed))
