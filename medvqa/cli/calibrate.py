@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shlex
+import sys
 from pathlib import Path
 
 from medvqa.cli.common import UserError, print_json
@@ -43,6 +44,9 @@ def cmd_calibrate(a):
         entries.pop("temperature_fit", None)   # the fit was on the source's questions: this checkpoint is no source
     else:
         dataset, root = a.dataset or cfg["dataset"], a.root or _recorded_root(cfg)
+        if dataset != cfg.get("dataset", dataset):
+            print(f"warning: {ckpt.name} was trained on {cfg['dataset']}; its T is fitted on {dataset}'s questions",
+                  file=sys.stderr)
         if root is None or not Path(root).exists():
             raise UserError(f"give --root, the {dataset} folder" + (f" ({root} is not here)" if root else ""))
         loaded = {s: load_split(dataset, root, s) for s in ("train", "validate") if s in dataset_splits(dataset, root)}

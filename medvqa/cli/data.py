@@ -115,6 +115,9 @@ def cmd_eval(a):
     _warn_skipped(a.split, split)
     mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
     other = _open_answers(a.against, Path(a.against).is_file()) if a.against else None
+    if not isinstance(mine, tuple) and mine.config.get("dataset") not in (None, a.dataset):
+        print(f"warning: {a.checkpoint} was trained on {mine.config['dataset']}, not {a.dataset}: its answer "
+              "vocabulary is that dataset's", file=sys.stderr)
     preds, conf, p, conf_t1 = _answers(a, split.records, mine)
     if p is None and not any(r.qid in preds for r in split.records):
         raise UserError(f"{a.predictions}: none of its question ids is in {a.dataset} {a.split}")
@@ -145,7 +148,7 @@ def cmd_eval(a):
     lo, hi = res["overall_ci95"]
     print(f"{a.dataset} {a.split}: open {res['open']:.2f}  closed {res['closed']:.2f}  overall {res['overall']:.2f}"
           f" [95 % CI {lo:.2f}–{hi:.2f}]  (n={res['n']}: {res['n_open']} open / {res['n_closed']} closed)")
-    print(f"vocabulary: {res['vocab']} answers ({vocab_name}); {res['oov']} test answers are out of vocabulary")
+    print(f"vocabulary: {res['vocab']} answers ({vocab_name}); {res['oov']} {a.split} answers are out of vocabulary")
     if "calibration" in res:
         c = res["calibration"]
         print(f"ECE of top-1 confidence: {c['ece_before']:.2f} before temperature scaling, {c['ece_after']:.2f} after "
