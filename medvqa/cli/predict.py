@@ -105,9 +105,9 @@ def cmd_explain(a):
     p = Predictor.load(a.checkpoint)
     im = load_image(a.image)
     method = a.method or p.default_method
+    cam = p.explain(im, a.question, method=method, target=a.target, layer=a.layer)   # a bad --target fails here
     if a.target and method in GRADIENT_FREE:
         print(f"note: {method} is gradient-free, so --target does not change the map", file=sys.stderr)
-    cam = p.explain(im, a.question, method=method, target=a.target, layer=a.layer)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     overlay(im, cam, a.opacity, a.colormap).save(a.out)
     np.save(a.out.with_suffix(".npy"), cam)
