@@ -74,6 +74,8 @@ def resolve_checkpoint(name_or_dir) -> Path:
         return p
     if (checkpoints_dir() / str(name_or_dir)).is_dir():
         return checkpoints_dir() / str(name_or_dir)
+    if p.is_file():
+        raise CheckpointError(f"{p}: a file; a checkpoint is a folder (model.safetensors + config.json)")
     raise CheckpointError(f"{name_or_dir}: no such checkpoint folder (installed ones: "
                           f"{', '.join(sorted(x.name for x in checkpoints_dir().glob('*'))) or 'none'})")
 

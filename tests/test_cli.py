@@ -422,7 +422,12 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                          str(tmp_path), "--out", str(tmp_path / "o"), "--lr", "-1"], "above 0"),
                        (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
                          str(tmp_path), "--out", str(tmp_path / "o"), "--workdir", str(tmp_path / "o")],
-                        "overlaps the work folder")):
+                        "overlaps the work folder"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", "baseline-slake"], "shipped checkpoint"),
+                       (["predict", "--checkpoint", str(cases), *ask], "a file; a checkpoint is a folder"),
+                       (["calibrate", "--checkpoint", str(ck), "--transfer-from", str(ck)], "the checkpoint itself"),
+                       (["pointing-game", "--checkpoint", str(ck), "--root", str(tmp_path / "cache")], "not a SLAKE folder")):
         rc, out, err = run(capsys, *args)
         assert rc == 2 and says in err and err.strip().count("\n") == 0, (args, err)
     assert (tmp_path / "note.txt").read_text() == "keep me" and cases.read_text() == "image,question\na.png,Is it?\n"

@@ -13,6 +13,8 @@ def cmd_pointing_game(a):
     from medvqa.explain.pointing import pointing_cases, pointing_game
     from medvqa.predict import Predictor
 
+    if not (Path(a.root) / "imgs").is_dir():   # SLAKE's layout: imgs/<case>/detection.json holds the boxes
+        raise UserError(f"--root {a.root}: not a SLAKE folder (imgs/ missing); the pointing game needs SLAKE's boxes")
     records = load_split("slake", a.root, a.split).records
     cases = pointing_cases(records)[: a.limit or None]
     preds = {Path(str(c)).name: Predictor.load(c) for c in a.checkpoint}

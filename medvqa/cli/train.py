@@ -55,9 +55,13 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     from medvqa.models import cmdpi
     from medvqa.models.encoders import Encoders
     from medvqa.train import tuning
+    from medvqa.predict import checkpoints_dir
     from medvqa.train.checkpoint import check_out
     from medvqa.train.data import prepare
 
+    if Path(a.out).parent == Path(".") and (checkpoints_dir() / Path(a.out).name).is_dir():
+        raise UserError(f"--out {a.out}: the name of a shipped checkpoint, which this folder would shadow by name; "
+                        f"give a path such as runs/ckpt/{a.out}")
     check_out(a.out)   # before hours of training, not at the save
     _workdir(a)
     known = {"cmdpi": cmdpi.STAGE_ABLATIONS.get(stage, cmdpi.ABLATIONS), "cmi-mtl": ABLATIONS}.get(a.model, ())
