@@ -33,9 +33,10 @@ def cmd_calibrate(a):
     if a.transfer_from and a.yes_no:
         raise UserError("--yes-no fits two temperatures; --transfer-from copies the other checkpoint's: give one")
     if a.transfer_from:
-        if resolve_checkpoint(a.transfer_from).resolve() == ckpt.resolve():
+        source_dir = resolve_checkpoint(a.transfer_from)
+        if source_dir.resolve() == ckpt.resolve():
             raise UserError(f"--transfer-from {a.transfer_from}: the checkpoint itself; give the held-out run of its recipe")
-        src = read_config(resolve_checkpoint(a.transfer_from))
+        src = read_config(source_dir)
         if "temperature_fit" not in src:
             raise UserError(f"--transfer-from {a.transfer_from}: its temperature was not fitted on held-out questions")
         fit = src["temperature_fit"]

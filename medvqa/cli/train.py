@@ -46,8 +46,8 @@ def _workdir(a) -> Path:
 
 
 def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
-    """Preset from the flags, backbones, cached-feature data: what train and pretrain share.
-    With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
+    """Preset from the flags, backbones, cached-feature data and the work folder: what train and pretrain
+    share. With `init_cfg` (train --init) CMDPI's sizes come from the pretraining checkpoint."""
     import torch
 
     from medvqa.config import get_preset, preset_from_dict
@@ -63,7 +63,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         raise UserError(f"--out {a.out}: the name of a shipped checkpoint, which this folder would shadow by name; "
                         f"give a path such as runs/ckpt/{a.out}")
     check_out(a.out)   # before hours of training, not at the save
-    _workdir(a)
+    work = _workdir(a)
     known = {"cmdpi": cmdpi.STAGE_ABLATIONS.get(stage, cmdpi.ABLATIONS), "cmi-mtl": ABLATIONS}.get(a.model, ())
     bad = [x for x in a.ablate or () if x not in known]
     if bad:
@@ -111,7 +111,7 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         setattr(t, f"tune_{kind}_blocks", k)
     data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit,
                    starts=tuning.starts(enc, tuning.tuned_blocks(t)))
-    return preset, enc, data
+    return preset, enc, data, work
 
 
 def _base_config(a, preset, data, model, **extra) -> dict:
@@ -153,7 +153,7 @@ def cmd_train(a):
     init_cfg = read_config(a.init) if a.init else None
     if init_cfg and init_cfg.get("model") != "cmdpi":
         raise UserError(f"--init {a.init}: not a CMDPI pretraining checkpoint")
-    preset, enc, data = _setup(a, stage="finetune" if a.model == "cmdpi" else None, init_cfg=init_cfg)
+    preset, enc, data, work = _setup(a, stage="finetune" if a.model == "cmdpi" else None, init_cfg=init_cfg)
     t, extra, sampler, train_ds = preset.train, {}, None, data.train
     if a.model == "cmdpi":
         extra["text_vocab"] = init_cfg["text_vocab"] if init_cfg else text_vocab([data.train])
@@ -176,7 +176,6 @@ def cmd_train(a):
         if sampler is None:   # whole images per batch: a tuned block runs once per image and step
             sampler = ImageBatchSampler([r.image for r in train_ds.records], t.batch_size, seed=t.seed)
     config = _base_config(a, preset, data, model, **extra)
-    work = _workdir(a)
     cb = getattr(a, "callbacks", None)   # the app's Fine-tune tab drives these
     res = fit(model, train_ds, data.val, t, work, config, resume=not a.no_resume, batch_sampler=sampler, callbacks=cb)
     if res.cancelled:  # the checkpoint folder is only ever written whole: a cancelled run leaves it as it was
@@ -232,7 +231,7 @@ def cmd_pretrain(a):
 
     if a.model != "cmdpi":
         raise UserError("pretrain is CMDPI's co-regularised pretraining: use --model cmdpi")
-    preset, enc, data = _setup(a, stage="pretrain")
+    preset, enc, data, work = _setup(a, stage="pretrain")
     captions = [] if a.no_pseudo_captions else pseudo_captions(data.train.records)
     for f in a.captions or ():
         recs, problems = read_captions_jsonl(f)
@@ -244,7 +243,6 @@ def cmd_pretrain(a):
     model = build("cmdpi", preset, len(data.vocab), text_vocab=vocab_ids)
     config = _base_config(a, preset, data, model, text_vocab=vocab_ids, n_captions=len(captions),
                           pretrain_rows=len(ds))
-    work = _workdir(a)
     t = preset.train
     res = fit(model, ds, None, t, work, config, resume=not a.no_resume,
               batch_sampler=GroupBatchSampler(groups, t.batch_size, pairs=False, seed=t.seed))

@@ -126,6 +126,7 @@ def read_config(ckpt: Path) -> dict:
     if not (ckpt / "config.json").is_file() or not (ckpt / "model.safetensors").is_file():
         raise CheckpointError(f"{ckpt}: not a checkpoint folder (needs model.safetensors and config.json)")
     from medvqa.config import preset_from_dict
+    from medvqa.models.registry import MODELS
 
     try:
         cfg = json.loads((ckpt / "config.json").read_text())
@@ -133,6 +134,8 @@ def read_config(ckpt: Path) -> dict:
         raise CheckpointError(f"{ckpt}/config.json: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("preset"), dict):
         raise CheckpointError(f"{ckpt}/config.json: no preset")
+    if cfg.get("model") not in MODELS:
+        raise CheckpointError(f"{ckpt}/config.json: unknown model {cfg.get('model')!r} (one of {', '.join(MODELS)})")
     try:  # here, so that every reader of a checkpoint refuses a preset this code cannot rebuild
         preset_from_dict(cfg["preset"])
     except (KeyError, TypeError, ValueError) as e:
@@ -178,12 +181,10 @@ def _float32(sd: dict) -> dict:
 def load_checkpoint(ckpt: Path):
     """-> (model in eval mode, config dict, metrics dict). Never unpickles anything."""
     from medvqa.config import preset_from_dict
-    from medvqa.models.registry import MODELS, build
+    from medvqa.models.registry import build
 
     cfg = read_config(ckpt)
     preset = preset_from_dict(cfg["preset"])
-    if cfg.get("model") not in MODELS:
-        raise CheckpointError(f"{ckpt}/config.json: unknown model {cfg.get('model')!r} (one of {', '.join(MODELS)})")
     model = build(cfg["model"], preset, len(cfg["answers"]), ahead_vocab=cfg.get("ahead_vocab"),
                   text_vocab=cfg.get("text_vocab"))
     load_weights(model, ckpt)
