@@ -427,10 +427,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                          str(tmp_path), "--out", "baseline-slake"], "shipped checkpoint"),
                        (["predict", "--checkpoint", str(cases), *ask], "a file; a checkpoint is a folder"),
                        (["calibrate", "--checkpoint", str(ck), "--transfer-from", str(ck)], "the checkpoint itself"),
-                       (["pointing-game", "--checkpoint", str(ck), "--root", str(tmp_path / "cache")], "not a SLAKE folder")):
+                       (["pointing-game", "--checkpoint", str(ck), "--root", str(tmp_path / "cache")], "not a SLAKE folder"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(tmp_path / "new" / "ck"), "--ablate", "cmcl"], "no parts")):
         rc, out, err = run(capsys, *args)
         assert rc == 2 and says in err and err.strip().count("\n") == 0, (args, err)
     assert (tmp_path / "note.txt").read_text() == "keep me" and cases.read_text() == "image,question\na.png,Is it?\n"
+    assert not (tmp_path / "new").exists()   # a refused command makes no folder
 
 
 @pytest.mark.data
@@ -439,3 +442,10 @@ def test_eval_refuses_predictions_for_another_split(tmp_path, capsys):
     rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "p.json"), "--dataset", "vqa-rad",
                        "--root", str(data_root("vqa_rad")), "--split", "test")
     assert rc == 2 and "none of its question ids" in err and err.count("\n") == 1, err
+    from medvqa.data import load_split
+
+    qid = load_split("vqa-rad", data_root("vqa_rad"), "test").records[0].qid
+    (tmp_path / "mine.json").write_text(json.dumps({qid: "yes"}))
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "mine.json"), "--against", str(tmp_path / "p.json"),
+                       "--dataset", "vqa-rad", "--root", str(data_root("vqa_rad")), "--split", "test")
+    assert rc == 2 and "p.json: none of its question ids" in err and err.count("\n") == 1, err

@@ -115,12 +115,13 @@ def cmd_eval(a):
     _warn_skipped(a.split, split)
     mine = _open_answers(a.predictions or a.checkpoint, bool(a.predictions))
     other = _open_answers(a.against, Path(a.against).is_file()) if a.against else None
+    for path, source in ((a.predictions, mine), (a.against, other)):   # before any model answers (its bar)
+        if isinstance(source, tuple) and not any(r.qid in source[0] for r in split.records):
+            raise UserError(f"{path}: none of its question ids is in {a.dataset} {a.split}")
     if not isinstance(mine, tuple) and mine.config.get("dataset") not in (None, a.dataset):
         print(f"warning: {a.checkpoint} was trained on {mine.config['dataset']}, not {a.dataset}: its answer "
               "vocabulary is that dataset's", file=sys.stderr)
     preds, conf, p, conf_t1 = _answers(a, split.records, mine)
-    if p is None and not any(r.qid in preds for r in split.records):
-        raise UserError(f"{a.predictions}: none of its question ids is in {a.dataset} {a.split}")
     vocab, vocab_name = (p.vocab, p.config.get("vocab_protocol", "?")) if p is not None \
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None

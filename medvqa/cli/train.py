@@ -109,6 +109,8 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         except ValueError as e:
             raise UserError(str(e)) from None
         setattr(t, f"tune_{kind}_blocks", k)
+    # every option checked: make --out's parent now, so that an unwritable place fails before training, not after
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit,
                    starts=tuning.starts(enc, tuning.tuned_blocks(t)))
     return preset, enc, data, work

@@ -79,10 +79,8 @@ def fp16_where_it_holds(t: torch.Tensor) -> torch.Tensor:
 
 
 def check_out(out: Path):
-    """Saving replaces `out` whole: refuse a file, or a folder that holds something other than a checkpoint.
-    Its parent is made now, so that an unwritable place fails before training, not after."""
+    """Saving replaces `out` whole: refuse a file, or a folder that holds something other than a checkpoint."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out.is_dir() and (not any(out.iterdir()) or (out / "config.json").is_file())):
         raise CheckpointError(f"{out}: exists and is not a checkpoint folder; saving would replace it (choose another --out)")
 
