@@ -3,6 +3,8 @@ negatives, the AHead's mask M). Not a product path; prints one block per part.
 
     python benchmarks/model_fixes_probe.py qqformer    # cost of CMCL's image-only queries
     python benchmarks/model_fixes_probe.py captions    # identical pseudo-captions per batch
+    python benchmarks/model_fixes_probe.py questions   # CMCL: one question text on two images per batch
+    python benchmarks/model_fixes_probe.py batches     # images per whole-image batch (a tuned backbone's)
     python benchmarks/model_fixes_probe.py mask        # how far the shipped checkpoints' M moved
 """
 from __future__ import annotations
@@ -57,6 +59,41 @@ def captions(batch: int = 32, draws: int = 1000):
               f"({draws} draws) {sum(shared) / draws:.1f} rows share their text on average")
 
 
+def questions(batch: int = 32, draws: int = 1000):
+    """CMCL's negatives: rows of a uniformly drawn batch of train questions whose question text is also
+    in the batch on another image (same-image pairs were masked already)."""
+    from medvqa.data import load_split
+
+    for name, folder, _ in DATASETS:
+        recs = load_split(name, DATA / folder, "train").records
+        rng = random.Random(0)
+        shared = 0
+        for _ in range(draws):
+            b = rng.sample(recs, batch)
+            images = collections.defaultdict(set)
+            for r in b:
+                images[r.question].add(r.image)
+            shared += sum(len(images[r.question] - {r.image}) > 0 for r in b)
+        print(f"{name}: {len(recs)} train questions, {len(set(r.question for r in recs))} distinct; in a batch of "
+              f"{batch} ({draws} draws) {shared / draws:.1f} rows share their text with a row on another image")
+
+
+def batches(batch: int = 32):
+    """Rows and distinct images in the whole-image batches a tuned backbone trains on (ImageBatchSampler,
+    seed 0; VQA-RAD on the 90 % the held-out protocol trains on): CMCL's other images per batch."""
+    from medvqa.data import holdout, load_split
+    from medvqa.train.samplers import ImageBatchSampler
+
+    for name, folder, _ in DATASETS:
+        recs = load_split(name, DATA / folder, "train").records
+        if name == "vqa-rad":
+            recs = holdout(recs, 0.1, 0)[0]
+        bs = list(ImageBatchSampler([r.image for r in recs], batch, seed=0))
+        images = [len({recs[i].image for i in b}) for b in bs]
+        print(f"{name}: {len(bs)} batches, {sum(map(len, bs)) / len(bs):.1f} rows and {sum(images) / len(bs):.1f} "
+              f"distinct images a batch on average (fewest {min(images)})")
+
+
 def mask():
     """The shipped M: range, and the last position that ever moved against the longest question."""
     from safetensors.torch import load_file
@@ -76,5 +113,7 @@ def mask():
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("part", choices=["qqformer", "captions", "mask"])
-    {"qqformer": qqformer, "captions": captions, "mask": mask}[ap.parse_args().part]()
+    parts = {"qqformer": qqformer, "captions": captions, "questions": questions, "batches": batches,
+             "mask": mask}
+    ap.add_argument("part", choices=list(parts))
+    parts[ap.parse_args().part]()

@@ -21,11 +21,12 @@ def _case():
     d = preset.cmi_mtl.d
     z, t = torch.randn(12, preset.cmi_mtl.n_queries, d), torch.randn(12, d)
     image_ids = torch.tensor([0, 0, 1, 2, 3, 3, 4, 5, 6, 6, 7, 8])   # same-image pairs across the cut
-    return model, z, t, image_ids
+    text_ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 1, 9, 10, 11])  # one text on two images, across the cut
+    return model, z, t, image_ids, text_ids
 
 
-def _loss_and_grads(model, z, t, image_ids):
-    loss = model.cmcl_loss(z, t, image_ids)
+def _loss_and_grads(model, z, t, image_ids, text_ids):
+    loss = model.cmcl_loss(z, t, image_ids, text_ids)
     params = [model.vision_proj.weight, model.text_proj.weight, model.log_tau]
     grads = torch.autograd.grad(loss, params)
     return loss.detach(), grads
@@ -36,9 +37,9 @@ def _rank(rank, port, results):
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
-        model, z, t, ids = _case()
+        model, z, t, ids, text_ids = _case()
         s = SHARES[rank]
-        loss, grads = _loss_and_grads(model, z[s], t[s], ids[s])
+        loss, grads = _loss_and_grads(model, z[s], t[s], ids[s], text_ids[s])
         for g in grads:                                        # what DDP does to parameter gradients
             dist.all_reduce(g)
             g /= 2

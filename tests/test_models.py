@@ -106,14 +106,17 @@ def test_cmi_mtl_eval_mode_has_no_aux_losses_and_generates(data):
     assert ids.shape[0] == 8 and ids.dtype == torch.long
 
 
-def test_cmcl_masks_same_image_pairs(data):
+def test_cmcl_masks_same_image_and_same_text_pairs(data):
     preset, enc, recs, vocab, ds, av = data
     model = build("cmi-mtl", preset, len(vocab), ahead_vocab=av)
     z, t = torch.randn(4, 8, 64), torch.randn(4, 64)
-    # two questions on image 0: each other's pair must not count as a negative
-    l_masked = model.cmcl_loss(z, t, torch.tensor([0, 0, 1, 2]))
-    l_plain = model.cmcl_loss(z, t, torch.tensor([0, 1, 2, 3]))
-    assert torch.isfinite(l_masked) and not torch.isclose(l_masked, l_plain)
+    distinct, pair = torch.arange(4), torch.tensor([0, 0, 1, 2])
+    l_plain = model.cmcl_loss(z, t, distinct, distinct)
+    # rows 0 and 1: two questions on one image, or one question text on two images; neither is a negative
+    l_image = model.cmcl_loss(z, t, pair, distinct)
+    l_text = model.cmcl_loss(z, t, distinct, pair)
+    assert torch.isfinite(l_text) and not torch.isclose(l_text, l_plain)
+    assert torch.equal(l_image, l_text)   # the same pair masked, whichever side they share
 
 
 @pytest.mark.parametrize("name", ["cmi-mtl", "cmdpi", "baseline"])
@@ -157,7 +160,7 @@ def _cmcl_pairs(B=8, N=1 + 64, L=6, D=64, seed=0):
     g = torch.Generator().manual_seed(seed)
     return {"image_tokens": torch.randn(B, N, D, generator=g), "text_tokens": torch.randn(B, L, D, generator=g),
             "text_mask": torch.ones(B, L, dtype=torch.long), "label": torch.zeros(B, dtype=torch.long),
-            "image_id": torch.arange(B), "is_open": torch.zeros(B, dtype=torch.bool),
+            "image_id": torch.arange(B), "text_id": torch.arange(B), "is_open": torch.zeros(B, dtype=torch.bool),
             "answer_ids": torch.zeros(B, 1, dtype=torch.long)}
 
 

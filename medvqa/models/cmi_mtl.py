@@ -240,14 +240,16 @@ class CMIMTL(nn.Module):
         tau = self.log_tau.exp().clamp(0.01, 0.5)
         return torch.einsum("ikc,jc->ijk", zq, tq).amax(-1) / tau
 
-    def cmcl_loss(self, z, t_first, image_ids):
-        """Symmetric InfoNCE over cmcl_logits; other questions on the same image are not negatives
-        (they are masked out), which the public code does not do. Under torchrun the negatives come
-        from every rank's batch."""
-        z, t_first, image_ids = gather_rows(z, t_first, image_ids)               # B → global batch
+    def cmcl_loss(self, z, t_first, image_ids, text_ids):
+        """Symmetric InfoNCE over cmcl_logits. Pairs that are not true negatives are masked out, which the
+        public code does not do: other questions on the same image, and the same question text on another
+        image (SLAKE's templated questions: ~29 % of rows in a batch of 32 share their text with another
+        image's row, which no image can tell apart). Under torchrun the negatives come from every rank's batch."""
+        z, t_first, image_ids, text_ids = gather_rows(z, t_first, image_ids, text_ids)   # B → global batch
         sim = self.cmcl_logits(z, t_first)                                       # (B, B)
         eye = torch.eye(len(sim), dtype=torch.bool, device=sim.device)
-        valid = ~((image_ids[:, None] == image_ids[None, :]) & ~eye)            # (B, B), symmetric
+        same = (image_ids[:, None] == image_ids[None, :]) | (text_ids[:, None] == text_ids[None, :])
+        valid = ~(same & ~eye)                                                   # (B, B), symmetric
         return 0.5 * (_smoothed_ce(sim, valid) + _smoothed_ce(sim.t(), valid))
 
     def forward(self, batch) -> dict:
@@ -263,7 +265,7 @@ class CMIMTL(nn.Module):
         bce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none").sum(-1)
         out["losses"]["cls"] = (bce * known).sum() / known.sum().clamp(min=1)
         if self.use_cmcl and self.training and len(y) > 1:
-            out["losses"]["vtc"] = self.cmcl_loss(f["z_fvta"], f["t_fvta"], batch["image_id"])
+            out["losses"]["vtc"] = self.cmcl_loss(f["z_fvta"], f["t_fvta"], batch["image_id"], batch["text_id"])
         if self.use_ahead and self.training:
             o = batch["is_open"]
             out["losses"]["aux"] = (self.ahead(f["x_seq"][o], f["seq_pad"][o], batch["answer_ids"][o]) if o.any()
