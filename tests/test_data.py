@@ -64,6 +64,12 @@ def test_load_image_dicom(tmp_path):
     assert out.shape == (16, 32)
     assert out[0, 0] == 0 and out[0, -1] == 255          # clipped by the window
     assert 0 < out[0, 16] < 255                          # inside the window: grey
+    from pydicom.dataelem import DataElement
+
+    ds[0x00281050] = DataElement(0x00281050, "LO", "abcdef")   # WindowCenter, as a broken writer leaves it
+    ds.save_as(str(tmp_path / "bad.dcm"), enforce_file_format=True)
+    with pytest.raises(ImageError, match="bad.dcm: DICOM WindowCenter is not a number"):
+        load_image(tmp_path / "bad.dcm")
 
 
 @pytest.mark.parametrize("payload,msg", [(b"", "empty"), (b"not an image at all", "not a readable image"),

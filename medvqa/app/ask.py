@@ -12,8 +12,8 @@ from gradio import FileData
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
-                               examples, model_title, saliency_figures, top_k_markdown)
+from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, api_file, checkpoints_for, data_root,
+                               escape_md, examples, model_title, saliency_figures, top_k_markdown)
 from medvqa.data import ImageError, load_image, normalize_answer
 from medvqa.encode import MAX_BATCH
 from medvqa.explain import BELOW_RANDOM, GRADIENT_FREE, METHOD_NAMES, SLOW_METHODS
@@ -30,9 +30,13 @@ def method_choices() -> list[tuple[str, str]]:
     return [(f"{m} (below a random point on SLAKE)" if m in BELOW_RANDOM else m, m) for m in FAST_METHODS]
 
 
-def ask_json(image: FileData, question: str, dataset: str) -> dict:
+def ask_api(image: FileData, question: str, dataset: str) -> dict:
     """The `ask` API: every model's `predict` object for one image and question."""
-    image_path = image.get("path") if isinstance(image, dict) else image   # API: FileData; UI: a path
+    return ask_json(api_file(image, "image"), question, dataset)
+
+
+def ask_json(image_path: str | None, question: str, dataset: str) -> dict:
+    """`ask` on an image file the app holds (an upload, an example)."""
     if dataset not in DATASETS:
         raise gr.Error(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not image_path:
@@ -117,6 +121,14 @@ def _thumbnail(path: str):
     thumb = load_image(path)
     thumb.thumbnail((256, 256))
     return thumb
+
+
+def _preview(file):
+    """The uploaded image as it will be read, and the ground truth cleared; an unreadable file says why."""
+    try:
+        return (load_image(file, name="the uploaded file") if file else None), ""
+    except ImageError as e:
+        raise gr.Error(str(e)) from None
 
 
 def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True):
@@ -253,8 +265,7 @@ def build_tab(demo: gr.Blocks):
                 shown = None
             return (shown[0] + shown[1]) if shown else [gr.update()] * (4 + len(outputs))
         demo.load(on_load, None, [file, question, dataset, ground_truth] + outputs, api_visibility="private")
-        file.upload(lambda f: (load_image(f) if f else None, ""), [file], [preview, ground_truth],
-                    api_visibility="private")
+        file.upload(_preview, [file], [preview, ground_truth], api_visibility="private")
         for ev in (go.click, question.submit):
             ev(run_ask, inputs, outputs, api_visibility="private").then(*redraw, api_visibility="private")
         for i, (_, _, cam, tgt, _, _) in enumerate(slots):
@@ -263,4 +274,4 @@ def build_tab(demo: gr.Blocks):
         heatmap.change(recam_all, [file, question, dataset, method, opacity, heatmap] + [s[3] for s in slots],
                        [s[2] for s in slots], api_visibility="private")
         # Concurrent asks run side by side, so that the backbone's micro-batcher can batch them.
-        gr.api(ask_json, api_name="ask", concurrency_limit=MAX_BATCH)
+        gr.api(ask_api, api_name="ask", concurrency_limit=MAX_BATCH)

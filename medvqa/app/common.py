@@ -6,6 +6,7 @@ import html
 import json
 import os
 import re
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -83,21 +84,63 @@ def examples() -> list[dict]:
     return out
 
 
+def api_file(value, what: str) -> str:
+    """The path of a file sent to an API endpoint as FileData (gradio_client's handle_file), which Gradio
+    has checked and copied into its upload cache. A bare string is refused: it would name any file on the
+    server, past Gradio's checks."""
+    import gradio as gr
+
+    if isinstance(value, dict) and value.get("path"):
+        return value["path"]
+    if value is None or isinstance(value, dict):
+        raise gr.Error(f"send the {what} file")
+    raise gr.Error(f"send the {what} as a file (gradio_client.handle_file), not a path on the server")
+
+
+MAX_UNZIPPED = 2 * 1024 ** 3   # bytes: a cases zip that unpacks to more is refused (a zip bomb fills the disk)
+
+
 def unzip_cases(path: str) -> Path:
-    """Extract an uploaded zip safely (no absolute or parent paths) into a fresh temp folder."""
-    dest = Path(tempfile.mkdtemp(prefix="medvqa-cases-"))
-    try:
-        with zipfile.ZipFile(path) as z:
-            for name in z.namelist():
-                # a prefix test would let "../dest-x" through
-                if not (dest / name).resolve().is_relative_to(dest.resolve()):
-                    raise DataError(f"unsafe path in zip: {name}")
-            z.extractall(dest)
-    except zipfile.BadZipFile:
-        raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
+    """Extract an uploaded zip safely -> its CSV. Refused: absolute or parent paths among its members, more
+    than MAX_UNZIPPED bytes unpacked, and CSV rows whose image lies outside the zip (they would read the
+    server's files). One folder per distinct zip (named by its hash), so uploading it again reuses it."""
+    import hashlib
+
+    from medvqa.data.datasets import csv_rows
+
+    with open(path, "rb") as f:
+        digest = hashlib.file_digest(f, "sha1").hexdigest()[:16]
+    dest = Path(tempfile.gettempdir()) / f"medvqa-cases-{digest}"
+    if not dest.is_dir():
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-"))
+        try:
+            with zipfile.ZipFile(path) as z:
+                for name in z.namelist():
+                    # a prefix test would let "../dest-x" through
+                    if not (tmp / name).resolve().is_relative_to(tmp.resolve()):
+                        raise DataError(f"unsafe path in zip: {name}")
+                size = sum(i.file_size for i in z.infolist())
+                if size > MAX_UNZIPPED:
+                    raise DataError(f"the zip unpacks to {size / 1e9:.1f} GB; the limit is {MAX_UNZIPPED / 1e9:.1f} GB")
+                z.extractall(tmp)
+        except zipfile.BadZipFile:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        try:
+            tmp.rename(dest)
+        except OSError:   # the same zip unpacked beside us meanwhile: use that one
+            shutil.rmtree(tmp, ignore_errors=True)
     csvs = sorted(dest.rglob("*.csv"))
     if not csvs:
         raise DataError("the zip holds no CSV of image,question,answer rows")
+    for i, row in enumerate(csv_rows(csvs[0]), 2):   # line 1 is the header
+        image = str(row.get("image") or "")
+        if image and not (csvs[0].parent / image).resolve().is_relative_to(dest.resolve()):
+            raise DataError(f"{csvs[0].name} line {i}: image {image!r} lies outside the zip; "
+                            "give paths inside it, relative to the CSV")
     return csvs[0]
 
 

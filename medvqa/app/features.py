@@ -124,6 +124,8 @@ def build_tab():
             coloring = gr.Dropdown(list(COLORINGS), value="question_type", label="Colour by")
             show = gr.Button("Show", variant="primary")
         def on_show(a, b, coloring):
+            if coloring not in COLORINGS:
+                raise gr.Error(f"choose a colouring: {', '.join(COLORINGS)}")
             panels = []
             for n in dict.fromkeys(x for x in (a, b) if x):
                 if n not in names:

@@ -183,7 +183,7 @@ def _folder_csv(root) -> Path:
     return path
 
 
-def _folder_rows(path: Path) -> list[dict]:
+def csv_rows(path: Path) -> list[dict]:
     try:
         with open(path, newline="", encoding="utf-8-sig") as f:
             return list(csv.DictReader(f))
@@ -199,7 +199,7 @@ def read_folder(root, split: str = "test") -> Split:
     without one the whole file is the split asked for (a reviewer's case list, or a training set).
     """
     path = _folder_csv(root)
-    rows = _folder_rows(path)
+    rows = csv_rows(path)
     if rows and "split" in rows[0]:
         rows = [r for r in rows if (r.get("split") or "").strip().lower() == split]
     need = {"image", "question", "answer"}
@@ -227,7 +227,7 @@ def dataset_splits(name: str, root) -> tuple:
     the values of its `split` column, or is one training split)."""
     _, splits = DATASETS[name]
     if name == "folder":
-        rows = _folder_rows(_folder_csv(root))
+        rows = csv_rows(_folder_csv(root))
         if rows and "split" in rows[0]:
             return tuple(s for s in ("train", "validate", "test")
                          if any((r.get("split") or "").strip().lower() == s for r in rows))

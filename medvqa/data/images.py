@@ -45,11 +45,17 @@ def _dicom_to_pil(data: bytes, name: str) -> Image.Image:
         raise ImageError(f"{name}: not a readable DICOM file ({e.__class__.__name__}: {e})") from None
     if a.ndim == 3 and a.shape[-1] not in (3, 4):
         a = a[a.shape[0] // 2]  # multi-frame: take the middle frame
-    a = a * float(getattr(ds, "RescaleSlope", 1) or 1) + float(getattr(ds, "RescaleIntercept", 0) or 0)
-    center, width = getattr(ds, "WindowCenter", None), getattr(ds, "WindowWidth", None)
-    if center is not None and width is not None:
-        c = float(center[0] if isinstance(center, pydicom.multival.MultiValue) else center)
-        w = float(width[0] if isinstance(width, pydicom.multival.MultiValue) else width)
+    def number(tag, default):   # the first value of a (possibly multi-valued) numeric tag
+        try:   # pydicom converts a DS value when it is read, so a broken one fails here
+            v = getattr(ds, tag, default)
+            v = v[0] if isinstance(v, pydicom.multival.MultiValue) else v
+            return default if v is None or v == "" else float(v)
+        except (TypeError, ValueError):
+            raise ImageError(f"{name}: DICOM {tag} is not a number") from None
+
+    a = a * (number("RescaleSlope", 1.0) or 1.0) + number("RescaleIntercept", 0.0)
+    c, w = number("WindowCenter", None), number("WindowWidth", None)
+    if c is not None and w is not None:
         a = np.clip(a, c - w / 2, c + w / 2)
     u8 = _to_uint8(a)
     if getattr(ds, "PhotometricInterpretation", "") == "MONOCHROME1":
