@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import os
 import sqlite3
+import tempfile
 import time
 from pathlib import Path
 
@@ -17,6 +19,17 @@ COLUMNS = ("reviewer", "source", "qid", "image", "question", "ground_truth", "mo
            "corrected_answer", "comment", "updated", "map_method", "map_png", "map_wrong")
 ADDED = {"map_method": "TEXT DEFAULT ''", "map_png": "TEXT DEFAULT ''",   # columns newer than the first schema,
          "map_wrong": "INTEGER DEFAULT 0"}                                  # added to an older database on open
+MAX_COMMENT = 2000   # characters
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")   # a spreadsheet reads a cell starting so as a formula
+
+
+def _text(value, what: str) -> str:
+    """Text from the UI or the API: None is empty; anything else but text is refused."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValueError(f"the {what} must be text")
+    return value
 
 
 def data_dir() -> Path:
@@ -48,24 +61,46 @@ class ReviewStore:
     def maps_dir(self) -> Path:
         return self.path.parent / "review-maps"
 
-    def record(self, reviewer: str, source: str, qid: str, model: str, verdict: str, *, image="", question="",
-               ground_truth="", model_answer="", corrected_answer="", comment="", map_image=None, map_method="",
-               map_wrong: bool = False):
-        """`map_image`: the saliency overlay (PIL image) the reviewer was shown, kept as a PNG."""
-        reviewer = reviewer.strip()
+    def record(self, reviewer: str, source: str, qid: str, model: str, verdict: str, **fields):
+        """One verdict; `fields` as in `_checked`."""
+        self.record_case(reviewer, source, qid, [{"model": model, "verdict": verdict, **fields}])
+
+    def record_case(self, reviewer: str, source: str, qid: str, verdicts: list[dict]):
+        """One case's verdicts (a dict per model: model, verdict and `_checked`'s fields), all or none:
+        every one is checked before any map or row is written, and the rows go in one transaction, so a
+        refused verdict never leaves the case half recorded (it would then count as reviewed)."""
+        reviewer, qid = _text(reviewer, "reviewer").strip(), "" if qid is None else str(qid).strip()
         if not reviewer:
             raise ValueError("enter a reviewer name first")
+        if not qid:
+            raise ValueError("a case id (qid) is needed")
+        checked = [self._checked(**v) for v in verdicts]
+        rows = []
+        for r, im in checked:
+            r.update(reviewer=reviewer, source=source, qid=qid,
+                     map_png=self._save_map(im, reviewer, source, qid, r["model"]) if im is not None else "")
+            rows.append(tuple(r[c] for c in COLUMNS))
+        with self._db() as db:   # commits all the rows, or rolls all back
+            db.executemany(f"INSERT OR REPLACE INTO reviews ({', '.join(COLUMNS)}) "
+                           f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+
+    @staticmethod
+    def _checked(model: str, verdict: str, *, image="", question="", ground_truth="", model_answer="",
+                 corrected_answer="", comment="", map_image=None, map_method="", map_wrong: bool = False):
+        """-> (one verdict's columns, its map image), or ValueError. `map_image`: the saliency overlay
+        (PIL image) the reviewer was shown, kept as a PNG. None as text (from the API) counts as empty."""
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
-        if verdict == "corrected" and not corrected_answer.strip():
+        corrected_answer = _text(corrected_answer, "corrected answer").strip()
+        comment = _text(comment, "comment").strip()
+        if verdict == "corrected" and not corrected_answer:
             raise ValueError(f"{model}: a corrected verdict needs the corrected answer")
-        png = self._save_map(map_image, reviewer, source, str(qid), model) if map_image is not None else ""
-        row = (reviewer, source, str(qid), image, question, ground_truth, model, model_answer, verdict,
-               corrected_answer.strip(), comment.strip(), time.strftime("%Y-%m-%dT%H:%M:%S"), map_method, png,
-               int(bool(map_wrong)))
-        with self._db() as db:
-            db.execute(f"INSERT OR REPLACE INTO reviews ({', '.join(COLUMNS)}) "
-                       f"VALUES ({', '.join('?' * len(COLUMNS))})", row)
+        if len(comment) > MAX_COMMENT:
+            raise ValueError(f"the comment has {len(comment):,} characters; at most {MAX_COMMENT:,}")
+        return dict(image=image, question=question, ground_truth=ground_truth, model=model, model_answer=model_answer,
+                    verdict=verdict, corrected_answer=corrected_answer, comment=comment,
+                    updated=time.strftime("%Y-%m-%dT%H:%M:%S"), map_method=map_method,
+                    map_wrong=int(bool(map_wrong))), map_image
 
     def _save_map(self, im, *key) -> str:
         """One PNG per (reviewer, source, case, model), replaced with the verdict; -> its path."""
@@ -80,7 +115,7 @@ class ReviewStore:
         """Case ids this reviewer has recorded for `source` (to resume where they left off)."""
         with self._db() as db:
             return {r[0] for r in db.execute("SELECT DISTINCT qid FROM reviews WHERE reviewer=? AND source=?",
-                                             (reviewer.strip(), source))}
+                                             (_text(reviewer, "reviewer").strip(), source))}
 
     def rows(self, source: str | None = None) -> list[dict]:
         q, args = f"SELECT {', '.join(COLUMNS)} FROM reviews", ()
@@ -89,13 +124,23 @@ class ReviewStore:
         with self._db() as db:
             return [dict(zip(COLUMNS, r)) for r in db.execute(q + " ORDER BY source, qid, model, reviewer", args)]
 
+    def csv_text(self, source: str | None = None) -> str:
+        """The reviews as CSV. Text starting with =, +, -, @, a tab or a carriage return gets a leading
+        ' in the export only (the store keeps it as typed), so a spreadsheet shows it rather than running
+        it as a formula (e.g. a comment "=HYPERLINK(...)")."""
+        f = io.StringIO()
+        w = csv.DictWriter(f, COLUMNS)
+        w.writeheader()
+        w.writerows({k: "'" + v if isinstance(v, str) and v.startswith(FORMULA_START) else v for k, v in r.items()}
+                    for r in self.rows(source))
+        return f.getvalue()
+
     def export_csv(self, out: Path, source: str | None = None) -> Path:
-        out = Path(out)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, COLUMNS)
-            w.writeheader()
-            w.writerows(self.rows(source))
+        """`csv_text` written to `out` (whole: through a temp file of its own, then renamed)."""
+        out, text = Path(out), self.csv_text(source)
+        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")
+        with open(fd, "w", newline="", encoding="utf-8") as f:
+            f.write(text)
         os.replace(tmp, out)
         return out
 

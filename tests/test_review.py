@@ -81,3 +81,131 @@ def test_an_old_review_database_opens_with_its_rows_intact(tmp_path):
     assert old["map_png"] == "" and old["map_wrong"] == 0
     s.record("bob", "examples", "7", "baseline-slake", "agree", map_image=Image.new("RGB", (8, 8)), map_wrong=True)
     assert len(s.rows()) == 2 and ReviewStore(path).reviewed("ann", "examples") == {"7"}
+
+
+def test_a_case_is_recorded_whole_or_not_at_all(tmp_path):
+    """A refused verdict for any model leaves no row (nor map) for the others: the case would otherwise
+    count as reviewed and Load would resume past it."""
+    s = ReviewStore(tmp_path / "r.sqlite")
+    with pytest.raises(ValueError, match="corrected answer"):
+        s.record_case("Dr S", "examples", "ex0", [
+            {"model": "cmi-mtl-vqa-rad", "verdict": "agree", "map_image": Image.new("RGB", (8, 8))},
+            {"model": "cmdpi-vqa-rad", "verdict": "corrected", "corrected_answer": " "}])
+    assert s.rows() == [] and s.reviewed("Dr S", "examples") == set() and not s.maps_dir.exists()
+    s.record_case("Dr S", "examples", "ex0", [{"model": "cmi-mtl-vqa-rad", "verdict": "agree"},
+                                              {"model": "cmdpi-vqa-rad", "verdict": "corrected",
+                                               "corrected_answer": "yes"}])
+    assert [r["model"] for r in s.rows()] == ["cmdpi-vqa-rad", "cmi-mtl-vqa-rad"]
+
+
+def test_missing_text_and_long_comments_are_refused_with_a_message(tmp_path):
+    s = ReviewStore(tmp_path / "r.sqlite")
+    for reviewer, qid, kw, msg in [(None, "1", {}, "reviewer"), ("ann", None, {}, "case id"),
+                                   ("ann", " ", {}, "case id"), ("ann", "1", {"comment": 5}, "comment must be text"),
+                                   ("ann", "1", {"comment": "x" * 2001}, "at most 2,000"),
+                                   ("ann", "1", {"verdict": "corrected", "corrected_answer": None}, "corrected answer")]:
+        with pytest.raises(ValueError, match=msg):
+            s.record(reviewer, "examples", qid, "m", kw.pop("verdict", "agree"), **kw)
+    s.record("ann", "examples", "1", "m", "agree", corrected_answer=None, comment=None)   # None text is empty
+    assert [(r["corrected_answer"], r["comment"]) for r in s.rows()] == [("", "")]
+
+
+def test_export_quotes_formula_like_cells_but_the_store_keeps_them(tmp_path):
+    s = ReviewStore(tmp_path / "r.sqlite")
+    raw = ['=HYPERLINK("http://x","y")', "+1", "-2", "@SUM(A1)", "\t=1", "\r=1"]
+    for i, text in enumerate(raw):
+        s.record("ann", "examples", str(i), "m", "agree", question=text, comment=raw[0])
+    s.record("ann", "examples", "9", "m", "agree", question="fine - really", comment="a=b")
+    rows = {r["qid"]: r for r in csv.DictReader(open(s.export_csv(tmp_path / "out.csv"), newline=""))}
+    assert [rows[str(i)]["question"] for i in range(len(raw))] == ["'" + t for t in raw]
+    assert rows["0"]["comment"] == "'" + raw[0] and (rows["9"]["question"], rows["9"]["comment"]) == ("fine - really",
+                                                                                                     "a=b")
+    assert rows["0"]["map_wrong"] == "0" and [r["question"] for r in s.rows()][:len(raw)] == raw   # stored raw
+
+
+# -- the Review tab's handlers, on tiny checkpoints -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    import shutil
+
+    from tests.helpers import tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("review-cks")
+    made = {m: tiny_checkpoint(tmp / m, m) for m in ("cmi-mtl", "baseline")}
+    for m, ck in made.items():
+        for dataset in ("vqa-rad", "slake"):
+            shutil.copytree(ck, tmp / "cks" / f"{m}-{dataset}")
+    return tmp / "cks"
+
+
+@pytest.fixture
+def tab(tiny_checkpoints, tmp_path, monkeypatch):
+    import tempfile
+
+    from medvqa.app import review
+
+    monkeypatch.setenv("MEDVQA_CHECKPOINTS", str(tiny_checkpoints))
+    monkeypatch.setenv("MEDVQA_DATA", str(tmp_path / "user-data"))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))        # export folders land here, to count them
+    monkeypatch.setattr(review, "_export_dir", None, raising=False)
+    return review
+
+
+def _slots(*per_model):
+    """save_case's slot values: (verdict, corrected answer, map-wrong box) per slot."""
+    from medvqa.app.common import N_SLOTS
+
+    return [v for s in list(per_model) + [(None, "", False)] * (N_SLOTS - len(per_model)) for v in s]
+
+
+def test_save_writes_every_models_verdict_or_none(tab):
+    import gradio as gr
+
+    cs, i, loaded, *view = tab.open_cases("examples", None, "vqa-rad", "Dr S")
+    store = ReviewStore()
+    with pytest.raises(gr.Error, match="choose a verdict for Baseline"):
+        tab.save_case(cs, i, loaded, "Dr S", "", view[-1], *_slots(("agree", "", False)))
+    with pytest.raises(gr.Error, match="corrected answer"):
+        tab.save_case(cs, i, loaded, "Dr S", "", view[-1], *_slots(("agree", "", False), ("corrected", "", False)))
+    assert store.rows() == [] and tab.open_cases("examples", None, "vqa-rad", "Dr S")[1] == i   # not skipped
+    tab.save_case(cs, i, loaded, "Dr S", "ok", view[-1], *_slots(("agree", "", True), ("corrected", "yes", False)))
+    assert {r["model"]: r["map_wrong"] for r in store.rows()} == {"cmi-mtl-vqa-rad": 1, "baseline-vqa-rad": 0}
+
+
+def test_save_records_the_models_shown_not_the_radio_now(tab):
+    """Loaded with VQA-RAD's models, the radio then moved to SLAKE without Load: the stored rows are
+    the VQA-RAD models whose answers and maps were shown. Moving the radio re-shows the case with the
+    SLAKE models, and those are what Save then records."""
+    cs, i, loaded, *view = tab.open_cases("examples", None, "vqa-rad", "Dr S")
+    tab.save_case(cs, i, loaded, "Dr S", "", view[-1], *_slots(("agree", "", False), ("disagree", "", False)))
+    rows = ReviewStore().rows()
+    assert {r["model"] for r in rows} == {"cmi-mtl-vqa-rad", "baseline-vqa-rad"}
+    shown = view[4]["value"] + view[4 + tab.SLOT_WIDTH]["value"]   # the two answers' markdown
+    assert all(r["model_answer"] and r["model_answer"] in shown for r in rows)
+    loaded, *view = tab.switch_models(cs, i, "slake", "Dr S", loaded)
+    tab.save_case(cs, i, loaded, "Dr S", "", view[-1], *_slots(("agree", "", False), ("agree", "", False)))
+    assert {r["model"] for r in ReviewStore().rows()} - {r["model"] for r in rows} == {"cmi-mtl-slake", "baseline-slake"}
+
+
+def test_review_api_refuses_bad_input_with_a_message(tab):
+    import gradio as gr
+
+    ok = dict(reviewer="Dr A", source="examples", qid="ex0", model="cmi-mtl-vqa-rad", verdict="agree")
+    for bad, msg in [({"model": "no-such-model"}, "unknown model"), ({"source": "elsewhere"}, "unknown source"),
+                     ({"source": None}, "unknown source"), ({"qid": None}, "case id"), ({"reviewer": None}, "reviewer"),
+                     ({"verdict": "corrected", "corrected_answer": None}, "corrected answer"),
+                     ({"comment": "x" * 1_000_000}, "at most 2,000")]:
+        with pytest.raises(gr.Error, match=msg):
+            tab.review_api(**{**ok, **bad})
+    assert ReviewStore().rows() == []
+    tab.review_api(**ok, corrected_answer=None, comment=None)
+    tab.review_api(**{**ok, "source": "upload:cases.zip"})
+    assert len(ReviewStore().rows()) == 2
+
+
+def test_exports_leave_one_folder_per_process(tab, tmp_path):
+    ReviewStore().record("ann", "examples", "1", "m", "agree", comment="=1+1")
+    first = ReviewStore().export_csv(tab.export_path())
+    assert ReviewStore().export_csv(tab.export_path()) == first and "'=1+1" in tab.review_export_api()
+    assert list(tmp_path.glob("medvqa-reviews-*")) == [first.parent] and list(first.parent.iterdir()) == [first]

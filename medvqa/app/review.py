@@ -11,9 +11,9 @@ from pathlib import Path
 import gradio as gr
 
 from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
-                               examples, model_title, saliency_figure, unzip_cases)
+                               examples, model_title, saliency_figure, unzip_cases, user_checkpoints_dir)
 from medvqa.data import DataError, ImageError, load_image, load_split
-from medvqa.predict import Predictor
+from medvqa.predict import Predictor, checkpoints_dir
 from medvqa.review import VERDICTS, ReviewStore
 
 MAX_CASES = 500
@@ -43,13 +43,36 @@ def _source_id(source: str, upload) -> str:
     return f"upload:{Path(upload).name}" if source == "uploaded zip" and upload else source
 
 
+def known_source(source) -> bool:
+    """A source id the tab records under: the examples, a built-in test split or an uploaded zip's."""
+    return isinstance(source, str) and (source in ["examples"] + [f"{d}:test" for d in BUILTIN]
+                                        or (source.startswith("upload:") and len(source) > len("upload:")))
+
+
+def known_models() -> set[str]:
+    """The models a verdict can be about: checkpoints installed here or fine-tuned here."""
+    return {p.parent.name for d in (checkpoints_dir(), user_checkpoints_dir()) for p in d.glob("*/config.json")}
+
+
+_export_dir: Path | None = None
+
+
+def export_path() -> Path:
+    """reviews.csv in one folder per process (made again if a temp cleaner removed it): each export
+    replaces the last rather than leaving a folder per click. Gradio serves a copy of it."""
+    global _export_dir
+    if _export_dir is None or not _export_dir.is_dir():
+        _export_dir = Path(tempfile.mkdtemp(prefix="medvqa-reviews-"))
+    return _export_dir / "reviews.csv"
+
+
 SLOT_WIDTH = 5   # per model: answer, verdict, correction, map, "map points at the wrong place"
 
 
-def show(cases, idx, dataset, reviewer, source_id):
+def show(cases, idx, dataset, reviewer, source_id, models=None):
     """Outputs: position, image, question, ground truth, then (answer markdown, verdict, correction,
     map, map-wrong box) per slot, then the maps shown as [(method, image) | None] per slot (kept
-    to be stored with the verdicts)."""
+    to be stored with the verdicts). `models`: the checkpoints fixed at Load (default: `dataset`'s)."""
     if not cases:
         return (["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (SLOT_WIDTH * N_SLOTS)
                 + [[None] * N_SLOTS])
@@ -65,7 +88,7 @@ def show(cases, idx, dataset, reviewer, source_id):
         gr.Warning(str(e))
         im = None
     outs, shown = [], []
-    cks = checkpoints_for(dataset)
+    cks = [Path(m) for m in models] if models is not None else checkpoints_for(dataset)
     for i in range(N_SLOTS):
         if i >= len(cks) or im is None:
             outs += [gr.update(visible=False)] * SLOT_WIDTH
@@ -87,6 +110,7 @@ def build_tab():
         gr.Markdown("Step through cases and record, for each model, whether you agree. Reviews are saved "
                     "on this machine (SQLite) under your name; loading the same cases resumes where you left off.")
         cases, idx, shown = gr.State([]), gr.State(0), gr.State([None] * N_SLOTS)
+        loaded = gr.State({})   # the source id and the models fixed at Load: what Save records against
         with gr.Row():
             reviewer = gr.Textbox(label="Reviewer name", max_lines=1)
             dataset = gr.Radio([(v, k) for k, v in DATASETS.items()], value="vqa-rad", label="Models trained on")
@@ -119,55 +143,20 @@ def build_tab():
         summary = gr.Markdown()
         view = [pos, image, question, truth] + [c for s in slots for c in s] + [shown]
 
-        def on_load(source, upload, dataset, reviewer):
-            try:
-                cs = load_cases(source, upload)
-            except (DataError, OSError) as e:
-                raise gr.Error(str(e)) from None
-            if not cs:
-                raise gr.Error("no usable cases in that source")
-            sid = _source_id(source, upload)
-            done = ReviewStore().reviewed(reviewer, sid) if reviewer.strip() else set()
-            start = next((i for i, c in enumerate(cs) if c["qid"] not in done), 0)   # resume
-            return [cs, start] + show(cs, start, dataset, reviewer, sid)
-
-        load.click(on_load, [source, upload, dataset, reviewer], [cases, idx] + view, api_visibility="private")
-
-        def step(cs, i, delta, dataset, reviewer, source, upload):
-            j = min(max(i + delta, 0), max(len(cs) - 1, 0))
-            return [j] + show(cs, j, dataset, reviewer, _source_id(source, upload))
-
-        prev.click(lambda *a: step(a[0], a[1], -1, *a[2:]), [cases, idx, dataset, reviewer, source, upload],
-                   [idx] + view, api_visibility="private")
-        skip.click(lambda *a: step(a[0], a[1], 1, *a[2:]), [cases, idx, dataset, reviewer, source, upload],
-                   [idx] + view, api_visibility="private")
-
-        def on_save(cs, i, dataset, reviewer, source, upload, comment, maps, *slot_values):
-            if not cs:
-                raise gr.Error("load a set of cases first")
-            c, cks, sid = cs[i], checkpoints_for(dataset), _source_id(source, upload)
-            store = ReviewStore()
-            try:
-                im = load_image(c["image"])
-                for k, ck in enumerate(cks[:N_SLOTS]):
-                    verdict, corr, wrong = slot_values[3 * k: 3 * k + 3]
-                    if not verdict:
-                        raise ValueError(f"choose a verdict for {model_title(ck)}")
-                    a = Predictor.load(ck).answer(im, c["question"])
-                    method, fig = maps[k] if k < len(maps) and maps[k] else ("", None)
-                    store.record(reviewer, sid, c["qid"], ck.name, verdict, image=c["image"], question=c["question"],
-                                 ground_truth=c["ground_truth"], model_answer=a.text, corrected_answer=corr or "",
-                                 comment=comment or "", map_image=fig, map_method=method, map_wrong=bool(wrong))
-            except (ValueError, ImageError) as e:
-                raise gr.Error(str(e)) from None
-            return step(cs, i, 1, dataset, reviewer, source, upload) + [""]
-
-        save.click(on_save, [cases, idx, dataset, reviewer, source, upload, comment, shown]
+        load.click(open_cases, [source, upload, dataset, reviewer], [cases, idx, loaded] + view,
+                   api_visibility="private")
+        dataset.change(switch_models, [cases, idx, dataset, reviewer, loaded], [loaded] + view,
+                       api_visibility="private")
+        prev.click(lambda *a: step(a[0], a[1], -1, *a[2:]), [cases, idx, loaded, reviewer], [idx] + view,
+                   api_visibility="private")
+        skip.click(lambda *a: step(a[0], a[1], 1, *a[2:]), [cases, idx, loaded, reviewer], [idx] + view,
+                   api_visibility="private")
+        save.click(save_case, [cases, idx, loaded, reviewer, comment, shown]
                    + [c for s in slots for c in (s[1], s[2], s[4])], [idx] + view + [comment], api_visibility="private")
 
         def on_export():
             store = ReviewStore()
-            out = store.export_csv(Path(tempfile.mkdtemp(prefix="medvqa-reviews-")) / "reviews.csv")
+            out = store.export_csv(export_path())
             return str(out), summary_markdown(store.summary())
 
         export.click(on_export, None, [csv_file, summary], api_visibility="private")
@@ -175,9 +164,67 @@ def build_tab():
         gr.api(review_export_api, api_name="review_export")
 
 
+def open_cases(source, upload, dataset, reviewer):
+    """Load: the cases, where to resume, and the source id and models fixed for them (`loaded`)."""
+    try:
+        cs = load_cases(source, upload)
+    except (DataError, OSError) as e:
+        raise gr.Error(str(e)) from None
+    if not cs:
+        raise gr.Error("no usable cases in that source")
+    loaded = {"source": _source_id(source, upload), "models": [str(p) for p in checkpoints_for(dataset)]}
+    done = ReviewStore().reviewed(reviewer, loaded["source"]) if reviewer.strip() else set()
+    start = next((i for i, c in enumerate(cs) if c["qid"] not in done), 0)   # resume
+    return [cs, start, loaded] + show(cs, start, dataset, reviewer, loaded["source"], loaded["models"])
+
+
+def switch_models(cs, i, dataset, reviewer, loaded):
+    """The "Models trained on" radio changed: show the case again with those models, which Save then records."""
+    if not cs:
+        return [loaded] + show(cs, i, dataset, reviewer, "")
+    loaded = {**loaded, "models": [str(p) for p in checkpoints_for(dataset)]}
+    return [loaded] + show(cs, i, dataset, reviewer, loaded["source"], loaded["models"])
+
+
+def step(cs, i, delta, loaded, reviewer):
+    j = min(max(i + delta, 0), max(len(cs) - 1, 0))
+    return [j] + show(cs, j, None, reviewer, loaded.get("source", ""), loaded.get("models"))
+
+
+def save_case(cs, i, loaded, reviewer, comment, maps, *slot_values):
+    """Save & next: one verdict per model shown (the models fixed in `loaded`, with the maps shown),
+    all or none: a missing verdict or corrected answer for any model records nothing."""
+    if not cs:
+        raise gr.Error("load a set of cases first")
+    c, cks = cs[i], [Path(m) for m in loaded["models"]][:N_SLOTS]
+    try:
+        for k, ck in enumerate(cks):   # before the slow part: the models' answers
+            if not slot_values[3 * k]:
+                raise ValueError(f"choose a verdict for {model_title(ck)}")
+        im = load_image(c["image"])
+        verdicts = []
+        for k, ck in enumerate(cks):
+            verdict, corr, wrong = slot_values[3 * k: 3 * k + 3]
+            method, fig = maps[k] if k < len(maps) and maps[k] else ("", None)
+            answer = Predictor.load(ck).answer(im, c["question"]).text   # the shown one: same checkpoint
+            verdicts.append(dict(model=ck.name, verdict=verdict, image=c["image"], question=c["question"],
+                                 ground_truth=c["ground_truth"], model_answer=answer, corrected_answer=corr,
+                                 comment=comment, map_image=fig, map_method=method, map_wrong=bool(wrong)))
+        ReviewStore().record_case(reviewer, loaded["source"], c["qid"], verdicts)
+    except (ValueError, ImageError, OSError) as e:   # CheckpointError is a ValueError
+        raise gr.Error(str(e)) from None
+    return step(cs, i, 1, loaded, reviewer) + [""]
+
+
 def review_api(reviewer: str, source: str, qid: str, model: str, verdict: str, corrected_answer: str = "",
                comment: str = "") -> dict:
-    """Record one verdict (scripts and tests); returns the summary."""
+    """Record one verdict (scripts and tests); returns the summary. Refused: a model not installed or
+    fine-tuned here, a source the tab does not record under, a missing case id, an over-long comment."""
+    if not (isinstance(model, str) and model in known_models()):
+        raise gr.Error(f"unknown model {model!r}: give one of {', '.join(sorted(known_models()))}")
+    if not known_source(source):
+        raise gr.Error(f"unknown source {source!r}: give examples, "
+                       f"{', '.join(f'{d}:test' for d in BUILTIN)} or upload:<zip name>")
     store = ReviewStore()
     try:
         store.record(reviewer, source, qid, model, verdict, corrected_answer=corrected_answer, comment=comment)
@@ -187,9 +234,8 @@ def review_api(reviewer: str, source: str, qid: str, model: str, verdict: str, c
 
 
 def review_export_api() -> str:
-    """All reviews as CSV text."""
-    out = ReviewStore().export_csv(Path(tempfile.mkdtemp(prefix="medvqa-reviews-")) / "reviews.csv")
-    return out.read_text(encoding="utf-8")
+    """All reviews as CSV text (formula-like cells quoted: ReviewStore.csv_text)."""
+    return ReviewStore().csv_text()
 
 
 def summary_markdown(s: dict) -> str:
