@@ -26,6 +26,11 @@ NO_HELD_OUT = ("none: trained on all of train, so no held-out questions are left
 
 YES_NO = ("yes", "no")   # the answers that `temperature_yes_no` serves as top-1
 KEPT_AT_ONE = "so T = 1 is kept"   # the gate's words in `temperature_source` (`gate`, `kept_at_one`)
+# The fewest held-out questions (with an answer in the vocabulary) a T may be fitted on. On a handful the NLL's
+# minimum runs off when they are all right or all wrong (a 12-case fine-tune fitted T = 2e6 on one question), and
+# the ECE the gate compares falls into 15 bins of one or two questions each; 30 is the usual small-sample floor.
+# The shipped fits used 306 (VQA-RAD's held-out slice) and 1053 (SLAKE's validation split, ~360 answered yes/no).
+MIN_FIT_QUESTIONS = 30
 
 
 def probabilities(logits: torch.Tensor, temperature: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -122,7 +127,8 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
     ((N,) bool, from `yes_no_rows`): one T for those rows, `temperature_yes_no`, and one for the rest.
     The gate: a fitted T is applied only if it lowers the ECE on its own fit questions. T minimises the
     NLL, but what a reader sees is the shown confidence; where the NLL's T makes that worse even on the
-    questions it was fitted on (logits too far apart for one T to bend, docs/decisions.md), T = 1 is kept."""
+    questions it was fitted on (logits too far apart for one T to bend, docs/decisions.md), T = 1 is kept.
+    Before it: a T fitted on fewer than MIN_FIT_QUESTIONS questions is not applied either (each of a pair on its own)."""
     fitted = {"temperature": round(fit_temperature(logits, labels), 4)}
     if yes_no is not None:
         fitted = {"temperature": round(fit_temperature(logits[~yes_no], labels[~yes_no]), 4),
@@ -136,8 +142,14 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
            "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
            "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
            "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}
-    entries = gate(fitted, fit, source)
-    if yes_no is not None and "rejected" in entries["temperature_fit"]:   # a pair fails together; one T might not
+    known = labels >= 0   # the questions a fit uses
+    n = min(int(r.sum()) for r in ([known] if yes_no is None else [known & ~yes_no, known & yes_no]))
+    entries = gate(fitted, fit, source) if n >= MIN_FIT_QUESTIONS else {
+        "temperature": 1.0, "temperature_fit": fit | {"rejected": fitted},
+        "temperature_source": f"{source}; its fitted {describe(fitted)} is not applied: {n} questions are too few "
+                              f"to fit T on (at least {MIN_FIT_QUESTIONS}), so T = 1 is used"}
+    # a pair fails together; one T, on all the questions, might not
+    if yes_no is not None and "rejected" in entries["temperature_fit"] and known.sum() >= MIN_FIT_QUESTIONS:
         entries["temperature_source"] += "; one T for all answers may pass (calibrate without --yes-no)"
     return entries
 

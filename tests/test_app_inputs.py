@@ -60,3 +60,10 @@ def test_an_unreadable_upload_says_why_in_the_preview(tmp_path):
     with pytest.raises(gr.Error, match="not a readable image"):
         _preview(str(tmp_path / "text.png"))
     assert _preview(None) == (None, "")
+
+
+def test_finetune_api_takes_an_upload_not_a_server_path():
+    from medvqa.app import finetune
+
+    with pytest.raises(gr.Error, match="not a path on the server"):
+        finetune.finetune_api("baseline", "uploaded zip", "/tmp/cases.zip", "tiny", 1, 1e-3, [], 0)

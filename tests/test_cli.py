@@ -401,6 +401,8 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     cases.write_text("image,question\na.png,Is it?\n")
     (tmp_path / "empty.csv").write_text("image,question\n")
     (tmp_path / "note.txt").write_text("keep me")
+    (tmp_path / "test-only").mkdir()
+    (tmp_path / "test-only" / "cases.csv").write_text("image,question,answer,split\n../a.png,Is it?,yes,test\n")
     for args, says in ((["predict", "--checkpoint", str(broken), *ask], "unreadable"),
                        (["predict", "--checkpoint", str(foreign), *ask], "unknown model 'foo'"),
                        (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out", str(cases)], "input CSV"),
@@ -429,7 +431,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                        (["calibrate", "--checkpoint", str(ck), "--transfer-from", str(ck)], "the checkpoint itself"),
                        (["pointing-game", "--checkpoint", str(ck), "--root", str(tmp_path / "cache")], "not a SLAKE folder"),
                        (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
-                         str(tmp_path), "--out", str(tmp_path / "new" / "ck"), "--ablate", "cmcl"], "no parts")):
+                         str(tmp_path), "--out", str(tmp_path / "new" / "ck"), "--ablate", "cmcl"], "no parts"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder", "--root",
+                         str(tmp_path / "test-only"), "--out", str(tmp_path / "o")], "no train split")):
         rc, out, err = run(capsys, *args)
         assert rc == 2 and says in err and err.strip().count("\n") == 0, (args, err)
     assert (tmp_path / "note.txt").read_text() == "keep me" and cases.read_text() == "image,question\na.png,Is it?\n"

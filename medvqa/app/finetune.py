@@ -4,6 +4,8 @@ plot, and cancel. One run at a time per app. The checkpoint is written whole at 
 cancelled run writes nothing) under the user data dir and then shows up in Ask."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import threading
 import time
@@ -13,12 +15,17 @@ import gradio as gr
 from gradio import FileData
 
 from medvqa.calibration import describe
-from medvqa.app.common import BUILTIN, checkpoints_dir, data_root, escape_md, unzip_cases, user_checkpoints_dir
+from medvqa.app.common import (BUILTIN, api_file, checkpoints_dir, data_root, escape_md, unzip_cases,
+                               user_checkpoints_dir)
 from medvqa.models.cmdpi import STAGE_ABLATIONS
 from medvqa.models.cmi_mtl import ABLATIONS as CMI_ABLATIONS
 from medvqa.train.trainer import Callbacks
 
 MAX_CPU_EPOCHS = 10
+MODELS = ("baseline", "cmi-mtl", "cmdpi")
+PRESETS = ("offline", "tiny")   # `paper` needs the hub backbones and a GPU: the command line's
+MAX_TUNE_BLOCKS = 2             # backbone blocks the tab trains at most (its slider)
+MAX_LR = 1.0                    # far above any sane rate; 1e10 overflowed float32 mid-run
 
 
 class Job:
@@ -85,27 +92,80 @@ def _fresh_name(stem: str) -> str:
     return name
 
 
+def _number(v, what: str) -> float:
+    """A box's or slider's value as a number: an emptied box sends None, the API anything."""
+    if v is None or v == "":
+        raise ValueError(f"give a {what}")
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        raise ValueError(f"{v!r} is not a {what}") from None
+
+
+def _check_cases(source, root, preset) -> list[str]:
+    """Read the cases' rows (no images decoded) as training will, so that a set with nothing to train on
+    is refused here with the reason, not after the backbones load -> the rows that will be skipped."""
+    from medvqa.config import get_preset
+    from medvqa.data import dataset_splits, load_split
+    from medvqa.train.data import held_out
+
+    dataset = "folder" if source == "uploaded zip" else source
+    loaded = {s: load_split(dataset, root, s) for s in dataset_splits(dataset, root)}
+    train, val, _ = held_out(loaded, get_preset(preset).train)   # no train split: a DataError saying so
+    # an uploaded zip's temporary folder means nothing to the user: name its files as in the zip
+    problems = [p.replace(f"{Path(root).parent}/", "") for s, sp in loaded.items() if s != "test" for p in sp.problems]
+    if not loaded["train"].records:
+        raise ValueError("no usable training cases: " + (f"{len(problems)} rows skipped, e.g. {problems[0]}"
+                                                         if problems else "the CSV has no rows"))
+    if not train:   # one case: the held-out slice takes it
+        raise ValueError(f"too few usable training cases ({len(val)}): give at least 2, as some are held out to "
+                         "pick the epoch and fit the confidence temperature")
+    return problems
+
+
 def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0) -> str:
     """Start a run (raises ValueError when one is going or the settings are bad) -> checkpoint name."""
     import torch
 
     from medvqa.cli import build_parser
-    from medvqa.cli.common import parse
+    from medvqa.cli.common import is_user_error, parse
 
-    if not torch.cuda.is_available() and int(epochs) > MAX_CPU_EPOCHS:
+    # every choice checked here: argparse would exit (SystemExit) on a bad one, and errors in the run show late
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}: choose one of {', '.join(MODELS)}")
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    epochs = _number(epochs, "number of epochs")
+    if not (epochs >= 1 and epochs.is_integer()):
+        raise ValueError(f"number of epochs {epochs:g}: use a whole number of 1 or more")
+    if not torch.cuda.is_available() and epochs > MAX_CPU_EPOCHS:
         raise ValueError(f"on CPU keep runs short: at most {MAX_CPU_EPOCHS} epochs")
+    lr = _number(lr, "learning rate")
+    if not 0 < lr <= MAX_LR:
+        raise ValueError(f"learning rate {lr:g}: use a value in (0, {MAX_LR:g}], e.g. 2e-4")
+    tune_image_blocks = _number(tune_image_blocks or 0, "number of image-backbone blocks")
+    if tune_image_blocks not in range(MAX_TUNE_BLOCKS + 1):
+        raise ValueError(f"image-backbone blocks to train {tune_image_blocks:g}: use 0 to {MAX_TUNE_BLOCKS}")
     known = ABLATIONS.get(model, ())
     if any(x not in known for x in ablate or ()):
         raise ValueError(f"{model} has the ablations {', '.join(known) or '(none)'}")
+    if source not in sources():
+        raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(sources())}")
     with JOB.lock:
         if JOB.busy():
             raise ValueError("a fine-tuning run is already going: wait for it or cancel it")
         name = _fresh_name(f"{model}-{source.split()[0]}-ft-{time.strftime('%Y%m%d-%H%M%S')}")
         argv, out = _argv(model, source, upload, preset, epochs, lr, ablate, name, tune_image_blocks)
-        ns = parse(build_parser(), argv)
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                ns = parse(build_parser(), argv)
+        except SystemExit:   # a value the checks above let through: argparse exits, which must not reach the server
+            raise ValueError(f"the settings were refused: {err.getvalue().strip().removeprefix('error: ')}") from None
+        skipped = _check_cases(source, ns.root, preset)
         JOB.cancel.clear()
         state = {"status": "running", "name": name, "out": str(out), "step": 0, "total": 0, "history": [],
-                 "started": time.time()}
+                 "started": time.time(), "skipped": skipped}
 
         def on_step(step, total, losses):
             state.update(step=step, total=total, loss=losses.get("loss"))
@@ -116,15 +176,13 @@ def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0
         ns.callbacks = Callbacks(on_step=on_step, on_epoch=on_epoch, should_stop=JOB.cancel.is_set)
 
         def run():
-            import contextlib
-            import io
-
             try:
                 with contextlib.redirect_stdout(io.StringIO()):  # --json output is for terminals
                     rc = ns.func(ns)
                 state["status"] = "cancelled" if rc == 130 else "done"
-            except Exception as e:  # shown in the tab; the app keeps serving
-                state.update(status="failed", error=f"{e.__class__.__name__}: {e}")
+            except (Exception, SystemExit) as e:  # shown in the tab; the app keeps serving
+                # a user's mistake reads as a plain message, a fault of ours with its type
+                state.update(status="failed", error=str(e) if is_user_error(e, ns) else f"{e.__class__.__name__}: {e}")
             state["seconds"] = round(time.time() - state["started"], 1)
 
         JOB.state = state
@@ -147,6 +205,8 @@ def _status_markdown(s: dict) -> str:
         line += f" · step {s['step']} / {s['total']} ({100 * s['step'] / s['total']:.0f}%)"
     if s.get("loss") is not None:
         line += f" · loss {s['loss']:.3f}"
+    if s.get("skipped"):
+        line += f"\n\nSkipped rows: {len(s['skipped'])}, e.g. {escape_md(s['skipped'][0])}"
     if s["status"] == "done":
         line += f"\n\nSaved to `{s['out']}`; it is now selectable in **Ask & compare**."
         cfg = json.loads((Path(s["out"]) / "config.json").read_text())   # `train` fitted T at the end of the run
@@ -182,15 +242,16 @@ def build_tab():
                     "of `cases.csv` (image,question,answer[,split]) with its images. Runs in the background; "
                     f"on CPU at most {MAX_CPU_EPOCHS} epochs. The result appears in Ask & compare.")
         with gr.Row():
-            model = gr.Dropdown(["baseline", "cmi-mtl", "cmdpi"], value="baseline", label="Model")
+            model = gr.Dropdown(list(MODELS), value="baseline", label="Model")
             source = gr.Dropdown(sources(), value=sources()[0], label="Data")
             upload = gr.File(label="Cases zip", file_types=[".zip"], type="filepath")
-            preset = gr.Dropdown(["offline", "tiny"], value="offline", label="Preset")
+            preset = gr.Dropdown(list(PRESETS), value="offline", label="Preset")
         with gr.Row():
             epochs = gr.Slider(1, MAX_CPU_EPOCHS, value=3, step=1, label="Epochs")
             lr = gr.Number(value=2e-4, label="Learning rate")
             ablate = gr.CheckboxGroup([], label="Ablations (switch off)", visible=False)   # the baseline has none
-            tune = gr.Slider(0, 2, value=0, step=1, label="Image-backbone blocks to train (top K; 0: frozen)")
+            tune = gr.Slider(0, MAX_TUNE_BLOCKS, value=0, step=1,
+                             label="Image-backbone blocks to train (top K; 0: frozen)")
         estimate = gr.Markdown()
         with gr.Row():
             go = gr.Button("Start", variant="primary")
@@ -229,7 +290,7 @@ def finetune_api(model: str, source: str, upload: FileData, preset: str, epochs:
                  ablate: list[str], tune_image_blocks: int = 0) -> str:
     """Start a background run (training the image backbone's top `tune_image_blocks` blocks);
     returns its checkpoint name."""
-    path = upload.get("path") if isinstance(upload, dict) else upload
+    path = api_file(upload, "cases zip") if upload is not None else None
     try:
         return start(model, source, path, preset, epochs, lr, ablate or [], tune_image_blocks)
     except (ValueError, OSError) as e:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from medvqa.data import AnswerVocab, dataset_splits, holdout, load_split
+from medvqa.data import AnswerVocab, DataError, dataset_splits, holdout, load_split
 from medvqa.data.cache import FeatureCache
 from medvqa.data.features import FeatureDataset
 
@@ -33,6 +33,9 @@ def held_out(loaded: dict, t) -> tuple[list, list, str]:
     """split name -> Split (train, and validate when the dataset has one), TrainConfig -> (train records,
     held-out records, their name): what selection and calibration use. Without a validation split
     (VQA-RAD) a fixed held-out slice of train questions; the test split is never looked at."""
+    if "train" not in loaded:   # a folder CSV whose split column names no row train
+        raise DataError(f"no train split to train on (the data has {', '.join(loaded) or 'no split'}): "
+                        "mark the rows to train on split=train, or leave the split column out")
     train = loaded["train"].records
     if "validate" in loaded:
         return train, loaded["validate"].records, "the validation split"

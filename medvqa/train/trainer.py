@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from medvqa.data import DataError
 from medvqa.data.features import collate
 from medvqa.train.checkpoint import save_checkpoint
 
@@ -144,6 +145,8 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
         resume: bool = True, batch_sampler=None) -> FitResult:
     """batch_sampler: a model's own batching (CMDPI's group sampler), with `set_epoch` and
     torchrun sharding of its own; otherwise shuffled batches (DistributedSampler under torchrun)."""
+    if train_ds is None or not len(train_ds):   # prepare() gives None when no row of train was usable
+        raise DataError("no usable training cases: the training split is empty or every row of it was skipped")
     cb = callbacks or Callbacks()
     out_dir = Path(out_dir)
     seed_everything(cfg.seed)
