@@ -51,6 +51,38 @@ def test_cancel_keeps_previous_checkpoint(tmp_path):
     assert (tmp_path / "run" / "best" / "model.safetensors").read_bytes() == before
 
 
+def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path):
+    """A NaN loss in epoch 2 stops training with a DivergedError (a user error, naming the learning rate)
+    before any NaN weight is selected, saved or left to resume from; epoch 1's checkpoint stays."""
+    import math
+
+    from medvqa.cli.common import USER_ERRORS
+    from medvqa.train.checkpoint import load_weights
+    from medvqa.train.trainer import DivergedError
+
+    preset, ds, av, vocab, cfg = _setup(tmp_path, epochs=2)
+    model = build("baseline", preset, len(vocab))
+    steps_per_epoch = math.ceil(len(ds) / preset.train.batch_size)
+    calls, forward = [0], model.forward
+
+    def poisoned(batch):   # finite for epoch 1, NaN from the first step of epoch 2
+        out = forward(batch)
+        calls[0] += 1
+        if calls[0] > steps_per_epoch and model.training:
+            out["losses"] = {k: v * float("nan") for k, v in out["losses"].items()}
+        return out
+
+    model.forward = poisoned
+    with pytest.raises(DivergedError, match=r"epoch 2, step .*learning rate.*best epoch before it") as e:
+        fit(model, ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
+    assert isinstance(e.value, USER_ERRORS)
+    st = torch.load(tmp_path / "run" / "train_state.pt", weights_only=True)
+    assert st["epoch"] == 1 and all(torch.isfinite(v).all() for v in st["model"].values() if v.is_floating_point())
+    saved = build("baseline", preset, len(vocab))
+    load_weights(saved, tmp_path / "run" / "best")
+    assert all(torch.isfinite(p).all() for p in saved.parameters())
+
+
 def test_pretrained_parameters_take_their_own_lr():
     """Parameters a model marks as pretrained (trained backbone blocks) get lr_pretrained, the rest
     lr; biases and norms get no weight decay in either."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from medvqa.data import DataError, ImageError, InputError
 from medvqa.train.checkpoint import CheckpointError
+from medvqa.train.trainer import DivergedError
 
 
 class UserError(Exception):
@@ -16,7 +17,7 @@ class UserError(Exception):
 
 
 # What a user's input causes: one line and exit 2. Anything else is a fault of ours: exit 1.
-USER_ERRORS = (UserError, DataError, ImageError, InputError, CheckpointError)
+USER_ERRORS = (UserError, DataError, ImageError, InputError, CheckpointError, DivergedError)
 
 
 def is_user_error(e: BaseException, a) -> bool:

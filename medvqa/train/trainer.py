@@ -29,6 +29,11 @@ from medvqa.data.features import collate
 from medvqa.train.checkpoint import save_checkpoint
 
 
+class DivergedError(ValueError):
+    """The loss became NaN or infinite, most often a learning rate too high for the data: stop before
+    such weights are selected, saved or resumed from."""
+
+
 def seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
@@ -205,6 +210,13 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
                 out = net(batch)
             losses = out["losses"]
             loss = sum(model.loss_weights.get(k, 1.0) * v.float() for k, v in losses.items())
+            finite = torch.isfinite(loss.detach()).float()
+            if distributed:   # every rank stops at the same step; one alone would leave the others waiting
+                dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+            if not finite:
+                kept = f"; the best epoch before it stays in {out_dir / 'best'}" if res.best else ""
+                raise DivergedError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
+                                    f"lower the learning rate (it is {cfg.lr:g}){kept}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip:
