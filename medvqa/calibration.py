@@ -128,7 +128,15 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
     The gate: a fitted T is applied only if it lowers the ECE on its own fit questions. T minimises the
     NLL, but what a reader sees is the shown confidence; where the NLL's T makes that worse even on the
     questions it was fitted on (logits too far apart for one T to bend, docs/decisions.md), T = 1 is kept.
-    Before it: a T fitted on fewer than MIN_FIT_QUESTIONS questions is not applied either (each of a pair on its own)."""
+    Before it: a T fitted on fewer than MIN_FIT_QUESTIONS questions is not applied either (each of a pair on its own),
+    and none is fitted where no question has its answer in the vocabulary (`--vocab train`, say)."""
+    known = labels >= 0   # the questions a fit uses
+    parts = [known] if yes_no is None else [known & ~yes_no, known & yes_no]
+    if not all(r.any() for r in parts):
+        return {"temperature": 1.0, "temperature_source": f"{source}; no held-out question"
+                + ("" if yes_no is None else " of one kind (yes/no top answer or not)")
+                + " has its answer in the model's vocabulary, so T = 1 is used"
+                + ("" if yes_no is None or not known.any() else "; one T for all answers may fit (calibrate without --yes-no)")}
     fitted = {"temperature": round(fit_temperature(logits, labels), 4)}
     if yes_no is not None:
         fitted = {"temperature": round(fit_temperature(logits[~yes_no], labels[~yes_no]), 4),
@@ -142,8 +150,7 @@ def fit_report(logits: torch.Tensor, labels: torch.Tensor, source: str, yes_no: 
            "nll_before": round(nll(logits, labels), 4), "nll_after": round(nll(logits, labels, t), 4),
            "ece_before": round(expected_calibration_error(raw.numpy(), ok), 2),
            "ece_after": round(expected_calibration_error(top1(logits, t)[1].numpy(), ok), 2)}
-    known = labels >= 0   # the questions a fit uses
-    n = min(int(r.sum()) for r in ([known] if yes_no is None else [known & ~yes_no, known & yes_no]))
+    n = min(int(r.sum()) for r in parts)
     entries = gate(fitted, fit, source) if n >= MIN_FIT_QUESTIONS else {
         "temperature": 1.0, "temperature_fit": fit | {"rejected": fitted},
         "temperature_source": f"{source}; its fitted {describe(fitted)} is not applied: {n} questions are too few "

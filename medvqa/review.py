@@ -69,20 +69,29 @@ class ReviewStore:
         """One case's verdicts (a dict per model: model, verdict and `_checked`'s fields), all or none:
         every one is checked before any map or row is written, and the rows go in one transaction, so a
         refused verdict never leaves the case half recorded (it would then count as reviewed)."""
-        reviewer, qid = _text(reviewer, "reviewer").strip(), "" if qid is None else str(qid).strip()
+        # the id is kept as the case list has it (stripped, it would never match the list on resume)
+        reviewer, qid = _text(reviewer, "reviewer").strip(), "" if qid is None else str(qid)
         if not reviewer:
             raise ValueError("enter a reviewer name first")
-        if not qid:
+        if not qid.strip():
             raise ValueError("a case id (qid) is needed")
         checked = [self._checked(**v) for v in verdicts]
-        rows = []
-        for r, im in checked:
-            r.update(reviewer=reviewer, source=source, qid=qid,
-                     map_png=self._save_map(im, reviewer, source, qid, r["model"]) if im is not None else "")
-            rows.append(tuple(r[c] for c in COLUMNS))
-        with self._db() as db:   # commits all the rows, or rolls all back
-            db.executemany(f"INSERT OR REPLACE INTO reviews ({', '.join(COLUMNS)}) "
-                           f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+        rows, maps = [], []   # maps: (written temporary PNG, its place), moved in only once the rows are committed
+        try:
+            for r, im in checked:
+                r.update(reviewer=reviewer, source=source, qid=qid, map_png="")
+                if im is not None:
+                    maps.append(self._write_map(im, reviewer, source, qid, r["model"]))
+                    r["map_png"] = str(maps[-1][1])
+                rows.append(tuple(r[c] for c in COLUMNS))
+            with self._db() as db:   # commits all the rows, or rolls all back
+                db.executemany(f"INSERT OR REPLACE INTO reviews ({', '.join(COLUMNS)}) "
+                               f"VALUES ({', '.join('?' * len(COLUMNS))})", rows)
+            for tmp, out in maps:
+                os.replace(tmp, out)
+        finally:
+            for tmp, _ in maps:
+                tmp.unlink(missing_ok=True)
 
     @staticmethod
     def _checked(model: str, verdict: str, *, image="", question="", ground_truth="", model_answer="",
@@ -102,14 +111,15 @@ class ReviewStore:
                     updated=time.strftime("%Y-%m-%dT%H:%M:%S"), map_method=map_method,
                     map_wrong=int(bool(map_wrong))), map_image
 
-    def _save_map(self, im, *key) -> str:
-        """One PNG per (reviewer, source, case, model), replaced with the verdict; -> its path."""
+    def _write_map(self, im, *key) -> tuple[Path, Path]:
+        """The PNG of (reviewer, source, case, model), written beside its place -> (temporary, place);
+        the caller moves it in, replacing the earlier verdict's map."""
         out = self.maps_dir / (hashlib.sha1("\0".join(key).encode()).hexdigest()[:20] + ".png")
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp.png")
-        im.save(tmp)
-        os.replace(tmp, out)
-        return str(out)
+        fd, tmp = tempfile.mkstemp(suffix=".tmp.png", dir=out.parent)
+        with os.fdopen(fd, "wb") as f:
+            im.save(f, format="PNG")
+        return Path(tmp), out
 
     def reviewed(self, reviewer: str, source: str) -> set[str]:
         """Case ids this reviewer has recorded for `source` (to resume where they left off)."""

@@ -74,6 +74,8 @@ def test_bad_upload_and_question_clear_errors(app_url, tmp_path):
         c.predict(handle_file(str(tmp_path / "x.png")), "Is it?", "vqa-rad", api_name="/ask")
     with pytest.raises(Exception, match="question is empty"):
         c.predict(handle_file(str(_img(tmp_path / "a.png", 30))), "  ", "vqa-rad", api_name="/ask")
+    with pytest.raises(Exception, match="was not uploaded"):   # FileData without its meta tag skips Gradio's checks
+        c.predict({"path": "/etc/passwd"}, "Is it?", "vqa-rad", api_name="/ask")
     # still serving
     r = c.predict(handle_file(str(_img(tmp_path / "b.png", 90))), "Is it normal?", "vqa-rad", api_name="/ask")
     assert r["models"]

@@ -1,6 +1,7 @@
 """Bad input to the app's handlers, at function level (no server): each is refused with a message a
 user can act on, and nothing outside an upload is read."""
 import zipfile
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -11,10 +12,11 @@ from medvqa.data import DataError
 
 
 @pytest.fixture(autouse=True)
-def _own_temp(tmp_path, monkeypatch):   # unzip_cases names its folders by content, in the temp folder
+def _own_temp(tmp_path, monkeypatch):   # unzip_cases keeps one folder per zip content, per process
     import tempfile
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    monkeypatch.setattr(common, "_cases_dir", None)
     (tmp_path / "tmp").mkdir()
 
 
@@ -45,10 +47,45 @@ def test_unzip_cases_refuses_a_zip_that_unpacks_too_large(tmp_path, monkeypatch)
         common.unzip_cases(str(_zip(tmp_path, ["a.png"], name="big.zip")))
 
 
+def test_unzip_cases_skips_macos_resource_forks_and_names_the_csv_inside_the_zip(tmp_path):
+    """Finder's zips carry __MACOSX/._cases.csv (binary), sorted before cases.csv."""
+    z = _zip(tmp_path, ["a.png"], name="mac.zip")
+    with zipfile.ZipFile(z, "a") as zf:
+        zf.writestr("__MACOSX/._cases.csv", b"\x00\x05\x16\x07\xff\xfe" * 10)
+        zf.writestr(".hidden.csv", b"\xff\xfe")
+    assert common.unzip_cases(str(z)).relative_to(common._cases_root()).parts[1:] == ("cases.csv",)
+    bad = tmp_path / "bad-csv.zip"
+    with zipfile.ZipFile(bad, "w") as zf:
+        zf.writestr("cases.csv", b"image,question\n\xff\xfe\x00")
+    with pytest.raises(DataError, match=r"^cases\.csv: not a readable CSV") as e:
+        common.unzip_cases(str(bad))
+    assert str(tmp_path) not in str(e.value)
+
+
+def test_unzipped_cases_live_in_a_private_folder_and_the_least_recently_used_go(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    a, b = _zip(tmp_path, ["a.png"], name="a.zip"), _zip(tmp_path, ["a.png", "a.png"], name="b.zip")
+    first = common.unzip_cases(str(a))
+    root = common._cases_root()
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700 and first.is_relative_to(root)
+    os.utime(first.parent, (1, 1))   # long unused
+    monkeypatch.setattr(common, "MAX_UNZIPPED_KEPT", sum(f.stat().st_size for f in first.parent.rglob("*")) + 10)
+    second = common.unzip_cases(str(b))
+    assert second.is_file() and not first.exists()   # room made by removing the older zip
+    assert common.unzip_cases(str(a)).is_file()      # and it unpacks again when sent again
+
+
 def test_api_files_must_be_uploads():
     """A bare string in an API call would name any file on the server, past Gradio's upload checks."""
-    assert common.api_file({"path": "/tmp/gradio/x.png"}, "image") == "/tmp/gradio/x.png"
-    for value, says in (("/etc/passwd", "not a path on the server"), (None, "send the image file")):
+    from gradio.utils import get_upload_folder
+
+    uploaded = str(Path(get_upload_folder()) / "0123abcd" / "x.png")
+    assert common.api_file({"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "image") == uploaded
+    for value, says in (("/etc/passwd", "not a path on the server"), (None, "send the image file"),
+                        ({"path": "/etc/passwd"}, "was not uploaded"),
+                        ({"path": f"{get_upload_folder()}/../../etc/passwd"}, "was not uploaded")):
         with pytest.raises(gr.Error, match=says):
             common.api_file(value, "image")
 

@@ -433,11 +433,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                        (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
                          str(tmp_path), "--out", str(tmp_path / "new" / "ck"), "--ablate", "cmcl"], "no parts"),
                        (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "folder", "--root",
-                         str(tmp_path / "test-only"), "--out", str(tmp_path / "o")], "no train split")):
+                         str(tmp_path / "test-only"), "--out", str(tmp_path / "new" / "ck")], "no train split")):
         rc, out, err = run(capsys, *args)
         assert rc == 2 and says in err and err.strip().count("\n") == 0, (args, err)
     assert (tmp_path / "note.txt").read_text() == "keep me" and cases.read_text() == "image,question\na.png,Is it?\n"
-    assert not (tmp_path / "new").exists()   # a refused command makes no folder
+    assert not (tmp_path / "new").exists()   # a refused command makes no folder, refused by its data too
 
 
 @pytest.mark.data

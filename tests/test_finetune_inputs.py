@@ -61,6 +61,8 @@ def _finish():
     ({"epochs": 2.5}, "number of epochs 2.5: use a whole number"),
     ({"epochs": 0}, "number of epochs 0"),
     ({"tune_image_blocks": 5}, "image-backbone blocks to train 5: use 0 to 2"),
+    ({"ablate": 5}, "has the ablations"),
+    ({"ablate": ["nope"]}, "has the ablations"),
 ])
 def test_bad_settings_are_refused_before_the_run(tmp_path, kw, message):
     """argparse exited (SystemExit: the server stopped answering) on an unknown model or preset; float(None) from
@@ -156,6 +158,12 @@ def test_a_temperature_fitted_on_too_few_questions_is_not_applied():
     pair = fit_report(logits, labels, "unit", yes_no=torch.arange(4000) < 10)
     assert pair["temperature"] == 1.0 and "temperature_yes_no" not in pair
     assert "10 questions are too few" in pair["temperature_source"] and "without --yes-no" in pair["temperature_source"]
+    # none with its answer in the vocabulary (train --vocab train): T = 1 said plainly, the run not stopped
+    none = fit_report(logits[:50], torch.full((50,), -1), "unit")
+    assert none == {"temperature": 1.0, "temperature_source": "unit; no held-out question has its answer in the "
+                                                              "model's vocabulary, so T = 1 is used"}
+    half = fit_report(logits, torch.where(torch.arange(4000) < 10, -1, labels), "unit", yes_no=torch.arange(4000) < 10)
+    assert half["temperature"] == 1.0 and "of one kind" in half["temperature_source"] and "may fit" in half["temperature_source"]
 
 
 def test_no_shipped_temperature_was_fitted_on_too_few_questions():

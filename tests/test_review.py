@@ -2,6 +2,7 @@
 shown kept with the verdict, and databases written before the map columns existed."""
 import csv
 import sqlite3
+from pathlib import Path
 
 import pytest
 
@@ -96,6 +97,27 @@ def test_a_case_is_recorded_whole_or_not_at_all(tmp_path):
                                               {"model": "cmdpi-vqa-rad", "verdict": "corrected",
                                                "corrected_answer": "yes"}])
     assert [r["model"] for r in s.rows()] == ["cmdpi-vqa-rad", "cmi-mtl-vqa-rad"]
+
+
+def test_a_failed_write_keeps_the_earlier_verdicts_map_and_ids_are_kept_as_given(tmp_path):
+    """The new map replaces the old one only once its row is committed: with the database locked the
+    earlier verdict keeps the map it was given. A case id with spaces resumes (it is stored as listed)."""
+    s = ReviewStore(tmp_path / "r.sqlite")
+    s.record("ann", "upload:x.zip", " q1", "m", "agree", map_image=Image.new("RGB", (8, 8), (0, 0, 255)))
+    assert s.reviewed("ann", "upload:x.zip") == {" q1"}
+    png = s.rows()[0]["map_png"]
+    lock = sqlite3.connect(s.path)
+    lock.execute("BEGIN EXCLUSIVE")
+    s._db = lambda: sqlite3.connect(s.path, timeout=0.1)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            s.record("ann", "upload:x.zip", " q1", "m", "disagree", map_image=Image.new("RGB", (8, 8), (255, 0, 0)))
+    finally:
+        lock.rollback()
+        lock.close()
+    with Image.open(png) as im:
+        assert im.convert("RGB").getpixel((1, 1)) == (0, 0, 255)
+    assert s.rows()[0]["verdict"] == "agree" and sorted(p.name for p in s.maps_dir.iterdir()) == [Path(png).name]
 
 
 def test_missing_text_and_long_comments_are_refused_with_a_message(tmp_path):

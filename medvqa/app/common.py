@@ -2,6 +2,8 @@
 datasets' folder, the safe unpacking of uploaded case zips and the captioned saliency figure."""
 from __future__ import annotations
 
+import atexit
+import hashlib
 import html
 import json
 import os
@@ -86,33 +88,78 @@ def examples() -> list[dict]:
 
 def api_file(value, what: str) -> str:
     """The path of a file sent to an API endpoint as FileData (gradio_client's handle_file), which Gradio
-    has checked and copied into its upload cache. A bare string is refused: it would name any file on the
-    server, past Gradio's checks."""
+    has checked and copied into its upload folder. Anything else is refused: a bare string, or a dict
+    whose path lies outside that folder (Gradio passes a dict without FileData's meta tag through
+    unchecked), would name any file on the server."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
 
     if isinstance(value, dict) and value.get("path"):
-        return value["path"]
+        if Path(value["path"]).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
+            return value["path"]
+        raise gr.Error(f"the {what} was not uploaded: send it with gradio_client.handle_file")
     if value is None or isinstance(value, dict):
         raise gr.Error(f"send the {what} file")
     raise gr.Error(f"send the {what} as a file (gradio_client.handle_file), not a path on the server")
 
 
-MAX_UNZIPPED = 2 * 1024 ** 3   # bytes: a cases zip that unpacks to more is refused (a zip bomb fills the disk)
+MAX_UNZIPPED = 2 * 1024 ** 3        # bytes one cases zip may unpack to (a zip bomb fills the disk)
+MAX_UNZIPPED_KEPT = 4 * 1024 ** 3   # bytes of unpacked zips kept at once; the least recently used go first
+_cases_dir: Path | None = None
+
+
+def _cases_root() -> Path:
+    """This process's own folder of unpacked zips (private, unlike a name in the shared temp folder;
+    made again if a temp cleaner removed it), removed at exit."""
+    global _cases_dir
+    if _cases_dir is None or not _cases_dir.is_dir():
+        _cases_dir = Path(tempfile.mkdtemp(prefix="medvqa-cases-"))
+        atexit.register(shutil.rmtree, _cases_dir, ignore_errors=True)
+    return _cases_dir
+
+
+def _sha1(path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def _make_room(root: Path, size: int):
+    """Remove the least recently used unpacked zips until `size` more bytes fit in MAX_UNZIPPED_KEPT."""
+    kept = sorted((d for d in root.iterdir() if d.is_dir() and ".tmp-" not in d.name), key=lambda d: d.stat().st_mtime)
+    used = {d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in kept}
+    total = sum(used.values())
+    for d in kept:
+        if total + size <= MAX_UNZIPPED_KEPT:
+            break
+        shutil.rmtree(d, ignore_errors=True)
+        total -= used[d]
+
+
+def _cases_csv(dest: Path) -> Path:
+    """The zip's case list: cases.csv nearest the top, else the first CSV; macOS's __MACOSX/ and
+    dot-files (resource forks named like the CSV) are not candidates."""
+    csvs = [p for p in dest.rglob("*.csv")
+            if not any(part.startswith((".", "__MACOSX")) for part in p.relative_to(dest).parts)]
+    if not csvs:
+        raise DataError("the zip holds no CSV of image,question,answer rows")
+    return min(csvs, key=lambda p: (p.name != "cases.csv", len(p.parts), str(p)))
 
 
 def unzip_cases(path: str) -> Path:
     """Extract an uploaded zip safely -> its CSV. Refused: absolute or parent paths among its members, more
     than MAX_UNZIPPED bytes unpacked, and CSV rows whose image lies outside the zip (they would read the
     server's files). One folder per distinct zip (named by its hash), so uploading it again reuses it."""
-    import hashlib
-
     from medvqa.data.datasets import csv_rows
 
-    with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha1").hexdigest()[:16]
-    dest = Path(tempfile.gettempdir()) / f"medvqa-cases-{digest}"
-    if not dest.is_dir():
-        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-"))
+    root = _cases_root()
+    dest = root / _sha1(path)
+    if dest.is_dir():
+        os.utime(dest)   # the most recently used
+    else:
+        tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=root))
         try:
             with zipfile.ZipFile(path) as z:
                 for name in z.namelist():
@@ -122,6 +169,7 @@ def unzip_cases(path: str) -> Path:
                 size = sum(i.file_size for i in z.infolist())
                 if size > MAX_UNZIPPED:
                     raise DataError(f"the zip unpacks to {size / 1e9:.1f} GB; the limit is {MAX_UNZIPPED / 1e9:.1f} GB")
+                _make_room(root, size)
                 z.extractall(tmp)
         except zipfile.BadZipFile:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -133,15 +181,18 @@ def unzip_cases(path: str) -> Path:
             tmp.rename(dest)
         except OSError:   # the same zip unpacked beside us meanwhile: use that one
             shutil.rmtree(tmp, ignore_errors=True)
-    csvs = sorted(dest.rglob("*.csv"))
-    if not csvs:
-        raise DataError("the zip holds no CSV of image,question,answer rows")
-    for i, row in enumerate(csv_rows(csvs[0]), 2):   # line 1 is the header
+    csv_path = _cases_csv(dest)
+    where = csv_path.relative_to(dest)
+    try:
+        rows = csv_rows(csv_path)
+    except DataError as e:   # named inside the zip, not by the server's folder
+        raise DataError(f"{where}: {str(e).split(': ', 1)[1]}") from None
+    for i, row in enumerate(rows, 2):   # line 1 is the header
         image = str(row.get("image") or "")
-        if image and not (csvs[0].parent / image).resolve().is_relative_to(dest.resolve()):
-            raise DataError(f"{csvs[0].name} line {i}: image {image!r} lies outside the zip; "
+        if image and not (csv_path.parent / image).resolve().is_relative_to(dest.resolve()):
+            raise DataError(f"{where} line {i}: image {image!r} lies outside the zip; "
                             "give paths inside it, relative to the CSV")
-    return csvs[0]
+    return csv_path
 
 
 def escape_md(text) -> str:

@@ -69,10 +69,8 @@ def _argv(model, source, upload, preset, epochs, lr, ablate, name, tune_image_bl
         if not upload:
             raise ValueError("upload a zip of cases.csv (image,question,answer[,split]) and its images first")
         dataset, root = "folder", unzip_cases(upload)
-    elif source in BUILTIN:
+    else:   # start() checked the source
         dataset, root = source, data_root() / BUILTIN[source]
-    else:
-        raise ValueError(f"unknown data source {source!r}")
     out = user_checkpoints_dir() / name
     argv = ["train", "--model", model, "--preset", preset, "--dataset", dataset, "--root", str(root),
             "--out", str(out), "--workdir", str(_run_dir(name)),
@@ -146,8 +144,8 @@ def start(model, source, upload, preset, epochs, lr, ablate, tune_image_blocks=0
     tune_image_blocks = _number(tune_image_blocks or 0, "number of image-backbone blocks")
     if tune_image_blocks not in range(MAX_TUNE_BLOCKS + 1):
         raise ValueError(f"image-backbone blocks to train {tune_image_blocks:g}: use 0 to {MAX_TUNE_BLOCKS}")
-    known = ABLATIONS.get(model, ())
-    if any(x not in known for x in ablate or ()):
+    known, ablate = ABLATIONS.get(model, ()), ablate or []
+    if not isinstance(ablate, (list, tuple)) or any(x not in known for x in ablate):
         raise ValueError(f"{model} has the ablations {', '.join(known) or '(none)'}")
     if source not in sources():
         raise ValueError(f"unknown data source {source!r}: choose one of {', '.join(sources())}")

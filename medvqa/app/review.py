@@ -5,6 +5,7 @@ default, shown beside the answer and kept with the verdict) points at the wrong 
 they left off, exports CSV and sees agreement per model and Cohen's κ between reviewers."""
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -213,7 +214,13 @@ def save_case(cs, i, loaded, reviewer, comment, maps, *slot_values):
         ReviewStore().record_case(reviewer, loaded["source"], c["qid"], verdicts)
     except (ValueError, ImageError, OSError) as e:   # CheckpointError is a ValueError
         raise gr.Error(str(e)) from None
+    except sqlite3.Error as e:   # locked or unwritable: the transaction left nothing recorded
+        raise gr.Error(_not_recorded(e)) from None
     return step(cs, i, 1, loaded, reviewer) + [""]
+
+
+def _not_recorded(e: sqlite3.Error) -> str:
+    return f"the review database could not be written ({e}): nothing was recorded, try again"
 
 
 def review_api(reviewer: str, source: str, qid: str, model: str, verdict: str, corrected_answer: str = "",
@@ -230,6 +237,8 @@ def review_api(reviewer: str, source: str, qid: str, model: str, verdict: str, c
         store.record(reviewer, source, qid, model, verdict, corrected_answer=corrected_answer, comment=comment)
     except ValueError as e:
         raise gr.Error(str(e)) from None
+    except sqlite3.Error as e:
+        raise gr.Error(_not_recorded(e)) from None
     return store.summary(source)
 
 

@@ -60,12 +60,9 @@ def cmd_calibrate(a):
                             "--transfer-from it")
         p = Predictor.load(ckpt)
         logits = p.logits_records(recs, progress=not a.json)
-        try:
-            entries = fit_report(logits, labels_of(recs, p.vocab), f"fitted on {name} of {dataset}: {len(recs)} "
-                                 "questions" + (", yes/no top answers apart" if a.yes_no else ""),
-                                 yes_no_rows(logits, p.vocab.answers) if a.yes_no else None)
-        except ValueError as e:   # no answer in the vocabulary, overall or (--yes-no) among one kind of rows
-            raise UserError(f"{ckpt.name}: {e}" + ("; without --yes-no one T may still fit" if a.yes_no else "")) from None
+        entries = fit_report(logits, labels_of(recs, p.vocab), f"fitted on {name} of {dataset}: {len(recs)} "
+                             "questions" + (", yes/no top answers apart" if a.yes_no else ""),
+                             yes_no_rows(logits, p.vocab.answers) if a.yes_no else None)
     write_temperature(ckpt, entries)
     if a.json:
         print_json(entries)
