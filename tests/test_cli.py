@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 
 from medvqa.cli import main
+from medvqa.predict import checkpoints_dir
 from tests.conftest import data_root
 from tests.helpers import tiny_checkpoint
 
@@ -382,7 +383,9 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                  ["predict", "--checkpoint", "x", "--image", "a.png", "--question", "q", "--top-k", "0"],
                  ["explain", "--checkpoint", "x", "--image", "a", "--question", "q", "--out", "m.png", "--opacity", "5"],
                  ["explain", "--checkpoint", "x", "--image", "a", "--question", "q", "--out", "m.png", "--colormap", "no"],
-                 ["pointing-game", "--checkpoint", "x", "--root", "r", "--limit", "-2"]):
+                 ["pointing-game", "--checkpoint", "x", "--root", "r", "--limit", "-2"],
+                 ["figures", "--checkpoint", "x", "--dataset", "vqa-rad", "--root", "r", "--out", "f", "--cam-cases", "-1"],
+                 ["umap", "--checkpoint", "x", "--dataset", "vqa-rad", "--root", "r", "--out", "u.png", "--seed", "-1"]):
         with pytest.raises(SystemExit) as e:
             main(args)
         err = capsys.readouterr().err
@@ -397,6 +400,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     shutil.copytree(ck, foreign)
     cfg = json.loads((foreign / "config.json").read_text())
     (foreign / "config.json").write_text(json.dumps({**cfg, "model": "foo"}))
+    for t in (0, -1, "abc", None):   # 0 showed a wrong answer at score NaN, -1 reversed the ranking
+        bad_t = tmp_path / f"bad-t-{t}"
+        shutil.copytree(ck, bad_t)
+        (bad_t / "config.json").write_text(json.dumps({**cfg, "temperature": t}))
     cases = tmp_path / "cases.csv"
     cases.write_text("image,question\na.png,Is it?\n")
     (tmp_path / "empty.csv").write_text("image,question\n")
@@ -405,6 +412,10 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "test-only" / "cases.csv").write_text("image,question,answer,split\n../a.png,Is it?,yes,test\n")
     for args, says in ((["predict", "--checkpoint", str(broken), *ask], "unreadable"),
                        (["predict", "--checkpoint", str(foreign), *ask], "unknown model 'foo'"),
+                       (["predict", "--checkpoint", str(tmp_path / "bad-t-0"), *ask], "temperature 0: use a number above 0"),
+                       (["predict", "--checkpoint", str(tmp_path / "bad-t--1"), *ask], "temperature -1"),
+                       (["predict", "--checkpoint", str(tmp_path / "bad-t-abc"), *ask], "temperature 'abc'"),
+                       (["predict", "--checkpoint", str(tmp_path / "bad-t-None"), *ask], "temperature None"),
                        (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out", str(cases)], "input CSV"),
                        (["predict", "--checkpoint", str(ck), "--csv", str(cases), "--out", str(tmp_path)], "a folder"),
                        (["predict", "--checkpoint", str(ck), "--csv", str(tmp_path / "empty.csv"), "--out",
@@ -427,6 +438,13 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                         "overlaps the work folder"),
                        (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
                          str(tmp_path), "--out", "baseline-slake"], "shipped checkpoint"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(checkpoints_dir() / "baseline-slake")], "shipped checkpoints folder"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(tmp_path / "o"), "--lr", "inf"], "finite"),
+                       (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",
+                         str(tmp_path), "--out", str(tmp_path / "o"), "--seed", "-1"], "0 to 2**32 - 1"),
+
                        (["predict", "--checkpoint", str(cases), *ask], "a file; a checkpoint is a folder"),
                        (["calibrate", "--checkpoint", str(ck), "--transfer-from", str(ck)], "the checkpoint itself"),
                        (["pointing-game", "--checkpoint", str(ck), "--root", str(tmp_path / "cache")], "not a SLAKE folder"),

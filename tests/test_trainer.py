@@ -83,6 +83,23 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path):
     assert all(torch.isfinite(p).all() for p in saved.parameters())
 
 
+def test_a_work_folder_of_another_run_is_refused_not_resumed(tmp_path):
+    """Two runs whose --out share a name share the default work folder: the second must not load the
+    first's state (another model: a RuntimeError; another answer set of the same size: silently wrong)."""
+    from medvqa.train.checkpoint import CheckpointError
+
+    preset, ds, av, vocab, cfg = _setup(tmp_path, epochs=1)
+    fit(build("baseline", preset, len(vocab)), ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
+    preset.train.epochs = 2
+    for model, config in ((build("cmi-mtl", preset, len(vocab), ahead_vocab=av), cfg),
+                          (build("baseline", preset, len(vocab)), {**cfg, "model": "baseline",
+                                                                   "answers": cfg["answers"][::-1]})):
+        with pytest.raises(CheckpointError, match="another run .*--no-resume"):
+            fit(model, ds, ds, preset.train, tmp_path / "run", config)
+    res = fit(build("baseline", preset, len(vocab)), ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
+    assert [h["epoch"] for h in res.history] == [1, 2]   # the same run resumes
+
+
 def test_pretrained_parameters_take_their_own_lr():
     """Parameters a model marks as pretrained (trained backbone blocks) get lr_pretrained, the rest
     lr; biases and norms get no weight decay in either."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medvqa.cli.common import UserError, count, print_json
+from medvqa.cli.common import UserError, count, print_json, seed, whole
 
 
 def cmd_pointing_game(a):
@@ -149,7 +149,7 @@ def register(sub):
                     help="default: each model's own map, the one the app shows")
     fa.add_argument("--limit", type=count, default=50, help="questions sampled from the split (seeded)")
     fa.add_argument("--steps", type=count, default=10)
-    fa.add_argument("--seed", type=int, default=0)
+    fa.add_argument("--seed", type=seed, default=0)
     fa.add_argument("--json", action="store_true")
     fa.set_defaults(func=cmd_faithfulness)
 
@@ -160,7 +160,7 @@ def register(sub):
     fg.add_argument("--root", required=True, type=Path)
     fg.add_argument("--split", default="test")
     fg.add_argument("--out", required=True, type=Path, help="folder for the PNG (300 dpi) / SVG / PDF files")
-    fg.add_argument("--cam-cases", type=int, default=4, help="cases in the CAM grid (0: none)")
+    fg.add_argument("--cam-cases", type=whole, default=4, help="cases in the CAM grid (0: none)")
     fg.add_argument("--no-umap", action="store_true")
     fg.add_argument("--json", action="store_true")
     fg.set_defaults(func=cmd_figures)
@@ -171,7 +171,7 @@ def register(sub):
     um.add_argument("--root", required=True, type=Path)
     um.add_argument("--split", default="test")
     um.add_argument("--color", default="question_type", choices=("question_type", "organ", "answer_type", "correct"))
-    um.add_argument("--seed", type=int, default=0)
+    um.add_argument("--seed", type=seed, default=0)
     um.add_argument("--out", required=True, type=Path, help=".png, .svg or .pdf")
     um.add_argument("--json", action="store_true")
     um.set_defaults(func=cmd_umap)

@@ -55,6 +55,29 @@ def count(s: str) -> int:
     return v
 
 
+def whole(s: str) -> int:
+    """An argparse type: a whole number of 0 or more."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{s}: use 0 or more")
+    return v
+
+
+def seed(s: str) -> int:
+    """An argparse type: a random seed, 0 to 2**32 - 1 (numpy's range)."""
+    v = whole(s)
+    if not seed_ok(v):
+        raise argparse.ArgumentTypeError(f"{s}: use a seed from 0 to 2**32 - 1")
+    return v
+
+
+def seed_ok(v: int) -> bool:
+    return 0 <= v < 2 ** 32
+
+
 def fraction(s: str) -> float:
     """An argparse type: a number in [0, 1]."""
     try:

@@ -6,10 +6,11 @@ group named after it; a model's flag given to another model is refused in one li
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
-from medvqa.cli.common import UserError
+from medvqa.cli.common import UserError, seed_ok
 
 MODEL = "model"   # the section of the chosen model: cmi_mtl, cmdpi or baseline
 SECTIONS = {"cmi-mtl": "cmi_mtl", "cmdpi": "cmdpi", "baseline": "baseline"}
@@ -63,7 +64,8 @@ GROUPS = (
         Option("epochs", "passes over the training split", check=_positive),
         Option("lr", "learning rate of the new (randomly initialised) parameters", check=_above_zero),
         Option("batch_size", "questions per step", check=_positive),
-        Option("seed", "seed of the initialisation, the batch order and the held-out slice"),
+        Option("seed", "seed of the initialisation, the batch order and the held-out slice",
+               check=lambda v, p: None if seed_ok(v) else "use a seed from 0 to 2**32 - 1"),
         Option("device", "cuda: AMP (bf16) on; under torchrun one GPU per rank", choices=("cpu", "cuda")),
         Option("weight_decay", "AdamW weight decay of the matrices", check=_at_least_zero),
         Option("ema", "select and save an exponential moving average of the weights with this per-step "
@@ -96,7 +98,7 @@ GROUPS = (
                stages=("pretrain",)),
         Option("lam", "head-mixup λ: uniform, beta:A,B or fixed:X (Table 5)", check=_lam, stages=("train",)),
         Option("sim_threshold", "similar-image cosine threshold of difference reconstruction (Fig. 14)",
-               stages=("train",)),
+               check=lambda v, p: None if -1 <= v <= 1 else "use a cosine in [-1, 1]", stages=("train",)),
         Option("diff_weight", "weight of L_diff (Table 4)", check=_at_least_zero, stages=("train",)),
         Option("mix_weight", "weight of L_mix", check=_at_least_zero, stages=("train",)),
     )),
@@ -157,7 +159,9 @@ def apply_options(a, preset) -> None:
             if model is not None and model != a.model:
                 raise UserError(f"{o.name} is a {title} option: --model {a.model} does not take it")
             target = getattr(preset, SECTIONS[a.model] if section == MODEL else section)
-            why = o.check(v, preset) if o.check else None
+            # inf passes every "above 0" check and overflows mid-run
+            why = ("use a finite number" if isinstance(v, float) and not math.isfinite(v)
+                   else o.check(v, preset) if o.check else None)
             if why:
                 raise UserError(f"{o.name} {v}: {why}")
             setattr(target, o.field, v == "on" if isinstance(getattr(target, o.field), bool) else v)

@@ -63,6 +63,9 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
     if Path(a.out).parent == Path(".") and (checkpoints_dir() / Path(a.out).name).is_dir():
         raise UserError(f"--out {a.out}: the name of a shipped checkpoint, which this folder would shadow by name; "
                         f"give a path such as runs/ckpt/{a.out}")
+    if Path(a.out).resolve().is_relative_to(checkpoints_dir().resolve()):   # saving would replace a shipped model
+        raise UserError(f"--out {a.out}: inside the shipped checkpoints folder; train to another folder "
+                        f"(e.g. runs/ckpt/{Path(a.out).name}) and copy the checkpoint in once it is validated")
     check_out(a.out)   # before hours of training, not at the save
     work = _workdir(a)
     known = {"cmdpi": cmdpi.STAGE_ABLATIONS.get(stage, cmdpi.ABLATIONS), "cmi-mtl": ABLATIONS}.get(a.model, ())

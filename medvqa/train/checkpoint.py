@@ -9,6 +9,7 @@ float16 when float32 would exceed the size budget; everything loads back as floa
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -138,6 +139,10 @@ def read_config(ckpt: Path) -> dict:
         preset_from_dict(cfg["preset"])
     except (KeyError, TypeError, ValueError) as e:
         raise CheckpointError(f"{ckpt}/config.json: {e}") from None
+    for k in ("temperature", "temperature_yes_no"):   # 0 or NaN showed a wrong answer, a negative T reversed the ranking
+        t = cfg.get(k, 1.0)
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < math.inf:
+            raise CheckpointError(f"{ckpt}/config.json: {k} {t!r}: use a number above 0, or remove it (T = 1)")
     return cfg
 
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from medvqa.data import DataError
 from medvqa.data.features import collate
-from medvqa.train.checkpoint import save_checkpoint
+from medvqa.train.checkpoint import CheckpointError, save_checkpoint
 
 
 class DivergedError(ValueError):
@@ -146,6 +146,15 @@ def accuracy(model, ds, device="cpu") -> dict:
     return evaluate(ds.records, {r.qid: answers[i] for r, i in zip(ds.records, pred.tolist())})
 
 
+def _loads(model, state: dict) -> bool:
+    """Load `state` into `model` -> False (model untouched) if its names or shapes do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:   # load_state_dict checks every key and shape before it copies any
+        return False
+    return True
+
+
 def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callbacks: Callbacks | None = None,
         resume: bool = True, batch_sampler=None) -> FitResult:
     """batch_sampler: a model's own batching (CMDPI's group sampler), with `set_epoch` and
@@ -178,10 +187,16 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
     ema = WeightEMA(model, cfg.ema) if cfg.ema > 0 else None
 
     state_path = out_dir / "train_state.pt"
+    # what makes a work folder's state this run's: another model or answer set would not load, or load wrongly
+    run = json.dumps({k: ckpt_config.get(k) for k in ("model", "dataset", "answers")})
     res, start_epoch, step = FitResult(), 0, 0
     if resume and state_path.is_file():  # our own file; weights_only refuses arbitrary pickles
         st = torch.load(state_path, map_location=device, weights_only=True)
-        model.load_state_dict(st["model"])
+        theirs = json.loads(st.get("run", "{}"))
+        if st.get("run", run) != run or not _loads(model, st["model"]):
+            raise CheckpointError(f"{out_dir}: holds the resumable state of another run"
+                                  + (f" ({theirs.get('model')} on {theirs.get('dataset')})" if theirs else "")
+                                  + "; give --no-resume to start over there, or another --workdir")
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_epoch, step = st["epoch"], st["step"]
@@ -253,7 +268,7 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
         if is_rank0():
             tmp = state_path.with_suffix(".tmp")
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                        "epoch": epoch + 1, "step": step, "best": json.dumps(res.best),
+                        "epoch": epoch + 1, "step": step, "best": json.dumps(res.best), "run": run,
                         "history": json.dumps(res.history)}
                        | ({"ema": ema.state_dict()} if ema is not None else {}), tmp)
             os.replace(tmp, state_path)
