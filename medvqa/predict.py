@@ -169,7 +169,9 @@ class Predictor:
 
     @staticmethod
     def _check_question(q) -> str:
-        q = str(q or "").strip()
+        if q is not None and not isinstance(q, str):   # an API client's 5 or ["a"] is no question
+            raise InputError(f"the question must be text, not {type(q).__name__}")
+        q = (q or "").strip()
         if not q:
             raise InputError("the question is empty")
         if len(q) > MAX_QUESTION_CHARS:

@@ -20,15 +20,18 @@ COLUMNS = ("reviewer", "source", "qid", "image", "question", "ground_truth", "mo
 ADDED = {"map_method": "TEXT DEFAULT ''", "map_png": "TEXT DEFAULT ''",   # columns newer than the first schema,
          "map_wrong": "INTEGER DEFAULT 0"}                                  # added to an older database on open
 MAX_COMMENT = 2000   # characters
+MAX_SHORT = 200      # characters of a reviewer name, a case id or a corrected answer
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")   # a spreadsheet reads a cell starting so as a formula
 
 
-def _text(value, what: str) -> str:
-    """Text from the UI or the API: None is empty; anything else but text is refused."""
+def _text(value, what: str, limit: int = MAX_SHORT) -> str:
+    """Text from the UI or the API: None is empty; anything else but text, or longer than `limit`, is refused."""
     if value is None:
         return ""
     if not isinstance(value, str):
         raise ValueError(f"the {what} must be text")
+    if len(value.strip()) > limit:
+        raise ValueError(f"the {what} has {len(value.strip()):,} characters; at most {limit:,}")
     return value
 
 
@@ -70,7 +73,7 @@ class ReviewStore:
         every one is checked before any map or row is written, and the rows go in one transaction, so a
         refused verdict never leaves the case half recorded (it would then count as reviewed)."""
         # the id is kept as the case list has it (stripped, it would never match the list on resume)
-        reviewer, qid = _text(reviewer, "reviewer").strip(), "" if qid is None else str(qid)
+        reviewer, qid = _text(reviewer, "reviewer name").strip(), _text(None if qid is None else str(qid), "case id")
         if not reviewer:
             raise ValueError("enter a reviewer name first")
         if not qid.strip():
@@ -101,11 +104,9 @@ class ReviewStore:
         if verdict not in VERDICTS:
             raise ValueError(f"verdict must be one of {', '.join(VERDICTS)}")
         corrected_answer = _text(corrected_answer, "corrected answer").strip()
-        comment = _text(comment, "comment").strip()
+        comment = _text(comment, "comment", MAX_COMMENT).strip()
         if verdict == "corrected" and not corrected_answer:
             raise ValueError(f"{model}: a corrected verdict needs the corrected answer")
-        if len(comment) > MAX_COMMENT:
-            raise ValueError(f"the comment has {len(comment):,} characters; at most {MAX_COMMENT:,}")
         return dict(image=image, question=question, ground_truth=ground_truth, model=model, model_answer=model_answer,
                     verdict=verdict, corrected_answer=corrected_answer, comment=comment,
                     updated=time.strftime("%Y-%m-%dT%H:%M:%S"), map_method=map_method,

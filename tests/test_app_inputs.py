@@ -1,5 +1,6 @@
 """Bad input to the app's handlers, at function level (no server): each is refused with a message a
 user can act on, and nothing outside an upload is read."""
+import json
 import zipfile
 from pathlib import Path
 
@@ -104,3 +105,37 @@ def test_finetune_api_takes_an_upload_not_a_server_path():
 
     with pytest.raises(gr.Error, match="not a path on the server"):
         finetune.finetune_api("baseline", "uploaded zip", "/tmp/cases.zip", "tiny", 1, 1e-3, [], 0)
+
+
+def test_a_zip_python_cannot_unpack_says_so(tmp_path):
+    """An encrypted member or a compression zipfile lacks raised RuntimeError / NotImplementedError."""
+    plain = tmp_path / "plain.zip"
+    with zipfile.ZipFile(plain, "w") as zf:
+        zf.writestr("cases.csv", "image,question,answer\n")
+    raw = plain.read_bytes()
+    local, central = raw.find(b"PK\x03\x04"), raw.find(b"PK\x01\x02")
+    for name, patch in (("encrypted.zip", {local + 6: raw[local + 6] | 1, central + 8: raw[central + 8] | 1}),
+                        ("method99.zip", {local + 8: 99, central + 10: 99})):
+        b = bytearray(raw)
+        for at, v in patch.items():
+            b[at] = v
+        (tmp_path / name).write_bytes(bytes(b))
+        with pytest.raises(DataError, match="cannot be unpacked here"):
+            common.unzip_cases(str(tmp_path / name))
+
+
+def test_a_broken_user_checkpoint_is_passed_over(tmp_path, monkeypatch):
+    """One folder with a bad config.json (or no weights) made every Ask fail."""
+    import shutil
+
+    from tests.helpers import tiny_checkpoint
+
+    monkeypatch.setenv("MEDVQA_DATA", str(tmp_path / "data"))
+    mine = common.user_checkpoints_dir()
+    good = shutil.copytree(tiny_checkpoint(tmp_path / "t"), mine / "good")
+    dataset = json.loads((good / "config.json").read_text()).get("dataset")
+    (mine / "bad-json").mkdir()
+    (mine / "bad-json" / "config.json").write_text("{not json")
+    shutil.copytree(good, mine / "no-weights")
+    (mine / "no-weights" / "model.safetensors").unlink()
+    assert common.checkpoints_for(dataset)[-1] == good

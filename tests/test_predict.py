@@ -41,6 +41,9 @@ def test_bad_inputs_clear_errors(ckpt, tmp_path):
         p.answer(im, "   ")
     with pytest.raises(ValueError, match="too long"):
         p.answer(im, "why " * 200)
+    for q, kind in ((5, "int"), (["a"], "list")):   # from an API client
+        with pytest.raises(ValueError, match=f"the question must be text, not {kind}"):
+            p.answer(im, q)
     with pytest.raises(ImageError, match="not a readable image"):
         p.answer(b"garbage", "Is it?")
     with pytest.raises(CheckpointError, match="no such checkpoint"):

@@ -125,6 +125,9 @@ def test_missing_text_and_long_comments_are_refused_with_a_message(tmp_path):
     for reviewer, qid, kw, msg in [(None, "1", {}, "reviewer"), ("ann", None, {}, "case id"),
                                    ("ann", " ", {}, "case id"), ("ann", "1", {"comment": 5}, "comment must be text"),
                                    ("ann", "1", {"comment": "x" * 2001}, "at most 2,000"),
+                                   ("x" * 100_000, "1", {}, "reviewer name has 100,000 characters; at most 200"),
+                                   ("ann", "q" * 1_000_000, {}, "case id has 1,000,000 characters"),
+                                   ("ann", "1", {"verdict": "corrected", "corrected_answer": "y" * 201}, "at most 200"),
                                    ("ann", "1", {"verdict": "corrected", "corrected_answer": None}, "corrected answer")]:
         with pytest.raises(ValueError, match=msg):
             s.record(reviewer, "examples", qid, "m", kw.pop("verdict", "agree"), **kw)

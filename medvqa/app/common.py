@@ -40,9 +40,20 @@ def checkpoints_for(dataset: str) -> list[Path]:
     """Shipped checkpoints trained on `dataset`, papers' models first, then the newest one
     fine-tuned in this app on the same dataset."""
     found = [p for p in (checkpoints_dir() / f"{m}-{dataset}" for m in MODEL_ORDER) if (p / "config.json").is_file()]
-    mine = sorted((p for p in user_checkpoints_dir().glob("*/config.json")
-                   if json.loads(p.read_text()).get("dataset") == dataset), key=lambda p: p.stat().st_mtime)
-    return found + [mine[-1].parent] if mine else found
+    mine = sorted((p.parent for p in user_checkpoints_dir().glob("*/config.json")
+                   if (c := _readable(p.parent)) and c.get("dataset") == dataset), key=lambda p: p.stat().st_mtime)
+    return found + [mine[-1]] if mine else found
+
+
+def _readable(ckpt: Path) -> dict | None:
+    """A user checkpoint's config, or None when the folder is not a loadable checkpoint (a run killed
+    mid-save, a config edited by hand): one broken folder must not take every answer down with it."""
+    from medvqa.train.checkpoint import CheckpointError, read_config
+
+    try:
+        return read_config(ckpt)
+    except (CheckpointError, OSError):
+        return None
 
 
 def model_title(ckpt: Path) -> str:
@@ -174,6 +185,10 @@ def unzip_cases(path: str) -> Path:
         except zipfile.BadZipFile:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
+        except (RuntimeError, NotImplementedError) as e:   # encrypted members, a compression zipfile lacks
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"the zip cannot be unpacked here ({e}): zip it again without a password, "
+                            "with ordinary (deflate) compression") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
