@@ -168,7 +168,7 @@ class Predictor:
         return [None] * len(batch["text_mask"])
 
     @staticmethod
-    def _check_question(q) -> str:
+    def check_question(q) -> str:
         if q is not None and not isinstance(q, str):   # an API client's 5 or ["a"] is no question
             raise InputError(f"the question must be text, not {type(q).__name__}")
         q = (q or "").strip()
@@ -180,7 +180,7 @@ class Predictor:
 
     def _forward(self, images, questions, free_text: bool):
         ims = [im if hasattr(im, "mode") and im.mode == "RGB" else load_image(im) for im in images]
-        qs = [self._check_question(q) for q in questions]
+        qs = [self.check_question(q) for q in questions]
         free = [None] * len(qs)
         # The heads are stateless: concurrent requests run them side by side (the backbone batches them).
         with torch.inference_mode():
@@ -215,7 +215,7 @@ class Predictor:
     def features(self, image, question) -> dict:
         """Named vectors for one case: the fused feature the classifier reads, and the backbones'
         global image and question vectors."""
-        im, q = load_image(image), self._check_question(question)
+        im, q = load_image(image), self.check_question(question)
         with torch.inference_mode():
             batch, out = self._outputs([im], [q])
             fused = out["fused"][0]
@@ -305,7 +305,7 @@ class Predictor:
 def answer_many(predictors, image, question, top_k: int = 5) -> list[Answer]:
     """`Predictor.answer` of several models for one image and question. The image's backbone pass is
     held until every model has answered: under load the cache may let it go in between."""
-    im, q = load_image(image), Predictor._check_question(question)
+    im, q = load_image(image), Predictor.check_question(question)
     held = [p.backbone.encode([im]) for p in predictors]
     answers = [p.answer(im, q, top_k) for p in predictors]
     del held   # only now may the pass go
@@ -321,7 +321,7 @@ def explain_many(predictors, image, question, methods=None, targets=None, layer:
     from medvqa.explain.gradcam import explain_models
 
     im = load_image(image)
-    q = Predictor._check_question(question)
+    q = Predictor.check_question(question)
     methods = methods or [None] * len(predictors)
     targets = [p._target(t) for p, t in zip(predictors, targets or [None] * len(predictors))]   # bad ones first
     groups: dict = {}   # (backbone, method) -> indices of the predictors in it

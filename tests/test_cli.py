@@ -50,6 +50,16 @@ def test_eval_predictions_file(capsys, tmp_path):
     assert rc == 0 and r["open"] == 100.0 and r["n"] == 451 and r["vocab"] == 498 and r["oov"] == 0
     n_yes = sum(t["answer"].strip().lower() == "yes" for t in test if t["answer_type"].strip() == "CLOSED")
     assert r["closed"] == pytest.approx(100 * n_yes / 272, abs=0.01)
+    qid = next(iter(preds))
+    for score in ("abc", 2.5, -1, None):
+        (tmp_path / "s.json").write_text(json.dumps({qid: {"answer": "yes", "score": score}}))
+        rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "s.json"), "--dataset", "vqa-rad",
+                           "--root", str(root), "--json")
+        assert rc == 2 and "not a probability in [0, 1]" in err, err
+    (tmp_path / "one.json").write_text(json.dumps({qid: {"answer": "yes", "score": 0.5}}))
+    rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "one.json"), "--dataset", "vqa-rad",
+                       "--root", str(root), "--json")
+    assert rc == 0 and "answers 1 of 451 questions" in err and json.loads(out)["missing_predictions"] == 450
 
 
 def test_bad_input_one_line_exit_2(capsys, tmp_path):
@@ -96,6 +106,20 @@ def test_predict_cli_and_errors(capsys, tmp_path):
                        "--out", str(tmp_path / "answers.csv"))
     rows = (tmp_path / "answers.csv").read_text().splitlines()
     assert rc == 0 and len(rows) == 3 and "row 2" in err
+    # an empty question is one row's error, rows keep their order, cells past the header are left out
+    (tmp_path / "cases.csv").write_text("image,question,answer\nbad.png,Is it?,no\na.png,,yes\n"
+                                        "a.png,Is it normal?,yes,extra,cells\n")
+    rc, out, err = run(capsys, "predict", "--checkpoint", str(ck), "--csv", str(tmp_path / "cases.csv"),
+                       "--out", str(tmp_path / "answers.csv"))
+    import csv
+    got = list(csv.DictReader(open(tmp_path / "answers.csv")))
+    assert rc == 0 and [r["image"] for r in got] == ["bad.png", "a.png", "a.png"]
+    assert "not a readable image" in got[0]["error"] and got[1]["error"] == "the question is empty"
+    assert got[2]["prediction"] and got[2]["error"] == "" and "" not in got[0] and "cells past the header" in err
+    (tmp_path / "latin.csv").write_bytes("image,question\na.png,Qu\xe9?\n".encode("latin-1"))
+    rc, out, err = run(capsys, "predict", "--checkpoint", str(ck), "--csv", str(tmp_path / "latin.csv"),
+                       "--out", str(tmp_path / "answers2.csv"))
+    assert rc == 2 and "not a readable CSV" in err and err.count("\n") == 1
 
 
 def test_module_entry_point_json_only():
@@ -446,6 +470,11 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
                          str(tmp_path), "--out", str(tmp_path / "o"), "--seed", "-1"], "0 to 2**32 - 1"),
 
                        (["predict", "--checkpoint", str(cases), *ask], "a file; a checkpoint is a folder"),
+                       (["index", "--checkpoint", str(ck), "--dataset", "vqa-rad", "--root", str(tmp_path),
+                         "--out", str(tmp_path)], "a folder; give a file name"),
+                       (["bench", "--out", str(tmp_path / "note.txt" / "b.json")], "note.txt is a file"),
+                       (["umap", "--checkpoint", str(ck), "--dataset", "vqa-rad", "--root", str(tmp_path),
+                         "--out", str(tmp_path)], "a folder; give a file name"),
                        (["calibrate", "--checkpoint", str(ck), "--transfer-from", str(ck)], "the checkpoint itself"),
                        (["pointing-game", "--checkpoint", str(ck), "--root", str(tmp_path / "cache")], "not a SLAKE folder"),
                        (["train", "--model", "baseline", "--preset", "tiny", "--dataset", "vqa-rad", "--root",

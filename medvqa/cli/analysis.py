@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from medvqa.cli.common import UserError, count, print_json, seed, whole
+from medvqa.cli.common import UserError, check_writable, count, print_json, seed, whole
 
 
 def cmd_pointing_game(a):
@@ -87,6 +87,7 @@ def cmd_umap(a):
 
     if len(a.checkpoint) > 2:
         raise UserError("give one or two --checkpoint")
+    check_writable(a.out, file=True)
     records = load_split(a.dataset, a.root, a.split).records
     panels, out = [], {"n": len(records), "checkpoints": {}}
     for ck in a.checkpoint:
@@ -113,6 +114,8 @@ def cmd_umap(a):
 def cmd_bench(a):
     from medvqa.bench import run
 
+    if a.out:
+        check_writable(a.out, file=True)
     res = run()
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)

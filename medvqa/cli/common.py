@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def count(s: str) -> int:
     if v < 1:
         raise argparse.ArgumentTypeError(f"{s}: use 1 or more")
     return v
+
+
+def check_writable(out: Path, file: bool = False):
+    """An --out that could not be written fails now, not after minutes of work; nothing is made yet, so a
+    command refused later leaves no folder behind. `file`: --out names a file, so a folder there is refused."""
+    if file and out.is_dir():
+        raise UserError(f"--out {out}: a folder; give a file name")
+    p = out.absolute().parent
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        raise UserError(f"--out {out}: {p} is a file, not a folder")
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UserError(f"--out {out}: cannot write in {p}")
+    if file and p == out.absolute().parent:   # its folder is there: try the file itself (root passes access())
+        existed = out.exists()
+        try:
+            open(out, "ab").close()
+        except OSError as e:
+            raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
+        if not existed:
+            out.unlink()
 
 
 def whole(s: str) -> int:

@@ -5,7 +5,7 @@ import json
 import sys
 from pathlib import Path
 
-from medvqa.cli.common import UserError, print_json
+from medvqa.cli.common import UserError, check_writable, print_json
 from medvqa.data import AnswerVocab, dataset_splits, load_split
 
 
@@ -72,8 +72,11 @@ def _read_predictions(path: Path) -> tuple[dict, dict | None]:
     for qid, v in raw.items():
         if isinstance(v, dict):
             preds[str(qid)] = str(v.get("answer", ""))
-            if "score" in v:
-                conf[str(qid)] = float(v["score"])
+            if "score" in v:   # a probability: anything else would make the ECE meaningless
+                score = v["score"]
+                if isinstance(score, bool) or not isinstance(score, (int, float)) or not 0 <= score <= 1:
+                    raise UserError(f"{path}: question {qid}: score {score!r} is not a probability in [0, 1]")
+                conf[str(qid)] = float(score)
         else:
             preds[str(qid)] = str(v)
     return preds, (conf or None)
@@ -126,6 +129,9 @@ def cmd_eval(a):
         else (vocab_for(a.dataset, a.root, a.vocab), a.vocab)
     seen = seen_in_train(split.records, load_split(a.dataset, a.root, "train").records) if a.by == "seen" else None
     res = evaluate(split.records, preds, conf, seen)
+    if res["missing_predictions"]:
+        print(f"warning: {a.predictions} answers {res['n'] - res['missing_predictions']} of {res['n']} questions of "
+              f"{a.dataset} {a.split}; the {res['missing_predictions']} without an answer count as wrong", file=sys.stderr)
     if p is not None:
         res["calibration"] = {"temperature": p.temperature, "temperature_yes_no": p.config.get("temperature_yes_no"),
                               "source": p.config.get("temperature_source", "none: never fitted (T = 1)"),
@@ -187,6 +193,8 @@ def cmd_index(a):
     from medvqa.explain.neighbours import SHIPPED_INDEXES, cached_index_path, build_index, save_index
     from medvqa.predict import SHIPPED, Predictor
 
+    if a.out:
+        check_writable(a.out, file=True)
     p = Predictor.load(a.checkpoint)
     if not a.root.exists():
         raise UserError(f"{a.root}: dataset folder not found")

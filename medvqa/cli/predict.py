@@ -25,40 +25,44 @@ def _predict_one(p, a):
 
 
 def _predict_csv(p, a):
+    """Answer every row of --csv into --out, in the rows' order; a row whose image or question cannot be
+    used gets its reason in the error column (and a warning line) instead of stopping the others."""
     import csv
 
     from tqdm.auto import tqdm
 
-    from medvqa.data import ImageError
+    from medvqa.data import ImageError, InputError, load_image
+    from medvqa.data.datasets import csv_rows
+    from medvqa.predict import Predictor
 
     src = Path(a.csv)
     if not src.is_file():
         raise UserError(f"{src}: CSV file not found")
-    with open(src, newline="", encoding="utf-8-sig") as f:
-        rows = list(csv.DictReader(f))
+    rows = csv_rows(src)   # a file that is not UTF-8 text: one line
     if not rows:
         raise UserError(f"{src}: no rows under the header image,question[,answer]")
     if not {"image", "question"} <= set(rows[0]):
         raise UserError(f"{src}: CSV needs the columns image, question[, answer]")
-    out_rows, bad = [], 0
+    extra = sum(None in r for r in rows)
+    rows = [{k: v for k, v in r.items() if k is not None} for r in rows]   # cells past the header have no column
+    out_rows, bad = [None] * len(rows), 0
     for i in tqdm(range(0, len(rows), 16), desc="answering", disable=a.json):
-        chunk = rows[i:i + 16]
-        images, good = [], []
-        for j, r in enumerate(chunk):
+        good = []   # (row index, image, question)
+        for n, r in enumerate(rows[i:i + 16], i):
             try:
-                from medvqa.data import load_image
-
-                images.append(load_image(src.parent / r["image"]))
-                good.append(r)
-            except ImageError as e:
-                print(f"warning: {src.name} row {i + j + 1}: {e}", file=sys.stderr)
-                out_rows.append({**r, "prediction": "", "score": "", "error": str(e)})
+                good.append((n, load_image(src.parent / (r["image"] or "")), Predictor.check_question(r["question"])))
+            except (ImageError, InputError) as e:
+                print(f"warning: {src.name} row {n + 1}: {e}", file=sys.stderr)
+                out_rows[n] = {**r, "prediction": "", "score": "", "error": str(e)}
                 bad += 1
         if good:
-            for r, ans in zip(good, p.answer_batch(images, [r["question"] for r in good], top_k=a.top_k)):
-                out_rows.append({**r, "prediction": ans.text, "score": f"{ans.score:.4f}",
-                                 "uncertain": "yes" if ans.uncertain else "no", "free_text": ans.free_text or "",
-                                 "error": ""})
+            answers = p.answer_batch([im for _, im, _ in good], [q for *_, q in good], top_k=a.top_k)
+            for (n, *_), ans in zip(good, answers):
+                out_rows[n] = {**rows[n], "prediction": ans.text, "score": f"{ans.score:.4f}",
+                               "uncertain": "yes" if ans.uncertain else "no", "free_text": ans.free_text or "",
+                               "error": ""}
+    if extra:
+        print(f"warning: {src.name}: {extra} rows have cells past the header; they are left out", file=sys.stderr)
     keys = list(dict.fromkeys(k for r in out_rows for k in r))
     tmp = a.out.with_name(a.out.name + ".tmp")
     with open(tmp, "w", newline="") as f:
@@ -66,7 +70,7 @@ def _predict_csv(p, a):
         w.writeheader()
         w.writerows(out_rows)
     shutil.move(tmp, a.out)
-    print(f"wrote {len(out_rows)} answers to {a.out}" + (f" ({bad} rows with unreadable images)" if bad else ""),
+    print(f"wrote {len(out_rows)} answers to {a.out}" + (f" ({bad} rows could not be answered)" if bad else ""),
           file=sys.stderr)
     return 0
 

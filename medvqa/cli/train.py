@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from medvqa.cli.common import Parser, UserError, count, parse, print_json
+from medvqa.cli.common import Parser, UserError, check_writable, count, parse, print_json
 from medvqa.cli.options import SECTIONS, add_options, apply_options, given
 from medvqa.models.cmi_mtl import ABLATIONS
 
@@ -113,22 +113,10 @@ def _setup(a, stage: str | None = None, init_cfg: dict | None = None):
         except ValueError as e:
             raise UserError(str(e)) from None
         setattr(t, f"tune_{kind}_blocks", k)
-    _check_writable(Path(a.out))
+    check_writable(Path(a.out))
     data = prepare(a.dataset, a.root, preset, enc, a.vocab, progress=not a.json, limit=a.limit,
                    starts=tuning.starts(enc, tuning.tuned_blocks(t)))
     return preset, enc, data, work
-
-
-def _check_writable(out: Path):
-    """An --out that could not be written fails now, not after the run; nothing is made yet (the checkpoint's
-    save makes the folders), so a command refused later, by its data say, leaves no folder behind."""
-    p = out.absolute().parent
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        raise UserError(f"--out {out}: {p} is a file, not a folder")
-    if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"--out {out}: cannot write in {p}")
 
 
 def _base_config(a, preset, data, model, **extra) -> dict:
