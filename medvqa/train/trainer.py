@@ -147,10 +147,11 @@ def accuracy(model, ds, device="cpu") -> dict:
 
 
 def _loads(model, state: dict) -> bool:
-    """Load `state` into `model` -> False (model untouched) if its names or shapes do not fit."""
+    """Load `state` into `model` -> False if its names or shapes do not fit (the tensors that did fit may
+    have been copied: the caller stops the run)."""
     try:
         model.load_state_dict(state)
-    except RuntimeError:   # load_state_dict checks every key and shape before it copies any
+    except RuntimeError:
         return False
     return True
 
