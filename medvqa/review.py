@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import math
 import os
 import sqlite3
 import tempfile
@@ -126,7 +127,7 @@ class ReviewStore:
         """Case ids this reviewer has recorded for `source` (to resume where they left off)."""
         with self._db() as db:
             return {r[0] for r in db.execute("SELECT DISTINCT qid FROM reviews WHERE reviewer=? AND source=?",
-                                             (_text(reviewer, "reviewer").strip(), source))}
+                                             (_text(reviewer, "reviewer", math.inf).strip(), source))}
 
     def rows(self, source: str | None = None) -> list[dict]:
         q, args = f"SELECT {', '.join(COLUMNS)} FROM reviews", ()

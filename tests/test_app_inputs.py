@@ -72,10 +72,14 @@ def test_unzipped_cases_live_in_a_private_folder_and_the_least_recently_used_go(
     root = common._cases_root()
     assert stat.S_IMODE(root.stat().st_mode) == 0o700 and first.is_relative_to(root)
     os.utime(first.parent, (1, 1))   # long unused
-    monkeypatch.setattr(common, "MAX_UNZIPPED_KEPT", sum(f.stat().st_size for f in first.parent.rglob("*")) + 10)
+    monkeypatch.setattr(common, "MAX_UNZIPPED_KEPT", sum(f.stat().st_size for f in first.parent.rglob("*")) + 50)
     second = common.unzip_cases(str(b))
     assert second.is_file() and not first.exists()   # room made by removing the older zip
-    assert common.unzip_cases(str(a)).is_file()      # and it unpacks again when sent again
+    with pytest.raises(DataError, match="uploaded in the last hour"):   # b is in use: it stays, a must wait
+        common.unzip_cases(str(a))
+    common.touch_cases(second.parent / "a.png")
+    os.utime(second.parent, (1, 1))                  # a review left long ago
+    assert common.unzip_cases(str(a)).is_file() and not second.exists()   # and a unpacks again when sent again
 
 
 def test_api_files_must_be_uploads():
@@ -136,6 +140,8 @@ def test_a_broken_user_checkpoint_is_passed_over(tmp_path, monkeypatch):
     dataset = json.loads((good / "config.json").read_text()).get("dataset")
     (mine / "bad-json").mkdir()
     (mine / "bad-json" / "config.json").write_text("{not json")
+    (mine / "latin-1").mkdir()
+    (mine / "latin-1" / "config.json").write_bytes('{"dataset": "caf\xe9"}'.encode("latin-1"))
     shutil.copytree(good, mine / "no-weights")
     (mine / "no-weights" / "model.safetensors").unlink()
     assert common.checkpoints_for(dataset)[-1] == good

@@ -500,3 +500,20 @@ def test_eval_refuses_predictions_for_another_split(tmp_path, capsys):
     rc, out, err = run(capsys, "eval", "--predictions", str(tmp_path / "mine.json"), "--against", str(tmp_path / "p.json"),
                        "--dataset", "vqa-rad", "--root", str(data_root("vqa_rad")), "--split", "test")
     assert rc == 2 and "p.json: none of its question ids" in err and err.count("\n") == 1, err
+
+
+def test_the_out_probe_leaves_links_and_pipes_alone(tmp_path):
+    """check_writable tries a file --out where it would be written, but never follows a dangling link
+    (it had made the link's target and removed the link) nor opens a FIFO (it would block)."""
+    import os
+
+    from medvqa.cli.common import check_writable
+
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "target.json")
+    check_writable(link, file=True)
+    assert link.is_symlink() and not (tmp_path / "target.json").exists()
+    os.mkfifo(tmp_path / "fifo")
+    check_writable(tmp_path / "fifo", file=True)   # returns at once
+    check_writable(tmp_path / "new.json", file=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo", "link.json"]

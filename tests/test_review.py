@@ -132,6 +132,7 @@ def test_missing_text_and_long_comments_are_refused_with_a_message(tmp_path):
         with pytest.raises(ValueError, match=msg):
             s.record(reviewer, "examples", qid, "m", kw.pop("verdict", "agree"), **kw)
     s.record("ann", "examples", "1", "m", "agree", corrected_answer=None, comment=None)   # None text is empty
+    assert s.reviewed("x" * 100_000, "examples") == set()   # only writing is capped: Load and the steps still read
     assert [(r["corrected_answer"], r["comment"]) for r in s.rows()] == [("", "")]
 
 

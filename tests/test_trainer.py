@@ -83,6 +83,17 @@ def test_a_diverged_loss_stops_the_run_and_keeps_the_last_good_epoch(tmp_path):
     assert all(torch.isfinite(p).all() for p in saved.parameters())
 
 
+def test_an_overflowing_gradient_with_a_finite_loss_stops_the_run_too(tmp_path):
+    from medvqa.train.trainer import DivergedError
+
+    preset, ds, av, vocab, cfg = _setup(tmp_path, epochs=1)
+    model = build("baseline", preset, len(vocab))
+    next(model.parameters()).register_hook(lambda g: g * float("inf"))
+    with pytest.raises(DivergedError, match=r"gradient norm became (inf|nan) at epoch 1, step 1: .*--no-resume"):
+        fit(model, ds, ds, preset.train, tmp_path / "run", {**cfg, "model": "baseline"})
+    assert not (tmp_path / "run" / "best").exists()
+
+
 def test_a_work_folder_of_another_run_is_refused_not_resumed(tmp_path):
     """Two runs whose --out share a name share the default work folder: the second must not load the
     first's state (another model: a RuntimeError; another answer set of the same size: silently wrong)."""

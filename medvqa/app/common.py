@@ -10,6 +10,8 @@ import os
 import re
 import shutil
 import tempfile
+import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -116,7 +118,9 @@ def api_file(value, what: str) -> str:
 
 MAX_UNZIPPED = 2 * 1024 ** 3        # bytes one cases zip may unpack to (a zip bomb fills the disk)
 MAX_UNZIPPED_KEPT = 4 * 1024 ** 3   # bytes of unpacked zips kept at once; the least recently used go first
+IN_USE_S = 3600                     # a zip used this recently (a review open on it, a run reading it) stays
 _cases_dir: Path | None = None
+_cases_lock = threading.Lock()      # one unpacking or removal at a time: a removal must not race a reuse
 
 
 def _cases_root() -> Path:
@@ -138,15 +142,30 @@ def _sha1(path) -> str:
 
 
 def _make_room(root: Path, size: int):
-    """Remove the least recently used unpacked zips until `size` more bytes fit in MAX_UNZIPPED_KEPT."""
+    """Remove the least recently used unpacked zips, none used in the last IN_USE_S, until `size` more
+    bytes fit in MAX_UNZIPPED_KEPT; refuse the upload when only zips in use would have to go."""
     kept = sorted((d for d in root.iterdir() if d.is_dir() and ".tmp-" not in d.name), key=lambda d: d.stat().st_mtime)
     used = {d: sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) for d in kept}
     total = sum(used.values())
     for d in kept:
-        if total + size <= MAX_UNZIPPED_KEPT:
+        if total + size <= MAX_UNZIPPED_KEPT or time.time() - d.stat().st_mtime < IN_USE_S:
             break
         shutil.rmtree(d, ignore_errors=True)
         total -= used[d]
+    if total + size > MAX_UNZIPPED_KEPT:
+        raise DataError(f"the server holds {total / 1e9:.1f} GB of cases uploaded in the last hour; "
+                        "try again later, or send a smaller zip")
+
+
+def touch_cases(image) -> None:
+    """Mark the unpacked zip holding `image` as in use (Review, as it shows a case from it)."""
+    if _cases_dir is None:
+        return
+    try:
+        rel = Path(image).resolve().relative_to(_cases_dir.resolve())
+        os.utime(_cases_dir / rel.parts[0])
+    except (ValueError, IndexError, OSError):   # not from a zip, or already gone
+        pass
 
 
 def _cases_csv(dest: Path) -> Path:
@@ -165,10 +184,28 @@ def unzip_cases(path: str) -> Path:
     server's files). One folder per distinct zip (named by its hash), so uploading it again reuses it."""
     from medvqa.data.datasets import csv_rows
 
-    root = _cases_root()
-    dest = root / _sha1(path)
+    with _cases_lock:
+        root = _cases_root()
+        dest = root / _sha1(path)
+        _unpack(path, root, dest)
+    csv_path = _cases_csv(dest)
+    where = csv_path.relative_to(dest)
+    try:
+        rows = csv_rows(csv_path)
+    except DataError as e:   # named inside the zip, not by the server's folder
+        raise DataError(str(e).replace(str(csv_path), str(where), 1)) from None
+    for i, row in enumerate(rows, 2):   # line 1 is the header
+        image = str(row.get("image") or "")
+        if image and not (csv_path.parent / image).resolve().is_relative_to(dest.resolve()):
+            raise DataError(f"{where} line {i}: image {image!r} lies outside the zip; "
+                            "give paths inside it, relative to the CSV")
+    return csv_path
+
+
+def _unpack(path: str, root: Path, dest: Path):
+    """The zip at `path` into `dest` (kept if there already, then marked as just used)."""
     if dest.is_dir():
-        os.utime(dest)   # the most recently used
+        os.utime(dest)
     else:
         tmp = Path(tempfile.mkdtemp(prefix=f"{dest.name}.tmp-", dir=root))
         try:
@@ -194,20 +231,8 @@ def unzip_cases(path: str) -> Path:
             raise
         try:
             tmp.rename(dest)
-        except OSError:   # the same zip unpacked beside us meanwhile: use that one
+        except OSError:   # the same zip unpacked by another process meanwhile: use that one
             shutil.rmtree(tmp, ignore_errors=True)
-    csv_path = _cases_csv(dest)
-    where = csv_path.relative_to(dest)
-    try:
-        rows = csv_rows(csv_path)
-    except DataError as e:   # named inside the zip, not by the server's folder
-        raise DataError(f"{where}: {str(e).split(': ', 1)[1]}") from None
-    for i, row in enumerate(rows, 2):   # line 1 is the header
-        image = str(row.get("image") or "")
-        if image and not (csv_path.parent / image).resolve().is_relative_to(dest.resolve()):
-            raise DataError(f"{where} line {i}: image {image!r} lies outside the zip; "
-                            "give paths inside it, relative to the CSV")
-    return csv_path
 
 
 def escape_md(text) -> str:

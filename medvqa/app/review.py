@@ -12,7 +12,8 @@ from pathlib import Path
 import gradio as gr
 
 from medvqa.app.common import (BUILTIN, DATASETS, N_SLOTS, answer_markdown, checkpoints_for, data_root, escape_md,
-                               examples, model_title, saliency_figure, unzip_cases, user_checkpoints_dir)
+                               examples, model_title, saliency_figure, touch_cases, unzip_cases,
+                               user_checkpoints_dir)
 from medvqa.data import DataError, ImageError, load_image, load_split
 from medvqa.predict import Predictor, checkpoints_dir
 from medvqa.review import VERDICTS, ReviewStore
@@ -84,6 +85,7 @@ def show(cases, idx, dataset, reviewer, source_id, models=None):
     if c["qid"] in done:
         pos += " · ✔ this case is recorded (saving again replaces it)"
     try:
+        touch_cases(c["image"])   # its unpacked zip is in use
         im = load_image(c["image"])
     except ImageError as e:
         gr.Warning(str(e))

@@ -69,13 +69,14 @@ def check_writable(out: Path, file: bool = False):
     if not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"--out {out}: cannot write in {p}")
     if file and p == out.absolute().parent:   # its folder is there: try the file itself (root passes access())
-        existed = out.exists()
         try:
-            open(out, "ab").close()
+            if not os.path.lexists(out):   # made and removed here, nothing else: O_EXCL never follows a link
+                os.close(os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+                os.unlink(out)
+            elif out.is_file():            # appending nothing leaves it as it is; a FIFO or device is not opened
+                open(out, "ab").close()
         except OSError as e:
             raise UserError(f"--out {out}: cannot be written ({e.strerror})") from None
-        if not existed:
-            out.unlink()
 
 
 def whole(s: str) -> int:

@@ -129,7 +129,7 @@ def read_config(ckpt: Path) -> dict:
 
     try:
         cfg = json.loads((ckpt / "config.json").read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{ckpt}/config.json: not valid JSON ({e})") from None
     if not isinstance(cfg, dict) or not isinstance(cfg.get("preset"), dict):
         raise CheckpointError(f"{ckpt}/config.json: no preset")

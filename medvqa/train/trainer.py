@@ -146,6 +146,13 @@ def accuracy(model, ds, device="cpu") -> dict:
     return evaluate(ds.records, {r.qid: answers[i] for r, i in zip(ds.records, pred.tolist())})
 
 
+def _diverged(what: str, epoch: int, step: int, cfg, out_dir: Path, res) -> DivergedError:
+    kept = f"; the best epoch before it stays in {out_dir / 'best'}" if res.best else ""
+    # a resumed run would bring the saved optimiser's rate back
+    return DivergedError(f"{what} at epoch {epoch + 1}, step {step + 1}: lower the learning rate (it is {cfg.lr:g}) "
+                         f"and start afresh (--no-resume){kept}")
+
+
 def _loads(model, state: dict) -> bool:
     """Load `state` into `model` -> False if its names or shapes do not fit (the tensors that did fit may
     have been copied: the caller stops the run)."""
@@ -230,13 +237,13 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             if distributed:   # every rank stops at the same step; one alone would leave the others waiting
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite:
-                kept = f"; the best epoch before it stays in {out_dir / 'best'}" if res.best else ""
-                raise DivergedError(f"the loss became {loss.item()} at epoch {epoch + 1}, step {step + 1}: "
-                                    f"lower the learning rate (it is {cfg.lr:g}){kept}")
+                raise _diverged(f"the loss became {loss.item()}", epoch, step, cfg, out_dir, res)
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+            if cfg.clip:   # the norm is the same on every rank (gradients are averaged): all stop together
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+                if not torch.isfinite(norm):   # a finite loss with an overflowing gradient would poison the step
+                    raise _diverged(f"the gradient norm became {norm.item()}", epoch, step, cfg, out_dir, res)
             opt.step()
             sched.step()
             if hasattr(model, "momentum_update"):  # CMDPI's momentum encoders follow the online ones
