@@ -1,5 +1,6 @@
-"""The contrastive losses under torchrun: two gloo processes on CPU, each holding part of a batch,
-give the loss of one process holding all of it and, after DDP's gradient average, its gradients."""
+"""Under torchrun, two gloo processes on CPU: the contrastive losses, each process holding part of a batch,
+give the loss of one process holding all of it and, after DDP's gradient average, its gradients; and one
+rank's diverged loss stops every rank at the same step."""
 from __future__ import annotations
 
 import os
@@ -74,3 +75,56 @@ def test_cmcl_negatives_come_from_every_rank():
         torch.testing.assert_close(torch.from_numpy(loss), want_loss)
         for g, w in zip(grads, want_grads):
             torch.testing.assert_close(torch.from_numpy(g), w, rtol=1e-4, atol=1e-6)
+
+
+def _fit_rank(rank, port, tmp, results):
+    """fit() on one rank of two; rank 1's loss turns NaN at its second step."""
+    import torch.distributed as dist
+
+    from medvqa.train.trainer import DivergedError, fit
+    from tests.helpers import tiny_data
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        preset, _, _, vocab, ds, _ = tiny_data(tmp / f"rank{rank}")
+        preset.train.epochs, preset.train.batch_size = 2, 4
+        model = build("baseline", preset, len(vocab))
+        calls, forward = [0], model.forward
+
+        def poisoned(batch):
+            out = forward(batch)
+            calls[0] += model.training
+            if rank == 1 and calls[0] >= 2 and model.training:
+                out["losses"] = {k: v * float("nan") for k, v in out["losses"].items()}
+            return out
+
+        model.forward = poisoned
+        try:
+            fit(model, ds, None, preset.train, tmp / "run", {"model": "baseline", "answers": vocab.answers})
+            results.put((rank, "finished"))
+        except DivergedError as e:
+            results.put((rank, str(e)))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    results.close()
+    results.join_thread()
+    os._exit(0)
+
+
+def test_a_diverged_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """One rank's NaN loss alone would leave the other waiting in the gradient all-reduce for ever."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_fit_rank, args=(r, port, tmp_path, results)) for r in range(2)]
+    for p in procs:
+        p.start()
+    got = dict(results.get(timeout=120) for _ in procs)
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    assert got[1].startswith("the loss became nan at epoch 1, step 2"), got
+    assert got[0].startswith("another rank's loss became non-finite at epoch 1, step 2"), got

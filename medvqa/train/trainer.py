@@ -237,7 +237,9 @@ def fit(model, train_ds, val_ds, cfg, out_dir: Path, ckpt_config: dict, callback
             if distributed:   # every rank stops at the same step; one alone would leave the others waiting
                 dist.all_reduce(finite, op=dist.ReduceOp.MIN)
             if not finite:
-                raise _diverged(f"the loss became {loss.item()}", epoch, step, cfg, out_dir, res)
+                what = (f"the loss became {loss.item()}" if not torch.isfinite(loss)
+                        else "another rank's loss became non-finite")
+                raise _diverged(what, epoch, step, cfg, out_dir, res)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.clip:   # the norm is the same on every rank (gradients are averaged): all stop together
