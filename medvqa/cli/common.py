@@ -45,15 +45,19 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: python -m {self.prog} --help)\n")
 
 
-def count(s: str) -> int:
-    """An argparse type: a whole number of 1 or more."""
+def _whole_from(s: str, least: int) -> int:
     try:
         v = int(s)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{s}: use 1 or more")
+    if v < least:
+        raise argparse.ArgumentTypeError(f"{s}: use {least} or more")
     return v
+
+
+def count(s: str) -> int:
+    """An argparse type: a whole number of 1 or more."""
+    return _whole_from(s, 1)
 
 
 def check_writable(out: Path, file: bool = False):
@@ -81,13 +85,7 @@ def check_writable(out: Path, file: bool = False):
 
 def whole(s: str) -> int:
     """An argparse type: a whole number of 0 or more."""
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a whole number") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{s}: use 0 or more")
-    return v
+    return _whole_from(s, 0)
 
 
 def seed(s: str) -> int:
