@@ -6,5 +6,6 @@ from medvqa.app import build
 demo = build()
 
 if __name__ == "__main__":
+    # show_error: a failure no handler put in words still shows its message, not a bare "Error" badge
     demo.launch(server_name=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                server_port=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), show_error=False)
+                server_port=int(os.environ.get("GRADIO_SERVER_PORT", 7860)), show_error=True)

@@ -90,7 +90,8 @@ def test_api_files_must_be_uploads():
     assert common.api_file({"path": uploaded, "meta": {"_type": "gradio.FileData"}}, "image") == uploaded
     for value, says in (("/etc/passwd", "not a path on the server"), (None, "send the image file"),
                         ({"path": "/etc/passwd"}, "was not uploaded"),
-                        ({"path": f"{get_upload_folder()}/../../etc/passwd"}, "was not uploaded")):
+                        ({"path": f"{get_upload_folder()}/../../etc/passwd"}, "was not uploaded"),
+                        ({"path": 5}, "send the image file")):
         with pytest.raises(gr.Error, match=says):
             common.api_file(value, "image")
 
@@ -145,3 +146,27 @@ def test_a_broken_user_checkpoint_is_passed_over(tmp_path, monkeypatch):
     shutil.copytree(good, mine / "no-weights")
     (mine / "no-weights" / "model.safetensors").unlink()
     assert common.checkpoints_for(dataset)[-1] == good
+
+
+def test_a_damaged_zip_says_so(tmp_path):
+    """Corrupt deflate data raised zlib.error out of the handler."""
+    z = tmp_path / "deflated.zip"
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("cases.csv", "image,question,answer\n" + "a.png,Is it?,yes\n" * 200)
+    b = bytearray(z.read_bytes())
+    start = b.find(b"PK\x03\x04") + 30 + len("cases.csv")
+    b[start + 2:start + 12] = b"\xff" * 10
+    (tmp_path / "damaged.zip").write_bytes(bytes(b))
+    with pytest.raises(DataError, match="the zip is damaged"):
+        common.unzip_cases(str(tmp_path / "damaged.zip"))
+
+
+def test_ask_refuses_a_dataset_that_is_not_a_name_and_status_survives_a_removed_checkpoint(tmp_path):
+    from medvqa.app import finetune
+    from medvqa.app.ask import ask_json
+
+    for dataset in (["vqa-rad"], {"a": 1}):   # the API passes JSON through unchanged
+        with pytest.raises(gr.Error, match="unknown dataset"):
+            ask_json(None, "Is it?", dataset)
+    gone = finetune._status_markdown({"status": "done", "name": "run", "out": str(tmp_path / "gone")})
+    assert "is no longer there" in gone

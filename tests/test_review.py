@@ -235,3 +235,21 @@ def test_exports_leave_one_folder_per_process(tab, tmp_path):
     first = ReviewStore().export_csv(tab.export_path())
     assert ReviewStore().export_csv(tab.export_path()) == first and "'=1+1" in tab.review_export_api()
     assert list(tmp_path.glob("medvqa-reviews-*")) == [first.parent] and list(first.parent.iterdir()) == [first]
+
+
+def test_a_case_no_model_can_answer_is_shown_with_the_reason_and_can_be_skipped(tab, tmp_path):
+    """A 600-character question in an uploaded list (or a checkpoint removed since Load) had raised inside
+    the handler: Load, Skip and Save all stopped at that case with a bare error."""
+    import shutil
+
+    cs, i, loaded, *view = tab.open_cases("examples", None, "vqa-rad", "Dr S")
+    long = [{**cs[0], "question": "why " * 150}] + cs[1:]
+    pos, im, q, gt, *slots = tab.show(long, 0, None, "Dr S", loaded["source"], loaded["models"])
+    first = slots[0]["value"]
+    assert "cannot answer this case" in first and "too long" in first and slots[-1][0] is None
+    ck = tmp_path / "gone"
+    shutil.copytree(loaded["models"][0], ck)
+    models = [str(ck)] + loaded["models"][1:]
+    shutil.rmtree(ck)
+    j, *after = tab.step(cs, 0, 1, {**loaded, "models": models}, "Dr S")   # Skip still moves on
+    assert j == 1 and "Load again" in after[4]["value"]

@@ -37,7 +37,7 @@ def ask_api(image: FileData, question: str, dataset: str) -> dict:
 
 def ask_json(image_path: str | None, question: str, dataset: str) -> dict:
     """`ask` on an image file the app holds (an upload, an example)."""
-    if dataset not in DATASETS:
+    if not isinstance(dataset, str) or dataset not in DATASETS:   # the API passes JSON through as it came
         raise gr.Error(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     if not image_path:
         raise gr.Error("upload an image first")
@@ -112,7 +112,13 @@ def _nearest(ck, im, question, dataset, k: int = 4):
                        "| question | answer | cosine |", "|---|---|---|", *rows])
     if root is None:
         return table, None
-    return table, [(_thumbnail(str(root / n["image"])), f"{n['answer']} (cos {n['similarity']:.2f})") for n in near]
+    thumbs = []
+    for n in near:
+        try:
+            thumbs.append((_thumbnail(str(root / n["image"])), f"{n['answer']} (cos {n['similarity']:.2f})"))
+        except ImageError:   # the dataset folder lacks an image the index names: show the others
+            pass
+    return table, thumbs
 
 
 @functools.lru_cache(maxsize=64)   # at most 64 × 256² RGB (12 MB); neighbours recur across clicks
@@ -139,7 +145,8 @@ def run_ask(file, question, dataset, method, opacity, ground_truth, heatmap=True
     if im is None:
         raise gr.Error("upload an image or pick an example")
     res = ask_json(file, question, dataset)
-    cks = checkpoints_for(dataset)[:N_SLOTS]
+    # the models that answered, in the app's order (a fine-tune finishing meanwhile changes checkpoints_for)
+    cks = [ck for ck in checkpoints_for(dataset) if ck.name in res["models"]][:N_SLOTS]
     answers = [res["models"][ck.name]["answer"] for ck in cks]
     agree = len(set(answers)) == 1
     cams = _cams(cks, im, question, method, [None] * len(cks), opacity, heatmap, predicted=answers)

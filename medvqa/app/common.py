@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import zipfile
+import zlib
 from pathlib import Path
 
 from medvqa.calibration import percent
@@ -107,7 +108,7 @@ def api_file(value, what: str) -> str:
     import gradio as gr
     from gradio.utils import get_upload_folder
 
-    if isinstance(value, dict) and value.get("path"):
+    if isinstance(value, dict) and isinstance(value.get("path"), str) and value["path"]:
         if Path(value["path"]).resolve().is_relative_to(Path(get_upload_folder()).resolve()):
             return value["path"]
         raise gr.Error(f"the {what} was not uploaded: send it with gradio_client.handle_file")
@@ -222,6 +223,9 @@ def _unpack(path: str, root: Path, dest: Path):
         except zipfile.BadZipFile:
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
+        except (zlib.error, EOFError) as e:   # a member's compressed data is damaged
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(f"the zip is damaged ({e}): zip the cases again") from None
         except (RuntimeError, NotImplementedError) as e:   # encrypted members, a compression zipfile lacks
             shutil.rmtree(tmp, ignore_errors=True)
             raise DataError(f"the zip cannot be unpacked here ({e}): zip it again without a password, "

@@ -130,9 +130,12 @@ def build_tab():
             for n in dict.fromkeys(x for x in (a, b) if x):
                 if n not in names:
                     raise gr.Error(f"no checkpoint {n!r}")
-                cfg = json.loads((Path(names[n]) / "config.json").read_text())
-                root = data_root() / BUILTIN.get(cfg["dataset"], cfg["dataset"])
-                pts = load_points(Path(names[n]), root)
+                try:   # a checkpoint removed since the app started, a damaged cached embedding, unreadable data
+                    cfg = json.loads((Path(names[n]) / "config.json").read_text())
+                    root = data_root() / BUILTIN.get(cfg["dataset"], cfg["dataset"])
+                    pts = load_points(Path(names[n]), root)
+                except (OSError, ValueError, KeyError) as e:   # DataError and JSON errors are ValueErrors
+                    raise gr.Error(f"{n}: cannot show its features ({e})") from None
                 if pts is None:
                     raise gr.Error(f"{n}: no precomputed embedding and no {cfg['dataset']} folder to compute one")
                 panels.append(pts)

@@ -206,9 +206,13 @@ def _status_markdown(s: dict) -> str:
     if s.get("skipped"):
         line += f"\n\nSkipped rows: {len(s['skipped'])}, e.g. {escape_md(s['skipped'][0])}"
     if s["status"] == "done":
-        line += f"\n\nSaved to `{s['out']}`; it is now selectable in **Ask & compare**."
-        cfg = json.loads((Path(s["out"]) / "config.json").read_text())   # `train` fitted T at the end of the run
-        line += f"\n\nConfidence temperature: {describe(cfg)}, {escape_md(cfg['temperature_source'])}."
+        try:   # `train` fitted T at the end of the run
+            cfg = json.loads((Path(s["out"]) / "config.json").read_text())
+        except (OSError, ValueError):   # removed or rewritten since: this line is redrawn every second
+            line += f"\n\n`{s['out']}` is no longer there."
+        else:
+            line += (f"\n\nSaved to `{s['out']}`; it is now selectable in **Ask & compare**.\n\nConfidence "
+                     f"temperature: {describe(cfg)}, {escape_md(cfg.get('temperature_source', 'none'))}.")
     if s["status"] == "cancelled":
         line += "\n\nCancelled: nothing was written."
     if s.get("error"):

@@ -79,7 +79,7 @@ def show(cases, idx, dataset, reviewer, source_id, models=None):
         return (["*Load a set of cases.*", None, "", ""] + [gr.update(visible=False)] * (SLOT_WIDTH * N_SLOTS)
                 + [[None] * N_SLOTS])
     c = cases[idx]
-    done = ReviewStore().reviewed(reviewer, source_id) if reviewer.strip() else set()
+    done = _reviewed(reviewer, source_id)
     who = escape_md(reviewer.strip()) or "(no name yet)"
     pos = f"**Case {idx + 1} / {len(cases)}** · {len(done)} reviewed by {who}"
     if c["qid"] in done:
@@ -97,9 +97,16 @@ def show(cases, idx, dataset, reviewer, source_id, models=None):
             outs += [gr.update(visible=False)] * SLOT_WIDTH
             shown.append(None)
             continue
-        p = Predictor.load(cks[i])
-        a = p.answer(im, c["question"])
-        fig = saliency_figure(p, im, c["question"], p.default_method)
+        try:
+            p = Predictor.load(cks[i])
+            a = p.answer(im, c["question"])
+            fig = saliency_figure(p, im, c["question"], p.default_method)
+        except (ValueError, OSError) as e:   # a question too long to ask, a checkpoint removed since Load
+            why = f"{e}" + ("; Load again to use the checkpoints installed now" if not cks[i].is_dir() else "")
+            outs += [gr.update(visible=True, value=f"**{escape_md(cks[i].name)}** cannot answer this case: "
+                                                  f"{escape_md(why)} (Skip it)")] + [gr.update(visible=False)] * 4
+            shown.append(None)
+            continue
         shown.append((p.default_method, fig))
         outs += [gr.update(visible=True, value=f"**{escape_md(model_title(cks[i]))}**: {answer_markdown(a.to_dict())}"),
                  gr.update(visible=True, value=None), gr.update(visible=True, value=""),
@@ -167,6 +174,18 @@ def build_tab():
         gr.api(review_export_api, api_name="review_export")
 
 
+def _reviewed(reviewer: str, source_id: str) -> set:
+    """The case ids recorded so far; an unreadable database is said, and reviewing goes on (Save says
+    again if it cannot write)."""
+    if not reviewer.strip():
+        return set()
+    try:
+        return ReviewStore().reviewed(reviewer, source_id)
+    except (sqlite3.Error, OSError) as e:
+        gr.Warning(f"the review database cannot be read ({e}): recorded cases are not marked")
+        return set()
+
+
 def open_cases(source, upload, dataset, reviewer):
     """Load: the cases, where to resume, and the source id and models fixed for them (`loaded`)."""
     try:
@@ -176,7 +195,7 @@ def open_cases(source, upload, dataset, reviewer):
     if not cs:
         raise gr.Error("no usable cases in that source")
     loaded = {"source": _source_id(source, upload), "models": [str(p) for p in checkpoints_for(dataset)]}
-    done = ReviewStore().reviewed(reviewer, loaded["source"]) if reviewer.strip() else set()
+    done = _reviewed(reviewer, loaded["source"])
     start = next((i for i, c in enumerate(cs) if c["qid"] not in done), 0)   # resume
     return [cs, start, loaded] + show(cs, start, dataset, reviewer, loaded["source"], loaded["models"])
 
