@@ -55,19 +55,34 @@ def _rank(rank, port, results):
     os._exit(0)
 
 
-def test_cmcl_negatives_come_from_every_rank():
+def _two_ranks(target, *args) -> list:
+    """Run target(rank, port, *args, results) on two spawned ranks -> what they put in `results`. A rank that
+    hangs (waiting on the other in a collective) fails the test after 120 s and is killed, never left behind."""
+    import queue
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
+    procs = [ctx.Process(target=target, args=(r, port, *args, results), daemon=True) for r in range(2)]
     for p in procs:
         p.start()
-    got = dict((r, (loss, grads)) for r, loss, grads in (results.get(timeout=120) for _ in procs))
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    try:
+        got = [results.get(timeout=120) for _ in procs]
+    except queue.Empty:
+        raise AssertionError("a rank did not finish within 120 s (waiting on the other?)") from None
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return got
+
+
+def test_cmcl_negatives_come_from_every_rank():
+    got = dict((r, (loss, grads)) for r, loss, grads in _two_ranks(_rank))
     want_loss, want_grads = _loss_and_grads(*_case())
     local_loss, _ = _loss_and_grads(*[x[SHARES[0]] if torch.is_tensor(x) else x for x in _case()])
     assert not torch.allclose(local_loss, want_loss)           # the test can tell local from global
@@ -114,17 +129,6 @@ def _fit_rank(rank, port, tmp, results):
 
 def test_a_diverged_rank_stops_every_rank_at_the_same_step(tmp_path):
     """One rank's NaN loss alone would leave the other waiting in the gradient all-reduce for ever."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    results = ctx.Queue()
-    procs = [ctx.Process(target=_fit_rank, args=(r, port, tmp_path, results)) for r in range(2)]
-    for p in procs:
-        p.start()
-    got = dict(results.get(timeout=120) for _ in procs)
-    for p in procs:
-        p.join(30)
-        assert p.exitcode == 0
+    got = dict(_two_ranks(_fit_rank, tmp_path))
     assert got[1].startswith("the loss became nan at epoch 1, step 2"), got
     assert got[0].startswith("another rank's loss became non-finite at epoch 1, step 2"), got

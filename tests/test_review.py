@@ -247,6 +247,11 @@ def test_a_case_no_model_can_answer_is_shown_with_the_reason_and_can_be_skipped(
     pos, im, q, gt, *slots = tab.show(long, 0, None, "Dr S", loaded["source"], loaded["models"])
     first = slots[0]["value"]
     assert "cannot answer this case" in first and "too long" in first and slots[-1][0] is None
+    assert [u["value"] for u in slots[1:5]] == [None, "", None, False]   # the last case's verdict is cleared
+    import gradio as gr
+    with pytest.raises(gr.Error, match="did not answer this case"):   # a verdict left behind is not recorded
+        tab.save_case(long, 0, loaded, "Dr S", "", slots[-1], *_slots(("agree", "", True), ("agree", "", False)))
+    assert ReviewStore().rows() == []
     ck = tmp_path / "gone"
     shutil.copytree(loaded["models"][0], ck)
     models = [str(ck)] + loaded["models"][1:]

@@ -6,6 +6,7 @@ import atexit
 import hashlib
 import html
 import json
+import lzma
 import os
 import re
 import shutil
@@ -220,15 +221,13 @@ def _unpack(path: str, root: Path, dest: Path):
                     raise DataError(f"the zip unpacks to {size / 1e9:.1f} GB; the limit is {MAX_UNZIPPED / 1e9:.1f} GB")
                 _make_room(root, size)
                 z.extractall(tmp)
-        except zipfile.BadZipFile:
+        except zipfile.BadZipFile as e:   # not a zip, or a member failing its CRC
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError("the upload is not a zip file (expected cases.csv + images)") from None
-        except (zlib.error, EOFError) as e:   # a member's compressed data is damaged
+            raise DataError(f"the upload is not a readable zip ({e}); expected cases.csv + images") from None
+        # encrypted members, a compression zipfile lacks, damaged deflate / bzip2 / lzma data, a full disk
+        except (RuntimeError, NotImplementedError, zlib.error, EOFError, lzma.LZMAError, OSError) as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"the zip is damaged ({e}): zip the cases again") from None
-        except (RuntimeError, NotImplementedError) as e:   # encrypted members, a compression zipfile lacks
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(f"the zip cannot be unpacked here ({e}): zip it again without a password, "
+            raise DataError(f"the zip cannot be unpacked here ({e}): zip the cases again without a password, "
                             "with ordinary (deflate) compression") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

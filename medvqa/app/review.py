@@ -104,7 +104,10 @@ def show(cases, idx, dataset, reviewer, source_id, models=None):
         except (ValueError, OSError) as e:   # a question too long to ask, a checkpoint removed since Load
             why = f"{e}" + ("; Load again to use the checkpoints installed now" if not cks[i].is_dir() else "")
             outs += [gr.update(visible=True, value=f"**{escape_md(cks[i].name)}** cannot answer this case: "
-                                                  f"{escape_md(why)} (Skip it)")] + [gr.update(visible=False)] * 4
+                                                  f"{escape_md(why)} (Skip it)"),
+                     # hidden and cleared: the last case's verdict must not stay behind them
+                     gr.update(visible=False, value=None), gr.update(visible=False, value=""),
+                     gr.update(visible=False, value=None), gr.update(visible=False, value=False)]
             shown.append(None)
             continue
         shown.append((p.default_method, fig))
@@ -221,13 +224,15 @@ def save_case(cs, i, loaded, reviewer, comment, maps, *slot_values):
     c, cks = cs[i], [Path(m) for m in loaded["models"]][:N_SLOTS]
     try:
         for k, ck in enumerate(cks):   # before the slow part: the models' answers
+            if k >= len(maps) or not maps[k]:   # its slot said why it could not answer
+                raise ValueError(f"{ck.name} did not answer this case, so it cannot be recorded: Skip it")
             if not slot_values[3 * k]:
                 raise ValueError(f"choose a verdict for {model_title(ck)}")
         im = load_image(c["image"])
         verdicts = []
         for k, ck in enumerate(cks):
             verdict, corr, wrong = slot_values[3 * k: 3 * k + 3]
-            method, fig = maps[k] if k < len(maps) and maps[k] else ("", None)
+            method, fig = maps[k]
             answer = Predictor.load(ck).answer(im, c["question"]).text   # the shown one: same checkpoint
             verdicts.append(dict(model=ck.name, verdict=verdict, image=c["image"], question=c["question"],
                                  ground_truth=c["ground_truth"], model_answer=answer, corrected_answer=corr,
