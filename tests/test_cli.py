@@ -384,6 +384,10 @@ def test_internal_errors_exit_1_and_user_errors_exit_2(tmp_path, capsys, monkeyp
     given = tmp_path / "b.json"
     monkeypatch.setattr(analysis, "cmd_bench", fails_with(FileNotFoundError(2, "No such file", str(given))))
     assert run(capsys, "bench", "--out", str(given))[0] == 2             # the user's --out
+    from medvqa.train.checkpoint import CheckpointError
+    monkeypatch.setattr(analysis, "cmd_bench", fails_with(CheckpointError("weights do not fit (Missing key(s):\n\t\"a\")")))
+    rc, out, err = run(capsys, "bench")
+    assert rc == 2 and err == 'error: weights do not fit (Missing key(s): "a")\n'   # a user error, one line too
     monkeypatch.setenv("MEDVQA_DEBUG", "1")
     monkeypatch.setattr(analysis, "cmd_bench", fails_with(ValueError("boom")))
     with pytest.raises(ValueError, match="boom"):

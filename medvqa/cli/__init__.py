@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     except Exception as e:  # never a traceback for a user; MEDVQA_DEBUG=1 shows it for our own faults
         import os
 
-        if is_user_error(e, a):
-            print(f"error: {e}", file=sys.stderr)
+        if is_user_error(e, a):   # one line: a message may carry a library's multi-line text (a state dict's keys)
+            print("error: " + " ".join(line.strip() for line in str(e).splitlines() if line.strip()), file=sys.stderr)
             return 2
         if os.environ.get("MEDVQA_DEBUG"):
             raise

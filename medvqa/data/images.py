@@ -10,6 +10,7 @@ import io
 import math
 import os
 import random
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,10 @@ def _dicom_to_pil(data: bytes, name: str) -> Image.Image:
     import pydicom
 
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=True)
-        a = ds.pixel_array.astype(np.float32)
+        with warnings.catch_warnings():   # a broken file's warnings would stand above our one-line reason
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+            a = ds.pixel_array.astype(np.float32)
     except Exception as e:  # pydicom raises many types for broken files
         raise ImageError(f"{name}: not a readable DICOM file ({e.__class__.__name__}: {e})") from None
     if a.ndim == 3 and a.shape[-1] not in (3, 4):
